@@ -1,0 +1,60 @@
+// lowbit._C: the CPU kernels. Thin on purpose: pointers arrive as integers
+// (tensor.data_ptr()), every kernel runs with the GIL released, and errors come
+// back as lowbit::Status codes that python/lowbit/_native.py turns into exceptions.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+#include "lowbit/status.h"
+
+namespace py = pybind11;
+using namespace lowbit;
+using lowbit::cpu::kernels;
+using lowbit::cpu::KernelTable;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+int int8_quantize_per_token(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t q,
+                            uintptr_t scale, int nthreads) {
+  return kernels().int8_quantize_per_token(ptr<const void>(x), x_dtype, M, K, ldx, ptr<int8_t>(q),
+                                           ptr<float>(scale), nthreads);
+}
+
+// Both linear variants share one signature; the table slot is the only difference.
+template <auto KernelTable::*slot>
+int int8_linear(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, uintptr_t wscale,
+                int64_t N, uintptr_t bias, int bias_dtype, uintptr_t y, int64_t ldy, int nthreads) {
+  return (kernels().*slot)(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const int8_t>(packed),
+                           ptr<const float>(wscale), N, ptr<const void>(bias), bias_dtype, ptr<void>(y), ldy,
+                           nthreads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowbit CPU kernels (raw-pointer API; use lowbit.ops, not this module)";
+
+  m.def("best_isa", [] { return cpu::isa_name(cpu::best_supported_isa()); });
+  m.def("selected_isa", [] { return cpu::isa_name(cpu::selected_isa()); });
+  m.def("isa_levels", [] {
+    py::list l;
+    for (int i = 0; i < cpu::kIsaCount; ++i) l.append(cpu::isa_name(cpu::Isa(i)));
+    return l;
+  });
+  m.def("select_isa", [](const std::string& name) {
+    for (int i = 0; i < cpu::kIsaCount; ++i)
+      if (name == cpu::isa_name(cpu::Isa(i))) return cpu::select_isa(cpu::Isa(i));
+    return int(kInvalidArgument);
+  });
+
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("int8_quantize_per_token", &int8_quantize_per_token, nogil);
+  m.def("int8_linear_w8a16", &int8_linear<&KernelTable::int8_linear_w8a16>, nogil);
+  m.def("int8_linear_w8a8", &int8_linear<&KernelTable::int8_linear_w8a8>, nogil);
+}

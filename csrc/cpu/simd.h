@@ -1,0 +1,244 @@
+// Per-ISA primitives for the CPU kernels. This header is included by the
+// per-ISA copies of csrc/cpu/*.cpp only, inside namespace lowbit::cpu::LOWBIT_ISA,
+// so every definition here is private to one ISA level (no ODR clash between a
+// scalar and an AVX-512 copy of the same inline function).
+//
+// Two families of primitives:
+//  * row ops on fp32 vectors of kW lanes (conversion, abs-max, int8 rounding);
+//  * panel ops on one 64-byte quad of the CPU int8 layout (16 rows x 4 k, see
+//    lowbit/int8_format.h): an int8 dot product (W8A8) and an fp32 FMA (W8A16).
+// The kernels in int8.cpp are written once against these names.
+// Everything below lives in namespace lowbit::cpu::LOWBIT_ISA.
+#pragma once
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "lowbit/half.h"
+#include "lowbit/status.h"
+
+#ifndef LOWBIT_ISA
+#error "simd.h is for the per-ISA copies of csrc/cpu/*.cpp (LOWBIT_ISA names the copy)"
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define LOWBIT_SIMD_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LOWBIT_SIMD_AVX2 1
+#else
+#define LOWBIT_SIMD_SCALAR 1
+#endif
+
+namespace lowbit::cpu::LOWBIT_ISA {
+
+// ------------------------------------------------------------------ row ops
+#if LOWBIT_SIMD_AVX512
+constexpr int kW = 16;
+struct VF { __m512 v; };
+inline VF vf_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline VF vf_load_f16(const uint16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p))}; }
+inline VF vf_load_bf16(const uint16_t* p) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16))};
+}
+inline void vf_store(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
+inline VF vf_set1(float f) { return {_mm512_set1_ps(f)}; }
+inline VF vf_abs(VF a) { return {_mm512_abs_ps(a.v)}; }
+inline VF vf_max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline VF vf_mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline float vf_hmax(VF a) { return _mm512_reduce_max_ps(a.v); }
+// True if any lane is NaN or +-Inf.
+inline bool vf_any_nonfinite(VF a) {
+  return _mm512_cmp_ps_mask(_mm512_abs_ps(a.v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ) != 0;
+}
+// Round half-to-even (MXCSR default), saturate, store kW int8.
+inline void vf_store_i8(int8_t* p, VF a) { _mm_storeu_si128((__m128i*)p, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(a.v))); }
+
+#elif LOWBIT_SIMD_AVX2
+constexpr int kW = 8;
+struct VF { __m256 v; };
+inline VF vf_load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline VF vf_load_f16(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+inline VF vf_load_bf16(const uint16_t* p) {
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16))};
+}
+inline void vf_store(float* p, VF a) { _mm256_storeu_ps(p, a.v); }
+inline VF vf_set1(float f) { return {_mm256_set1_ps(f)}; }
+inline VF vf_abs(VF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+inline VF vf_max(VF a, VF b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline VF vf_mul(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline float vf_hmax(VF a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline bool vf_any_nonfinite(VF a) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(vf_abs(a).v, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ)) != 0;
+}
+inline void vf_store_i8(int8_t* p, VF a) {
+  __m256i i = _mm256_cvtps_epi32(a.v);
+  __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  _mm_storel_epi64((__m128i*)p, _mm_packs_epi16(w, w));
+}
+
+#else
+constexpr int kW = 1;
+struct VF { float v; };
+inline VF vf_load(const float* p) { return {*p}; }
+inline VF vf_load_f16(const uint16_t* p) { return {f16_to_f32(*p)}; }
+inline VF vf_load_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
+inline void vf_store(float* p, VF a) { *p = a.v; }
+inline VF vf_set1(float f) { return {f}; }
+inline VF vf_abs(VF a) { return {std::fabs(a.v)}; }
+inline VF vf_max(VF a, VF b) { return {a.v > b.v ? a.v : b.v}; }
+inline VF vf_mul(VF a, VF b) { return {a.v * b.v}; }
+inline float vf_hmax(VF a) { return a.v; }
+inline bool vf_any_nonfinite(VF a) { return !std::isfinite(a.v); }
+inline void vf_store_i8(int8_t* p, VF a) {
+  float r = std::nearbyint(a.v);  // half-to-even, as cvtps2dq
+  *p = static_cast<int8_t>(r > 127.f ? 127.f : (r < -128.f ? -128.f : r));
+}
+#endif
+
+// ---------------------------------------------------------------- panel ops
+// AccI32: 16 int32, one per row of a panel.  XI8: one activation quad, prepared.
+// kU8Activations: the dot product takes activations as u8 = x + 128 and the
+// caller subtracts 128 * rowsum (VNNI); otherwise products are exact s8 x s8.
+#if LOWBIT_SIMD_AVX512
+struct WI8 { __m512i v; };
+struct AccI32 { __m512i v; };
+inline WI8 load_wi8(const int8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline AccI32 acc_i32_zero() { return {_mm512_setzero_si512()}; }
+inline void acc_i32_store(int32_t* out16, AccI32 a) { _mm512_storeu_si512(out16, a.v); }
+#if defined(__AVX512VNNI__)
+constexpr bool kU8Activations = true;
+struct XI8 { __m512i u8; };
+inline XI8 prep_xi8(int32_t quad) { return {_mm512_set1_epi32(quad ^ int32_t(0x80808080u))}; }
+inline void dot_i8(AccI32& acc, XI8 x, WI8 w) { acc.v = _mm512_dpbusd_epi32(acc.v, x.u8, w.v); }
+#else
+// No VNNI: maddubs(|x|, w * sign(x)). |x| <= 127 and |w| <= 127 keep each
+// pair sum <= 2 * 127 * 127 < 32767, so the int16 saturation never fires.
+constexpr bool kU8Activations = false;
+struct XI8 { __m512i abs; __mmask64 neg; };
+inline XI8 prep_xi8(int32_t quad) {
+  __m512i x = _mm512_set1_epi32(quad);
+  return {_mm512_abs_epi8(x), _mm512_movepi8_mask(x)};
+}
+inline void dot_i8(AccI32& acc, XI8 x, WI8 w) {
+  __m512i ws = _mm512_mask_sub_epi8(w.v, x.neg, _mm512_setzero_si512(), w.v);
+  __m512i p16 = _mm512_maddubs_epi16(x.abs, ws);
+  acc.v = _mm512_add_epi32(acc.v, _mm512_madd_epi16(p16, _mm512_set1_epi16(1)));
+}
+#endif
+
+#elif LOWBIT_SIMD_AVX2
+constexpr bool kU8Activations = false;
+struct WI8 { __m256i lo, hi; };  // rows 0-7, rows 8-15
+struct AccI32 { __m256i lo, hi; };
+struct XI8 { __m256i abs, raw; };
+inline WI8 load_wi8(const int8_t* p) {
+  return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)(p + 32))};
+}
+inline AccI32 acc_i32_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline void acc_i32_store(int32_t* out16, AccI32 a) {
+  _mm256_storeu_si256((__m256i*)out16, a.lo);
+  _mm256_storeu_si256((__m256i*)(out16 + 8), a.hi);
+}
+inline XI8 prep_xi8(int32_t quad) {
+  __m256i x = _mm256_set1_epi32(quad);
+  return {_mm256_abs_epi8(x), x};
+}
+// Same sign trick as AVX-512 without VNNI (see there for the overflow bound).
+inline __m256i dot_half(__m256i acc, const XI8& x, __m256i w) {
+  __m256i p16 = _mm256_maddubs_epi16(x.abs, _mm256_sign_epi8(w, x.raw));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+inline void dot_i8(AccI32& acc, const XI8& x, const WI8& w) {
+  acc.lo = dot_half(acc.lo, x, w.lo);
+  acc.hi = dot_half(acc.hi, x, w.hi);
+}
+
+#else
+constexpr bool kU8Activations = false;
+struct WI8 { const int8_t* p; };
+struct AccI32 { int32_t v[16]; };
+struct XI8 { int8_t v[4]; };
+inline WI8 load_wi8(const int8_t* p) { return {p}; }
+inline AccI32 acc_i32_zero() { return {}; }
+inline void acc_i32_store(int32_t* out16, const AccI32& a) { std::memcpy(out16, a.v, sizeof a.v); }
+inline XI8 prep_xi8(int32_t quad) {
+  XI8 x;
+  std::memcpy(x.v, &quad, 4);
+  return x;
+}
+inline void dot_i8(AccI32& acc, const XI8& x, WI8 w) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 4; ++j) acc.v[i] += int32_t(x.v[j]) * int32_t(w.p[4 * i + j]);
+}
+#endif
+
+// WF32: one quad dequantized to fp32, lanes (row i, k-offset j) in memory order.
+// XF32: x[k..k+3] repeated so each lane meets its k.  AccF32 sums per lane; the
+// four k-offsets of a row are added once, at the end (acc_f32_rowsums).
+#if LOWBIT_SIMD_AVX512
+struct WF32 { __m512 v[4]; };
+struct XF32 { __m512 v; };
+struct AccF32 { __m512 v[4]; };
+inline WF32 load_wf32(const int8_t* p) {
+  WF32 w;
+  for (int i = 0; i < 4; ++i)
+    w.v[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * i))));
+  return w;
+}
+inline XF32 prep_xf32(const float* x4) { return {_mm512_broadcast_f32x4(_mm_loadu_ps(x4))}; }
+inline AccF32 acc_f32_zero() { return {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}}; }
+inline void dot_f32(AccF32& acc, XF32 x, const WF32& w) {
+  for (int i = 0; i < 4; ++i) acc.v[i] = _mm512_fmadd_ps(w.v[i], x.v, acc.v[i]);
+}
+inline void acc_f32_store(float* out64, const AccF32& a) {
+  for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out64 + 16 * i, a.v[i]);
+}
+
+#elif LOWBIT_SIMD_AVX2
+struct WF32 { __m256 v[8]; };
+struct XF32 { __m256 v; };
+struct AccF32 { __m256 v[8]; };
+inline WF32 load_wf32(const int8_t* p) {
+  WF32 w;
+  for (int i = 0; i < 8; ++i)
+    w.v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * i))));
+  return w;
+}
+inline XF32 prep_xf32(const float* x4) { return {_mm256_broadcast_ps((const __m128*)x4)}; }
+inline AccF32 acc_f32_zero() {
+  AccF32 a;
+  for (auto& v : a.v) v = _mm256_setzero_ps();
+  return a;
+}
+inline void dot_f32(AccF32& acc, XF32 x, const WF32& w) {
+  for (int i = 0; i < 8; ++i) acc.v[i] = _mm256_fmadd_ps(w.v[i], x.v, acc.v[i]);
+}
+inline void acc_f32_store(float* out64, const AccF32& a) {
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out64 + 8 * i, a.v[i]);
+}
+
+#else
+struct WF32 { float v[64]; };
+struct XF32 { float v[4]; };
+struct AccF32 { float v[64]; };
+inline WF32 load_wf32(const int8_t* p) {
+  WF32 w;
+  for (int i = 0; i < 64; ++i) w.v[i] = float(p[i]);
+  return w;
+}
+inline XF32 prep_xf32(const float* x4) { return {{x4[0], x4[1], x4[2], x4[3]}}; }
+inline AccF32 acc_f32_zero() { return {}; }
+inline void dot_f32(AccF32& acc, const XF32& x, const WF32& w) {
+  for (int i = 0; i < 64; ++i) acc.v[i] += w.v[i] * x.v[i % 4];
+}
+inline void acc_f32_store(float* out64, const AccF32& a) { std::memcpy(out64, a.v, sizeof a.v); }
+#endif
+
+}  // namespace lowbit::cpu::LOWBIT_ISA

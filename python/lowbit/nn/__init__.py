@@ -1,0 +1,4 @@
+"""Drop-in modules: quantized Linear layers (attention and KV caches come later)."""
+from .linear import Int8Linear
+
+__all__ = ["Int8Linear"]

@@ -1,0 +1,10 @@
+"""lowbit's operators, registered with torch.library (namespace ``lowbit``).
+
+Each module defines its ops' schemas, fake (meta) implementations for
+torch.compile, input validation with clear messages, and the CPU / CUDA
+implementations that call the native kernels.
+"""
+from . import int8  # noqa: F401  (registers torch.ops.lowbit.int8_*)
+from .int8 import int8_linear_w8a8, int8_linear_w8a16, int8_quantize_per_token
+
+__all__ = ["int8_linear_w8a16", "int8_linear_w8a8", "int8_quantize_per_token"]

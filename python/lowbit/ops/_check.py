@@ -1,0 +1,56 @@
+"""Input validation shared by the ops: cheap, and every message names the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(t, name: str, op: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"lowbit.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def float_tensor(t, name: str, op: str) -> torch.Tensor:
+    tensor(t, name, op)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lowbit.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    return t
+
+
+def dtype(t: torch.Tensor, want: torch.dtype, name: str, op: str) -> None:
+    if t.dtype != want:
+        raise TypeError(f"lowbit.{op}: {name} must be {want}, got {t.dtype}")
+
+
+def same_device(t: torch.Tensor, ref: torch.Tensor, name: str, op: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"lowbit.{op}: {name} is on {t.device} but x is on {ref.device}")
+
+
+def contiguous(t: torch.Tensor, name: str, op: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"lowbit.{op}: {name} must be contiguous (got strides {tuple(t.stride())})")
+
+
+def shape(t: torch.Tensor, want: tuple, name: str, op: str) -> None:
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"lowbit.{op}: {name} must have shape {tuple(want)}, got {tuple(t.shape)}")
+
+
+def not_empty(t: torch.Tensor, name: str, op: str) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"lowbit.{op}: {name} is empty (shape {tuple(t.shape)})")
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> a 2-D [M, K] view (or copy) with unit inner stride, as the kernels read it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2
+
+
+def row_stride(x2: torch.Tensor) -> int:
+    return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]

@@ -1,0 +1,201 @@
+"""INT8 ops: per-token activation quantization, W8A16 and W8A8 linear.
+
+Schemas (namespace ``lowbit``)::
+
+    int8_quantize_per_token(Tensor x) -> (Tensor q, Tensor scale)
+    int8_linear_w8a16(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor
+    int8_linear_w8a8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor
+
+``qweight`` is in the layout of its device (lowbit.formats.int8): the packed
+panel layout on CPU, canonical [N, K] on CUDA; ``scale`` is fp32 [N] and fixes N.
+x is [..., K] in fp32 / fp16 / bf16 and y has x's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from ..formats import int8 as fmt
+from . import _check as chk
+
+_lib = torch.library.Library("lowbit", "DEF")
+_lib.define("int8_quantize_per_token(Tensor x) -> (Tensor, Tensor)")
+_lib.define("int8_linear_w8a16(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None) -> Tensor")
+_lib.define("int8_linear_w8a8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None) -> Tensor")
+
+
+# ---------------------------------------------------------------- validation
+def validate_linear(x, qweight, scale, bias, op: str) -> tuple:
+    """Checks the arguments of a linear op; returns (N, K)."""
+    chk.float_tensor(x, "x", op)
+    chk.tensor(qweight, "qweight", op)
+    chk.tensor(scale, "scale", op)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
+    chk.not_empty(x, "x", op)
+    chk.dtype(qweight, torch.int8, "qweight", op)
+    chk.dtype(scale, torch.float32, "scale", op)
+    if scale.dim() != 1:
+        raise ValueError(f"lowbit.{op}: scale must be 1-D [N], got shape {tuple(scale.shape)}")
+    chk.not_empty(scale, "scale", op)
+    chk.same_device(qweight, x, "qweight", op)
+    chk.same_device(scale, x, "scale", op)
+    chk.contiguous(qweight, "qweight", op)
+    chk.contiguous(scale, "scale", op)
+    n, k = scale.shape[0], x.shape[-1]
+    if x.device.type == "cuda":
+        chk.shape(qweight, (n, k), "qweight (canonical [N, K] on CUDA; K from x, N from scale)", op)
+    else:
+        if qweight.dim() != 4:
+            raise ValueError(
+                f"lowbit.{op}: qweight on CPU must be the packed 4-D layout (lowbit.formats.int8.pack_cpu), "
+                f"got shape {tuple(qweight.shape)}"
+            )
+        if tuple(qweight.shape) != fmt.packed_cpu_shape(n, k):
+            raise ValueError(
+                f"lowbit.{op}: qweight has packed shape {tuple(qweight.shape)}, which does not fit "
+                f"K={k} (from x) and N={n} (from scale): expected {fmt.packed_cpu_shape(n, k)}"
+            )
+    if bias is not None:
+        chk.float_tensor(bias, "bias", op)
+        chk.same_device(bias, x, "bias", op)
+        chk.shape(bias, (n,), "bias", op)
+        chk.contiguous(bias, "bias", op)
+    return n, k
+
+
+def validate_quantize(x, op: str) -> None:
+    chk.float_tensor(x, "x", op)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
+    chk.not_empty(x, "x", op)
+
+
+# ---------------------------------------------------------------- fake impls
+@torch.library.register_fake("lowbit::int8_quantize_per_token")
+def _quantize_fake(x):
+    validate_quantize(x, "int8_quantize_per_token")
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _linear_fake(op):
+    def fake(x, qweight, scale, bias=None):
+        n, _ = validate_linear(x, qweight, scale, bias, op)
+        return x.new_empty((*x.shape[:-1], n))
+
+    return fake
+
+
+for _op in ("int8_linear_w8a16", "int8_linear_w8a8"):
+    torch.library.register_fake(f"lowbit::{_op}", _linear_fake(_op))
+
+
+# ---------------------------------------------------------------- CPU
+def _bias_args(bias):
+    return (0, 0) if bias is None else (bias.data_ptr(), _native.DTYPE_CODE[bias.dtype])
+
+
+def quantize_per_token_cpu(x):
+    op = "int8_quantize_per_token"
+    validate_quantize(x, op)
+    x2 = chk.rows(x)
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8)
+    s = torch.empty((m,), dtype=torch.float32)
+    st = _native._C.int8_quantize_per_token(
+        x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), q.data_ptr(), s.data_ptr(),
+        _native.get_num_threads())
+    _native.check(st, op)
+    return q.view(x.shape), s.view(x.shape[:-1])
+
+
+def _linear_cpu(kernel, op, x, qweight, scale, bias):
+    n, k = validate_linear(x, qweight, scale, bias, op)
+    x2 = chk.rows(x)
+    m = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    st = kernel(x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
+                scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n, _native.get_num_threads())
+    _native.check(st, op)
+    return y
+
+
+def linear_w8a16_cpu(x, qweight, scale, bias=None):
+    return _linear_cpu(_native._C.int8_linear_w8a16, "int8_linear_w8a16", x, qweight, scale, bias)
+
+
+def linear_w8a8_cpu(x, qweight, scale, bias=None):
+    return _linear_cpu(_native._C.int8_linear_w8a8, "int8_linear_w8a8", x, qweight, scale, bias)
+
+
+_lib.impl("int8_quantize_per_token", quantize_per_token_cpu, "CPU")
+_lib.impl("int8_linear_w8a16", linear_w8a16_cpu, "CPU")
+_lib.impl("int8_linear_w8a8", linear_w8a8_cpu, "CPU")
+
+
+# ---------------------------------------------------------------- CUDA
+def quantize_per_token_cuda(x):
+    op = "int8_quantize_per_token"
+    validate_quantize(x, op)
+    mod = _native.cuda_module()
+    x2 = chk.rows(x)
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    st = mod.int8_quantize_per_token(
+        x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), q.data_ptr(), s.data_ptr(),
+        x.device.index, _native.stream_of(x))
+    _native.check(st, op)
+    return q.view(x.shape), s.view(x.shape[:-1])
+
+
+def linear_w8a16_cuda(x, qweight, scale, bias=None):
+    op = "int8_linear_w8a16"
+    n, k = validate_linear(x, qweight, scale, bias, op)
+    mod = _native.cuda_module()
+    x2 = chk.rows(x)
+    m = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    st = mod.int8_linear_w8a16(
+        x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
+        scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n, x.device.index, _native.stream_of(x))
+    _native.check(st, op)
+    return y
+
+
+def linear_w8a8_cuda(x, qweight, scale, bias=None):
+    op = "int8_linear_w8a8"
+    n, k = validate_linear(x, qweight, scale, bias, op)
+    mod = _native.cuda_module()
+    x2 = chk.rows(x)
+    m = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    qx = torch.empty((m, k), dtype=torch.int8, device=x.device)  # scratch: per-token codes
+    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+    st = mod.int8_linear_w8a8(
+        x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
+        scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n, qx.data_ptr(), sx.data_ptr(),
+        x.device.index, _native.stream_of(x))
+    _native.check(st, op)
+    return y
+
+
+_lib.impl("int8_quantize_per_token", quantize_per_token_cuda, "CUDA")
+_lib.impl("int8_linear_w8a16", linear_w8a16_cuda, "CUDA")
+_lib.impl("int8_linear_w8a8", linear_w8a8_cuda, "CUDA")
+
+
+# ---------------------------------------------------------------- public
+def int8_quantize_per_token(x: torch.Tensor) -> tuple:
+    """Symmetric per-token int8: returns (q int8 [..., K], scale fp32 [...]), x ~= q * scale[..., None]."""
+    return torch.ops.lowbit.int8_quantize_per_token(x)
+
+
+def int8_linear_w8a16(x, qweight, scale, bias=None) -> torch.Tensor:
+    """y = x . (qweight * scale[:, None])^T + bias, activations kept in float."""
+    return torch.ops.lowbit.int8_linear_w8a16(x, qweight, scale, bias)
+
+
+def int8_linear_w8a8(x, qweight, scale, bias=None) -> torch.Tensor:
+    """y = (q(x) . qweight^T) * scale_x[..., None] * scale + bias, with x quantized per token on the fly."""
+    return torch.ops.lowbit.int8_linear_w8a8(x, qweight, scale, bias)
