@@ -44,6 +44,23 @@ inline void store_elem(void* p, int dtype, int64_t i, float v) {
   }
 }
 
+// kW consecutive elements of any float dtype, as fp32 lanes (and back).
+inline VF load_vec(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case kF16: return vf_load_f16(static_cast<const uint16_t*>(p) + i);
+    case kBF16: return vf_load_bf16(static_cast<const uint16_t*>(p) + i);
+    default: return vf_load(static_cast<const float*>(p) + i);
+  }
+}
+
+inline void store_vec(void* p, int dtype, int64_t i, VF v) {
+  switch (dtype) {
+    case kF16: vf_store_f16(static_cast<uint16_t*>(p) + i, v); break;
+    case kBF16: vf_store_bf16(static_cast<uint16_t*>(p) + i, v); break;
+    default: vf_store(static_cast<float*>(p) + i, v);
+  }
+}
+
 inline size_t elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 inline bool valid_dtype(int dtype) { return dtype == kF32 || dtype == kF16 || dtype == kBF16; }
 
@@ -54,11 +71,7 @@ void row_to_f32(const void* x, int dtype, int64_t K, float* out) {
     std::memcpy(out, x, K * sizeof(float));
     return;
   }
-  auto* h = static_cast<const uint16_t*>(x);
-  if (dtype == kF16)
-    for (; k + kW <= K; k += kW) vf_store(out + k, vf_load_f16(h + k));
-  else
-    for (; k + kW <= K; k += kW) vf_store(out + k, vf_load_bf16(h + k));
+  for (; k + kW <= K; k += kW) vf_store(out + k, load_vec(x, dtype, k));
   for (; k < K; ++k) out[k] = load_elem(x, dtype, k);
 }
 
@@ -159,11 +172,11 @@ struct PathF32 {  // W8A16: fp32 activations x dequantized weights
 #else
   static constexpr int kMB = 1, kNB = 1;
 #endif
-  static constexpr int64_t kChunkQuads = INT64_MAX;
+  static constexpr int64_t kChunkQuads = INT64_MAX / 2;  // no chunking (no overflow to avoid)
   static W load_w(const int8_t* p) { return load_wf32(p); }
   static XP prep_x(const float* x4) { return prep_xf32(x4); }
   static Acc zero() { return acc_f32_zero(); }
-  static void dot(Acc& a, const XP& x, const W& w) { dot_f32(a, x, w); }
+  static Acc dot(Acc a, const XP& x, const W& w) { return dot_f32(a, x, w); }
   static void flush(const Acc& a, float* out16) {
     alignas(64) float t[64];
     acc_f32_store(t, a);
@@ -200,48 +213,61 @@ struct PathI8 {  // W8A8: per-token int8 activations x int8 weights
   // int32 partial sums are flushed to fp32 every 32768 k: |u8 * s8| * 32768 < 2^31.
   static constexpr int64_t kChunkQuads = 32768 / fmt::kQuad;
   static W load_w(const int8_t* p) { return load_wi8(p); }
-  static XP prep_x(const int8_t* x4) {
-    int32_t q;
-    std::memcpy(&q, x4, 4);
-    return prep_xi8(q);
-  }
+  static XP prep_x(const int8_t* x4) { return prep_xi8(x4); }
   static Acc zero() { return acc_i32_zero(); }
-  static void dot(Acc& a, const XP& x, const W& w) { dot_i8(a, x, w); }
+  static Acc dot(Acc a, const XP& x, const W& w) { return dot_i8(a, x, w); }
   static void flush(const Acc& a, float* out16) {
     alignas(64) int32_t t[16];
     acc_i32_store(t, a);
-    for (int i = 0; i < 16; ++i) out16[i] += static_cast<float>(t[i]);
+    for (int i = 0; i < 16; i += kW) vf_store(out16 + i, vf_add(vf_load(out16 + i), vf_from_i32(t + i)));
   }
 
   static int prepare(const LinearArgs& a, int64_t Kp, Prepared<int8_t>& p) {
     p.ld = Kp;
     if (!(p.xs = alloc<int8_t>(a.M * Kp)) || !(p.sx = alloc<float>(a.M))) return kOutOfMemory;
-    return quantize_rows(a.x, a.x_dtype, a.M, a.K, a.ldx, p.xs, Kp, p.sx, a.nthreads);
+    int s = quantize_rows(a.x, a.x_dtype, a.M, a.K, a.ldx, p.xs, Kp, p.sx, a.nthreads);
+    offset_activations(p.xs, a.M * Kp);
+    return s;
   }
 };
+
+// acc[m][n] += the quads [q0, q1) of x rows m against panels n. Kept out of
+// line: with the accumulators passed in and out of one tight loop GCC keeps all
+// MB x NB of them in registers (inlined into the chunk loop it copies them).
+template <class P, int MB, int NB>
+__attribute__((noinline)) void accumulate(typename P::Acc (&acc)[MB][NB], const typename P::X* x, int64_t ldx,
+                                          const int8_t* w, int64_t panel_bytes, int64_t q0, int64_t q1) {
+  typename P::Acc a[MB][NB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) a[m][n] = acc[m][n];
+  for (int64_t q = q0; q < q1; ++q) {
+    typename P::W wv[NB];
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) wv[n] = P::load_w(w + n * panel_bytes + q * fmt::kQuadBytes);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      typename P::XP xv = P::prep_x(x + m * ldx + q * fmt::kQuad);
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n) a[m][n] = P::dot(a[m][n], xv, wv[n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) acc[m][n] = a[m][n];
+}
 
 // out[m * P::kNB + n][i] += sum over k of x[m, k] * w[panel n, row i, k]
 template <class P, int MB, int NB>
 void microkernel(const typename P::X* x, int64_t ldx, const int8_t* w, int64_t panel_bytes, int64_t nquads,
                  float (*out)[16]) {
-  for (int64_t q0 = 0; q0 < nquads; q0 += std::min(P::kChunkQuads, nquads - q0)) {
-    int64_t q1 = q0 + std::min(P::kChunkQuads, nquads - q0);
+  for (int64_t q0 = 0; q0 < nquads; q0 += P::kChunkQuads) {
     typename P::Acc acc[MB][NB];
-#pragma GCC unroll 8
     for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 8
       for (int n = 0; n < NB; ++n) acc[m][n] = P::zero();
-    for (int64_t q = q0; q < q1; ++q) {
-      typename P::W wv[NB];
-#pragma GCC unroll 8
-      for (int n = 0; n < NB; ++n) wv[n] = P::load_w(w + n * panel_bytes + q * fmt::kQuadBytes);
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) {
-        typename P::XP xv = P::prep_x(x + m * ldx + q * fmt::kQuad);
-#pragma GCC unroll 8
-        for (int n = 0; n < NB; ++n) P::dot(acc[m][n], xv, wv[n]);
-      }
-    }
+    accumulate<P, MB, NB>(acc, x, ldx, w, panel_bytes, q0, std::min(nquads, q0 + P::kChunkQuads));
     for (int m = 0; m < MB; ++m)
       for (int n = 0; n < NB; ++n) P::flush(acc[m][n], out[m * P::kNB + n]);
   }
@@ -258,6 +284,32 @@ void run_tile(int mb, int nb, const typename P::X* x, int64_t ldx, const int8_t*
     if (nb < NB) return run_tile<P, MB, NB - 1>(mb, nb, x, ldx, w, panel_bytes, nquads, out);
   }
   microkernel<P, MB, NB>(x, ldx, w, panel_bytes, nquads, out);
+}
+
+// One row of one panel: y[col0 + i] = (acc[i] - offset) * sx * wscale + bias, cast to y's dtype.
+// `rowsum` points at the panel's row-sum quad (used by the u8-activation path only).
+template <class P>
+void epilogue(const LinearArgs& a, const float* acc, const int8_t* rowsum, float sx, int64_t col0, void* yrow) {
+  constexpr bool kOffset = std::is_same_v<typename P::X, int8_t> && kU8Activations;
+  alignas(64) int32_t sums[16];
+  std::memcpy(sums, rowsum, sizeof sums);
+  if (col0 + 16 <= a.N) {
+    for (int i = 0; i < 16; i += kW) {
+      VF v = vf_load(acc + i);
+      if constexpr (kOffset) v = vf_fma(vf_from_i32(sums + i), vf_set1(-128.0f), v);
+      v = vf_mul(vf_mul(v, vf_set1(sx)), vf_load(a.wscale + col0 + i));
+      if (a.bias) v = vf_add(v, load_vec(a.bias, a.bias_dtype, col0 + i));
+      store_vec(yrow, a.x_dtype, col0 + i, v);
+    }
+    return;
+  }
+  for (int i = 0; col0 + i < a.N; ++i) {  // the last, partial panel
+    float v = acc[i];
+    if constexpr (kOffset) v -= 128.0f * static_cast<float>(sums[i]);
+    v = v * sx * a.wscale[col0 + i];
+    if (a.bias) v += load_elem(a.bias, a.bias_dtype, col0 + i);
+    store_elem(yrow, a.x_dtype, col0 + i, v);
+  }
 }
 
 template <class P>
@@ -280,25 +332,11 @@ int linear(const LinearArgs& a) {
         float out[P::kMB * P::kNB][16] = {};
         const int8_t* w = a.packed + p0 * panel_bytes;
         run_tile<P>(mb, nb, prep.xs + m0 * prep.ld, prep.ld, w, panel_bytes, nquads, out);
-        // Epilogue: integer-path row-sum correction, scales, bias, cast.
-        for (int n = 0; n < nb; ++n) {
-          const int8_t* panel = w + n * panel_bytes;
-          int32_t rowsum[16];
-          std::memcpy(rowsum, panel + nquads * fmt::kQuadBytes, sizeof rowsum);
-          for (int m = 0; m < mb; ++m) {
-            const float sx = prep.sx ? prep.sx[m0 + m] : 1.0f;
-            char* yrow = static_cast<char*>(a.y) + (m0 + m) * a.ldy * ysize;
-            for (int i = 0; i < 16; ++i) {
-              const int64_t col = (p0 + n) * fmt::kPanelRows + i;
-              if (col >= a.N) break;
-              float v = out[m * P::kNB + n][i];
-              if constexpr (std::is_same_v<typename P::X, int8_t> && kU8Activations) v -= 128.0f * rowsum[i];
-              v *= sx * a.wscale[col];
-              if (a.bias) v += load_elem(a.bias, a.bias_dtype, col);
-              store_elem(yrow, a.x_dtype, col, v);
-            }
-          }
-        }
+        for (int n = 0; n < nb; ++n)
+          for (int m = 0; m < mb; ++m)
+            epilogue<P>(a, out[m * P::kNB + n], w + n * panel_bytes + nquads * fmt::kQuadBytes,
+                        prep.sx ? prep.sx[m0 + m] : 1.0f, (p0 + n) * fmt::kPanelRows,
+                        static_cast<char*>(a.y) + (m0 + m) * a.ldy * ysize);
       }
     }
   });

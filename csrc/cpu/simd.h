@@ -47,6 +47,20 @@ inline VF vf_set1(float f) { return {_mm512_set1_ps(f)}; }
 inline VF vf_abs(VF a) { return {_mm512_abs_ps(a.v)}; }
 inline VF vf_max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline VF vf_mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VF vf_add(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VF vf_fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF vf_from_i32(const int32_t* p) { return {_mm512_cvtepi32_ps(_mm512_loadu_si512(p))}; }
+inline void vf_store_f16(uint16_t* p, VF a) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// Round to nearest-even like f32_to_bf16 in half.h; NaN stays a quiet NaN.
+inline void vf_store_bf16(uint16_t* p, VF a) {
+  __m512i u = _mm512_castps_si512(a.v);
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
 inline float vf_hmax(VF a) { return _mm512_reduce_max_ps(a.v); }
 // True if any lane is NaN or +-Inf.
 inline bool vf_any_nonfinite(VF a) {
@@ -68,6 +82,21 @@ inline VF vf_set1(float f) { return {_mm256_set1_ps(f)}; }
 inline VF vf_abs(VF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 inline VF vf_max(VF a, VF b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline VF vf_mul(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline VF vf_add(VF a, VF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VF vf_fma(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF vf_from_i32(const int32_t* p) { return {_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)p))}; }
+inline void vf_store_f16(uint16_t* p, VF a) {
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void vf_store_bf16(uint16_t* p, VF a) {
+  __m256i u = _mm256_castps_si256(a.v);
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                   _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+  r = _mm256_srli_epi32(r, 16);
+  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
 inline float vf_hmax(VF a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -94,6 +123,11 @@ inline VF vf_set1(float f) { return {f}; }
 inline VF vf_abs(VF a) { return {std::fabs(a.v)}; }
 inline VF vf_max(VF a, VF b) { return {a.v > b.v ? a.v : b.v}; }
 inline VF vf_mul(VF a, VF b) { return {a.v * b.v}; }
+inline VF vf_add(VF a, VF b) { return {a.v + b.v}; }
+inline VF vf_fma(VF a, VF b, VF c) { return {a.v * b.v + c.v}; }
+inline VF vf_from_i32(const int32_t* p) { return {static_cast<float>(*p)}; }
+inline void vf_store_f16(uint16_t* p, VF a) { *p = f32_to_f16(a.v); }
+inline void vf_store_bf16(uint16_t* p, VF a) { *p = f32_to_bf16(a.v); }
 inline float vf_hmax(VF a) { return a.v; }
 inline bool vf_any_nonfinite(VF a) { return !std::isfinite(a.v); }
 inline void vf_store_i8(int8_t* p, VF a) {
@@ -104,8 +138,9 @@ inline void vf_store_i8(int8_t* p, VF a) {
 
 // ---------------------------------------------------------------- panel ops
 // AccI32: 16 int32, one per row of a panel.  XI8: one activation quad, prepared.
-// kU8Activations: the dot product takes activations as u8 = x + 128 and the
-// caller subtracts 128 * rowsum (VNNI); otherwise products are exact s8 x s8.
+// kU8Activations: the dot product takes activations as u8 = x + 128 (the
+// quantized rows are offset once, by offset_activations) and the caller
+// subtracts 128 * rowsum (VNNI); otherwise products are exact s8 x s8.
 #if LOWBIT_SIMD_AVX512
 struct WI8 { __m512i v; };
 struct AccI32 { __m512i v; };
@@ -115,21 +150,27 @@ inline void acc_i32_store(int32_t* out16, AccI32 a) { _mm512_storeu_si512(out16,
 #if defined(__AVX512VNNI__)
 constexpr bool kU8Activations = true;
 struct XI8 { __m512i u8; };
-inline XI8 prep_xi8(int32_t quad) { return {_mm512_set1_epi32(quad ^ int32_t(0x80808080u))}; }
-inline void dot_i8(AccI32& acc, XI8 x, WI8 w) { acc.v = _mm512_dpbusd_epi32(acc.v, x.u8, w.v); }
+inline XI8 prep_xi8(const int8_t* x4) {
+  int32_t quad;
+  std::memcpy(&quad, x4, 4);
+  return {_mm512_set1_epi32(quad)};
+}
+inline AccI32 dot_i8(AccI32 acc, XI8 x, WI8 w) { return {_mm512_dpbusd_epi32(acc.v, x.u8, w.v)}; }
 #else
 // No VNNI: maddubs(|x|, w * sign(x)). |x| <= 127 and |w| <= 127 keep each
 // pair sum <= 2 * 127 * 127 < 32767, so the int16 saturation never fires.
 constexpr bool kU8Activations = false;
 struct XI8 { __m512i abs; __mmask64 neg; };
-inline XI8 prep_xi8(int32_t quad) {
+inline XI8 prep_xi8(const int8_t* x4) {
+  int32_t quad;
+  std::memcpy(&quad, x4, 4);
   __m512i x = _mm512_set1_epi32(quad);
   return {_mm512_abs_epi8(x), _mm512_movepi8_mask(x)};
 }
-inline void dot_i8(AccI32& acc, XI8 x, WI8 w) {
+inline AccI32 dot_i8(AccI32 acc, XI8 x, WI8 w) {
   __m512i ws = _mm512_mask_sub_epi8(w.v, x.neg, _mm512_setzero_si512(), w.v);
   __m512i p16 = _mm512_maddubs_epi16(x.abs, ws);
-  acc.v = _mm512_add_epi32(acc.v, _mm512_madd_epi16(p16, _mm512_set1_epi16(1)));
+  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(p16, _mm512_set1_epi16(1)))};
 }
 #endif
 
@@ -146,7 +187,9 @@ inline void acc_i32_store(int32_t* out16, AccI32 a) {
   _mm256_storeu_si256((__m256i*)out16, a.lo);
   _mm256_storeu_si256((__m256i*)(out16 + 8), a.hi);
 }
-inline XI8 prep_xi8(int32_t quad) {
+inline XI8 prep_xi8(const int8_t* x4) {
+  int32_t quad;
+  std::memcpy(&quad, x4, 4);
   __m256i x = _mm256_set1_epi32(quad);
   return {_mm256_abs_epi8(x), x};
 }
@@ -155,9 +198,8 @@ inline __m256i dot_half(__m256i acc, const XI8& x, __m256i w) {
   __m256i p16 = _mm256_maddubs_epi16(x.abs, _mm256_sign_epi8(w, x.raw));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
-inline void dot_i8(AccI32& acc, const XI8& x, const WI8& w) {
-  acc.lo = dot_half(acc.lo, x, w.lo);
-  acc.hi = dot_half(acc.hi, x, w.hi);
+inline AccI32 dot_i8(AccI32 acc, const XI8& x, const WI8& w) {
+  return {dot_half(acc.lo, x, w.lo), dot_half(acc.hi, x, w.hi)};
 }
 
 #else
@@ -168,16 +210,23 @@ struct XI8 { int8_t v[4]; };
 inline WI8 load_wi8(const int8_t* p) { return {p}; }
 inline AccI32 acc_i32_zero() { return {}; }
 inline void acc_i32_store(int32_t* out16, const AccI32& a) { std::memcpy(out16, a.v, sizeof a.v); }
-inline XI8 prep_xi8(int32_t quad) {
+inline XI8 prep_xi8(const int8_t* x4) {
   XI8 x;
-  std::memcpy(x.v, &quad, 4);
+  std::memcpy(x.v, x4, 4);
   return x;
 }
-inline void dot_i8(AccI32& acc, const XI8& x, WI8 w) {
+inline AccI32 dot_i8(AccI32 acc, const XI8& x, WI8 w) {
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 4; ++j) acc.v[i] += int32_t(x.v[j]) * int32_t(w.p[4 * i + j]);
+  return acc;
 }
 #endif
+
+// Turns quantized activations into what dot_i8 takes (x + 128 as u8 for VNNI).
+inline void offset_activations(int8_t* q, int64_t n) {
+  if constexpr (kU8Activations)
+    for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(q[i] ^ 0x80);
+}
 
 // WF32: one quad dequantized to fp32, lanes (row i, k-offset j) in memory order.
 // XF32: x[k..k+3] repeated so each lane meets its k.  AccF32 sums per lane; the
@@ -194,8 +243,9 @@ inline WF32 load_wf32(const int8_t* p) {
 }
 inline XF32 prep_xf32(const float* x4) { return {_mm512_broadcast_f32x4(_mm_loadu_ps(x4))}; }
 inline AccF32 acc_f32_zero() { return {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}}; }
-inline void dot_f32(AccF32& acc, XF32 x, const WF32& w) {
+inline AccF32 dot_f32(AccF32 acc, XF32 x, const WF32& w) {
   for (int i = 0; i < 4; ++i) acc.v[i] = _mm512_fmadd_ps(w.v[i], x.v, acc.v[i]);
+  return acc;
 }
 inline void acc_f32_store(float* out64, const AccF32& a) {
   for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out64 + 16 * i, a.v[i]);
@@ -217,8 +267,9 @@ inline AccF32 acc_f32_zero() {
   for (auto& v : a.v) v = _mm256_setzero_ps();
   return a;
 }
-inline void dot_f32(AccF32& acc, XF32 x, const WF32& w) {
+inline AccF32 dot_f32(AccF32 acc, XF32 x, const WF32& w) {
   for (int i = 0; i < 8; ++i) acc.v[i] = _mm256_fmadd_ps(w.v[i], x.v, acc.v[i]);
+  return acc;
 }
 inline void acc_f32_store(float* out64, const AccF32& a) {
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out64 + 8 * i, a.v[i]);
@@ -235,8 +286,9 @@ inline WF32 load_wf32(const int8_t* p) {
 }
 inline XF32 prep_xf32(const float* x4) { return {{x4[0], x4[1], x4[2], x4[3]}}; }
 inline AccF32 acc_f32_zero() { return {}; }
-inline void dot_f32(AccF32& acc, const XF32& x, const WF32& w) {
+inline AccF32 dot_f32(AccF32 acc, const XF32& x, const WF32& w) {
   for (int i = 0; i < 64; ++i) acc.v[i] += w.v[i] * x.v[i % 4];
+  return acc;
 }
 inline void acc_f32_store(float* out64, const AccF32& a) { std::memcpy(out64, a.v, sizeof a.v); }
 #endif

@@ -38,19 +38,35 @@ class Pool {
     ctx_ = ctx;
     ntasks_ = ntasks;
     next_.store(0, std::memory_order_relaxed);
-    pending_.store(nworkers, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    open_.store(true);
     // One word carries the job's generation and its worker count, so a worker
     // decides whether it takes part from the same read that told it of the job.
     uint64_t gen = (state_.load(std::memory_order_relaxed) >> 16) + 1;
     state_.store(gen << 16 | uint64_t(nworkers), std::memory_order_release);
     state_.notify_all();
     work();
-    while (pending_.load(std::memory_order_acquire) != 0) LOWBIT_PAUSE();
+    // Wait for tasks, not for workers: a worker the OS has not scheduled yet
+    // must not hold up a small job that the caller finished alone.
+    spin_until([&] { return done_.load(std::memory_order_acquire) == ntasks_; });
+    open_.store(false);
+    spin_until([&] { return joined_.load() == 0; });
   }
 
  private:
+  template <class Pred>
+  static void spin_until(Pred done) {
+    for (int spins = 0; !done(); ++spins) {
+      if (spins < 4096) LOWBIT_PAUSE();
+      else std::this_thread::yield();  // oversubscribed: let the straggler run
+    }
+  }
+
   void work() {
-    for (int64_t t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < ntasks_;) fn_(ctx_, t);
+    for (int64_t t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < ntasks_;) {
+      fn_(ctx_, t);
+      done_.fetch_add(1, std::memory_order_release);
+    }
   }
 
   void grow(int n) {
@@ -76,8 +92,11 @@ class Pool {
       }
       seen = s;
       if (id < static_cast<int>(s & 0xffff)) {
-        work();
-        pending_.fetch_sub(1, std::memory_order_release);
+        // Join, then check the job is still open: run() closes it before
+        // waiting for joined_ to drain, so nobody touches a finished job.
+        joined_.fetch_add(1);
+        if (open_.load() && state_.load() == s) work();
+        joined_.fetch_sub(1);
       }
     }
   }
@@ -85,7 +104,9 @@ class Pool {
   std::mutex busy_;
   size_t threads_ = 0;
   std::atomic<uint64_t> state_{0};  // generation << 16 | workers taking part
-  std::atomic<int> pending_{0};
+  std::atomic<bool> open_{false};
+  std::atomic<int> joined_{0};
+  std::atomic<int64_t> done_{0};
   std::atomic<int64_t> next_{0};
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
