@@ -34,7 +34,8 @@ def check(status: int, op: str) -> None:
     if status == OUT_OF_MEMORY:
         raise MemoryError(f"lowbit.{op}: {text}")
     if status == CUDA_ERROR:
-        raise RuntimeError(f"lowbit.{op}: {text} (run with CUDA_LAUNCH_BLOCKING=1 for details)")
+        detail = _cuda_mod.last_error() if _cuda_mod is not None else ""
+        raise RuntimeError(f"lowbit.{op}: {text}: {detail} (CUDA_LAUNCH_BLOCKING=1 pins it to the failing call)")
     # The ops layer validates first, so reaching this is a lowbit bug, not a user error.
     raise RuntimeError(f"lowbit.{op}: kernel rejected its arguments ({text}); please report this")
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import ref
+from .. import _native, ref
 from ..formats import int8 as fmt
 from ..ops import int8 as int8_ops
 
-# scheme -> (eager CPU entry, torch.library op)
+# scheme -> (op name, native CPU kernel, torch.library op)
 _OPS = {
-    "w8a16": (int8_ops.linear_w8a16_cpu, torch.ops.lowbit.int8_linear_w8a16),
-    "w8a8": (int8_ops.linear_w8a8_cpu, torch.ops.lowbit.int8_linear_w8a8),
+    "w8a16": ("int8_linear_w8a16", _native._C.int8_linear_w8a16, torch.ops.lowbit.int8_linear_w8a16),
+    "w8a8": ("int8_linear_w8a8", _native._C.int8_linear_w8a8, torch.ops.lowbit.int8_linear_w8a8),
 }
 INT8_SCHEMES = tuple(_OPS)
 
@@ -64,6 +64,7 @@ class Int8Linear(torch.nn.Module):
         self.scale = scale.to(device=canonical.device, dtype=torch.float32).contiguous()
         if bias is not None:
             self.bias = bias.to(canonical.device).contiguous()
+        self._check_weights()
 
     def canonical_qweight(self) -> torch.Tensor:
         """The int8 codes as [out_features, in_features], whatever the device layout."""
@@ -77,10 +78,16 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager CPU calls skip the dispatcher (measurably cheaper per decode step);
         # torch.compile and CUDA go through torch.ops.lowbit. Same validation either way.
-        eager_cpu, op = _OPS[self.scheme]
+        name, kernel, op = _OPS[self.scheme]
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return eager_cpu(x, self.qweight, self.scale, self.bias)
+            # The weights were validated when set; only x is new.
+            int8_ops.validate_x(x, self.in_features, self.scale.device, name)
+            return int8_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scale, self.bias,
+                                           self.out_features, self.in_features)
         return op(x, self.qweight, self.scale, self.bias)
+
+    def _check_weights(self) -> None:
+        int8_ops.validate_weights(self.qweight, self.scale, self.bias, self.in_features, "Int8Linear")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -105,6 +112,10 @@ class Int8Linear(torch.nn.Module):
             state_dict[key] = _device_layout(q.to(self.scale.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        try:
+            self._check_weights()
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{prefix}: {e}")
 
     # ---- device moves: convert the layout; scale stays fp32 whatever .half() says
     def _apply(self, fn, recurse=True):
@@ -116,6 +127,8 @@ class Int8Linear(torch.nn.Module):
         finally:
             self.register_buffer("qweight", _device_layout(canonical))
             self.register_buffer("scale", scale.to(canonical.device))
+        if self.qweight.device.type != "meta":
+            self._check_weights()
         return self
 
 

@@ -46,6 +46,8 @@ def not_empty(t: torch.Tensor, name: str, op: str) -> None:
 
 def rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> a 2-D [M, K] view (or copy) with unit inner stride, as the kernels read it."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
         x2 = x2.contiguous()

@@ -25,27 +25,35 @@ _lib.define("int8_linear_w8a8(Tensor x, Tensor qweight, Tensor scale, Tensor? bi
 
 
 # ---------------------------------------------------------------- validation
-def validate_linear(x, qweight, scale, bias, op: str) -> tuple:
-    """Checks the arguments of a linear op; returns (N, K)."""
+def validate_x(x, k: int, device: torch.device, op: str) -> None:
+    """x must be a non-empty float tensor [..., K] on `device` (the weights' device)."""
     chk.float_tensor(x, "x", op)
-    chk.tensor(qweight, "qweight", op)
-    chk.tensor(scale, "scale", op)
     if x.dim() < 1:
         raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
+    if x.shape[-1] != k:
+        raise ValueError(f"lowbit.{op}: x has K={x.shape[-1]} features (last dim) but the weight expects K={k}")
     chk.not_empty(x, "x", op)
+    xd = x.device
+    # (torch.device equality is slow; CPU tensors only need the type compared)
+    if xd.type != device.type or (xd.type != "cpu" and xd != device):
+        raise ValueError(f"lowbit.{op}: x is on {xd} but the weights are on {device}")
+
+
+def validate_weights(qweight, scale, bias, k: int, op: str) -> int:
+    """Checks an INT8 weight (layout of its device) for K inputs; returns N."""
+    chk.tensor(qweight, "qweight", op)
+    chk.tensor(scale, "scale", op)
     chk.dtype(qweight, torch.int8, "qweight", op)
     chk.dtype(scale, torch.float32, "scale", op)
     if scale.dim() != 1:
         raise ValueError(f"lowbit.{op}: scale must be 1-D [N], got shape {tuple(scale.shape)}")
     chk.not_empty(scale, "scale", op)
-    chk.same_device(qweight, x, "qweight", op)
-    chk.same_device(scale, x, "scale", op)
+    if qweight.device != scale.device:
+        raise ValueError(f"lowbit.{op}: qweight is on {qweight.device} but scale is on {scale.device}")
     chk.contiguous(qweight, "qweight", op)
     chk.contiguous(scale, "scale", op)
-    n, k = scale.shape[0], x.shape[-1]
-    if x.device.type == "cuda":
-        chk.shape(qweight, (n, k), "qweight (canonical [N, K] on CUDA; K from x, N from scale)", op)
-    else:
+    n = scale.shape[0]
+    if qweight.device.type == "cpu":
         if qweight.dim() != 4:
             raise ValueError(
                 f"lowbit.{op}: qweight on CPU must be the packed 4-D layout (lowbit.formats.int8.pack_cpu), "
@@ -56,11 +64,25 @@ def validate_linear(x, qweight, scale, bias, op: str) -> tuple:
                 f"lowbit.{op}: qweight has packed shape {tuple(qweight.shape)}, which does not fit "
                 f"K={k} (from x) and N={n} (from scale): expected {fmt.packed_cpu_shape(n, k)}"
             )
+    else:
+        chk.shape(qweight, (n, k), "qweight (canonical [N, K] off the CPU; K from x, N from scale)", op)
     if bias is not None:
         chk.float_tensor(bias, "bias", op)
-        chk.same_device(bias, x, "bias", op)
+        if bias.device != scale.device:
+            raise ValueError(f"lowbit.{op}: bias is on {bias.device} but scale is on {scale.device}")
         chk.shape(bias, (n,), "bias", op)
         chk.contiguous(bias, "bias", op)
+    return n
+
+
+def validate_linear(x, qweight, scale, bias, op: str) -> tuple:
+    """Checks every argument of a linear op; returns (N, K)."""
+    chk.float_tensor(x, "x", op)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
+    k = x.shape[-1]
+    n = validate_weights(qweight, scale, bias, k, op)
+    validate_x(x, k, scale.device, op)
     return n, k
 
 
@@ -109,8 +131,8 @@ def quantize_per_token_cpu(x):
     return q.view(x.shape), s.view(x.shape[:-1])
 
 
-def _linear_cpu(kernel, op, x, qweight, scale, bias):
-    n, k = validate_linear(x, qweight, scale, bias, op)
+def run_linear_cpu(kernel, op, x, qweight, scale, bias, n, k):
+    """Runs a validated CPU linear (the modules call this directly on their eager hot path)."""
     x2 = chk.rows(x)
     m = x2.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
@@ -121,11 +143,15 @@ def _linear_cpu(kernel, op, x, qweight, scale, bias):
 
 
 def linear_w8a16_cpu(x, qweight, scale, bias=None):
-    return _linear_cpu(_native._C.int8_linear_w8a16, "int8_linear_w8a16", x, qweight, scale, bias)
+    op = "int8_linear_w8a16"
+    n, k = validate_linear(x, qweight, scale, bias, op)
+    return run_linear_cpu(_native._C.int8_linear_w8a16, op, x, qweight, scale, bias, n, k)
 
 
 def linear_w8a8_cpu(x, qweight, scale, bias=None):
-    return _linear_cpu(_native._C.int8_linear_w8a8, "int8_linear_w8a8", x, qweight, scale, bias)
+    op = "int8_linear_w8a8"
+    n, k = validate_linear(x, qweight, scale, bias, op)
+    return run_linear_cpu(_native._C.int8_linear_w8a8, op, x, qweight, scale, bias, n, k)
 
 
 _lib.impl("int8_quantize_per_token", quantize_per_token_cpu, "CPU")

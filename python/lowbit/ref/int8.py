@@ -6,6 +6,9 @@ Conventions shared with the kernels:
     q = round_half_even(x * (127 / amax)) in fp32, so the kernels' codes match
     bit for bit; a row with NaN/Inf gets scale NaN and zero codes, an all-zero
     row gets scale 0.
+Divisions are tensor / tensor on purpose: torch may evaluate `127.0 / t` as
+`t.reciprocal() * 127` (and `t / 127.0` as `t * (1/127)` on CUDA), which is not
+the correctly rounded quotient the kernels compute.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple:
     """w [N, K] float -> (qweight int8 [N, K], scale fp32 [N])."""
     w32 = w.detach().to(torch.float32)
     amax = w32.abs().amax(dim=1)
-    scale = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    c127 = torch.full_like(amax, 127.0)
+    scale = amax / c127
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
     q = torch.round(w32 * inv[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -27,9 +31,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple:
     x32 = x.to(torch.float32)
     finite = torch.isfinite(x32).all(dim=-1)
     amax = x32.abs().amax(dim=-1)
-    inv = torch.where(finite & (amax > 0), 127.0 / amax, torch.zeros_like(amax))
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(finite & (amax > 0), c127 / amax, torch.zeros_like(amax))
     q = torch.round(torch.nan_to_num(x32) * inv[..., None]).clamp_(-127, 127).to(torch.int8)
-    scale = torch.where(finite, amax / 127.0, torch.full_like(amax, float("nan")))
+    scale = torch.where(finite, amax / c127, torch.full_like(amax, float("nan")))
     return q, scale
 
 

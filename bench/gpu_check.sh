@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh OUTDIR — the one prepared check for a machine with an NVIDIA GPU
+# (no network needed: torch, nvcc, cmake, ninja, pybind11 and scikit-build-core must
+# already be installed for python3).
+#
+# Builds lowbit for this GPU only (LOWBIT_CUDA_ARCHS, default 90a = H100/H200), runs
+# the CUDA tests, the GPU benchmark, a compute-sanitizer memcheck of the small CUDA
+# tests and (time permitting) the CPU tests. Every step has its own timeout and the
+# whole script stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
+# is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
+#
+# Writes at most 8 files, all at the top of OUTDIR:
+#   nvidia-smi.txt build.log info.txt tests.log memcheck.log bench.log gpu_bench.json summary.md
+# and prints summary.md last. Exit status: 0 if the build, the tests and memcheck passed.
+set -euo pipefail
+
+if [ $# -ne 1 ]; then
+  echo "usage: bench/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+START=$SECONDS
+BUDGET=${CHECK_BUDGET_S:-450}
+ARCHS=${LOWBIT_CUDA_ARCHS:-90a}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="$PATH:/usr/local/cuda/bin"
+fi
+
+declare -A RC=() SECS=()
+
+# step NAME LIMIT_S LOG CMD...: runs CMD under `timeout`, output appended to LOG;
+# records its exit status in RC[NAME] (124 = timed out, "skipped" = no time left).
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local left=$((BUDGET - (SECONDS - START)))
+  if ((left < 15)); then
+    echo "[$name] skipped: the ${BUDGET}s budget is spent" | tee -a "$log"
+    RC[$name]=skipped
+    SECS[$name]=0
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  local t0=$SECONDS rc=0
+  echo "[$name] \$ $* (timeout ${limit}s)" >>"$log"
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1 || rc=$?
+  RC[$name]=$rc
+  SECS[$name]=$((SECONDS - t0))
+  echo "[$name] exit $rc after ${SECS[$name]}s" | tee -a "$log"
+}
+
+# The last pytest summary line of a log ("3 failed, 120 passed, 2 skipped in 9.1s").
+pytest_line() {
+  grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' "$1" 2>/dev/null | tail -n 1 || true
+}
+
+echo "lowbit gpu_check: archs=$ARCHS budget=${BUDGET}s out=$OUT"
+
+# 1. the GPU
+step nvidia_smi 30 "$OUT/nvidia-smi.txt" nvidia-smi
+GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)
+
+# 2. build + install, for this GPU only
+step build 300 "$OUT/build.log" env LOWBIT_CUDA=on LOWBIT_CUDA_ARCHS="$ARCHS" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  python3 -m pip install --no-build-isolation --no-deps -v .
+
+if [ "${RC[build]}" = 0 ]; then
+  # 3. what was built and what it sees (run outside the checkout: import the installed package)
+  (cd "$TMP" && step info 60 "$OUT/info.txt" python3 -m lowbit.info)
+
+  # 4. CUDA tests (not -x: one run should show every failure; --maxfail stops a cascade)
+  step cuda_tests 180 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 tests/test_int8_cuda.py
+  CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
+
+  # 5. benchmark
+  step bench 150 "$OUT/bench.log" python3 bench/gpu_int8.py --out "$OUT/gpu_bench.json"
+
+  # 6. memcheck of the small CUDA tests (each tensor its own allocation so overruns are seen)
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
+  if [ -n "$SANITIZER" ]; then
+    step memcheck 150 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -k "small and not nobias" tests/test_int8_cuda.py
+  else
+    echo "compute-sanitizer not found" >"$OUT/memcheck.log"
+    RC[memcheck]=missing
+    SECS[memcheck]=0
+  fi
+  MEMCHECK=$( (grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" || true) | tail -n 1)
+
+  # 7. the CPU tests, with what time is left
+  CPU_FILES=$(ls tests/test_*.py 2>/dev/null | grep -v 'test_int8_cuda.py' || true)
+  if [ -n "$CPU_FILES" ]; then
+    # shellcheck disable=SC2086
+    step cpu_tests 120 "$TMP/cpu_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CPU_FILES
+    CPU_TESTS=$(pytest_line "$TMP/cpu_tests.log")
+  fi
+  {
+    echo "===== CUDA tests: tests/test_int8_cuda.py"
+    cat "$TMP/cuda_tests.log" 2>/dev/null || true
+    echo
+    echo "===== CPU tests: ${CPU_FILES:-none}" | tr '\n' ' '
+    echo
+    cat "$TMP/cpu_tests.log" 2>/dev/null || true
+  } >"$OUT/tests.log"
+fi
+
+# 8. summary
+status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
+  local rc=${RC[$1]:-not run}
+  case "$rc" in
+    0) echo "ok" ;;
+    124 | 137) echo "TIMED OUT" ;;
+    skipped | missing | "not run") echo "$rc" ;;
+    *) echo "FAILED (exit $rc)" ;;
+  esac
+}
+{
+  echo "# lowbit GPU check"
+  echo
+  echo "- GPU: ${GPU:-unknown}"
+  if COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
+    git -C "$ROOT" diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (+ local changes)"
+    echo "- commit: $COMMIT"
+  fi
+  echo "- build (LOWBIT_CUDA_ARCHS=$ARCHS): $(status build), ${SECS[build]:-0}s"
+  echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
+  echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
+  echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
+  echo "- benchmark: $(status bench) (${SECS[bench]:-0}s)"
+  echo "- total: $((SECONDS - START))s of a ${BUDGET}s budget"
+  if [ "${RC[build]}" != 0 ]; then
+    echo
+    echo "## build log (tail)"
+    echo '```'
+    tail -n 40 "$OUT/build.log"
+    echo '```'
+  fi
+  if [ -s "$OUT/gpu_bench.json" ]; then
+    echo
+    echo "## benchmark"
+    echo
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["table_md"])' "$OUT/gpu_bench.json" || true
+  fi
+  if [ -f "$TMP/cuda_tests.log" ] && [ "${RC[cuda_tests]:-}" != 0 ]; then
+    echo
+    echo "## CUDA test failures (tail)"
+    echo '```'
+    grep -E '^(FAILED|ERROR)' "$TMP/cuda_tests.log" | head -n 20 || true
+    tail -n 30 "$TMP/cuda_tests.log"
+    echo '```'
+  fi
+} >"$OUT/summary.md"
+
+cat "$OUT/summary.md"
+for s in build cuda_tests memcheck; do
+  case "${RC[$s]:-}" in
+    0 | missing | skipped) ;;
+    *) exit 1 ;;
+  esac
+done
+exit 0

@@ -1,0 +1,138 @@
+// lowbit._cuda: the CUDA kernels. Thin on purpose, like cpu_module.cpp: pointers
+// arrive as integers (tensor.data_ptr()), the stream as an integer
+// (torch.cuda.current_stream().cuda_stream), every kernel runs with the GIL
+// released, and errors come back as lowbit::Status codes that
+// python/lowbit/_native.py turns into exceptions.
+//
+// Arguments are checked before the device is touched, so a bad call (or an empty
+// one, M == 0) answers without a GPU. Then `device` is made current for the call
+// (switching only when it differs, and switching back after) and the launcher
+// enqueues its kernels on `stream`.
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "int8.h"
+#include "lowbit/status.h"
+
+#ifndef LOWBIT_CUDA_ARCHS
+#define LOWBIT_CUDA_ARCHS "unknown"
+#endif
+
+namespace py = pybind11;
+using namespace lowbit;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
+
+// Makes `device` current for its lifetime, restoring the previous device after.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    cudaError_t e = cudaGetDevice(&prev_);
+    if (e == cudaSuccess && prev_ != device) {
+      e = cudaSetDevice(device);
+      switched_ = e == cudaSuccess;
+    }
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      cuda::record_cuda_error("selecting the device", cudaGetErrorName(e), cudaGetErrorString(e));
+      return;
+    }
+    ok_ = true;
+  }
+  ~DeviceScope() {
+    if (switched_) cudaSetDevice(prev_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  int prev_ = 0;
+  bool switched_ = false;
+  bool ok_ = false;
+};
+
+int int8_quantize_per_token(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t q,
+                            uintptr_t scale, int device, uintptr_t stream) {
+  if (int st = cuda::check_quantize_args(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const void>(q),
+                                         ptr<const void>(scale)))
+    return st;
+  if (M == 0) return kOk;
+  if (device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::int8_quantize_per_token(ptr<const void>(x), x_dtype, M, K, ldx, ptr<int8_t>(q), ptr<float>(scale),
+                                       stream_ptr(stream));
+}
+
+int int8_linear_w8a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t qweight,
+                      uintptr_t wscale, int64_t N, uintptr_t bias, int bias_dtype, uintptr_t y, int64_t ldy,
+                      int device, uintptr_t stream) {
+  if (int st = cuda::check_linear_args(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const void>(qweight),
+                                       ptr<const void>(wscale), N, ptr<const void>(bias), bias_dtype,
+                                       ptr<const void>(y), ldy))
+    return st;
+  if (M == 0) return kOk;
+  if (device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::int8_linear_w8a16(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const int8_t>(qweight),
+                                 ptr<const float>(wscale), N, ptr<const void>(bias), bias_dtype, ptr<void>(y), ldy,
+                                 stream_ptr(stream));
+}
+
+int int8_linear_w8a8(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t qweight,
+                     uintptr_t wscale, int64_t N, uintptr_t bias, int bias_dtype, uintptr_t y, int64_t ldy,
+                     uintptr_t qx, uintptr_t sx, int device, uintptr_t stream) {
+  if (int st = cuda::check_linear_args(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const void>(qweight),
+                                       ptr<const void>(wscale), N, ptr<const void>(bias), bias_dtype,
+                                       ptr<const void>(y), ldy))
+    return st;
+  if (M == 0) return kOk;
+  if (!qx || !sx || device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::int8_linear_w8a8(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const int8_t>(qweight),
+                                ptr<const float>(wscale), N, ptr<const void>(bias), bias_dtype, ptr<void>(y), ldy,
+                                ptr<int8_t>(qx), ptr<float>(sx), stream_ptr(stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "lowbit CUDA kernels (raw-pointer API; use lowbit.ops, not this module)";
+
+  m.def(
+      "archs",
+      [] {
+        std::string s(LOWBIT_CUDA_ARCHS);  // CMake passes the list with ',' for ';'
+        for (char& c : s)
+          if (c == ',') c = ';';
+        return s;
+      },
+      "The CUDA architectures this module was compiled for (LOWBIT_CUDA_ARCHS, e.g. \"80;86;89;90a\").");
+
+  m.def(
+      "last_error", [] { return cuda::last_cuda_error(); },
+      "The last CUDA error a call of this module met on this thread (\"\" if none), behind a CUDA_ERROR status.");
+
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("int8_quantize_per_token", &int8_quantize_per_token, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"),
+        py::arg("K"), py::arg("ldx"), py::arg("q"), py::arg("scale"), py::arg("device"), py::arg("stream"));
+  m.def("int8_linear_w8a16", &int8_linear_w8a16, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
+        py::arg("ldx"), py::arg("qweight"), py::arg("wscale"), py::arg("N"), py::arg("bias"), py::arg("bias_dtype"),
+        py::arg("y"), py::arg("ldy"), py::arg("device"), py::arg("stream"));
+  m.def("int8_linear_w8a8", &int8_linear_w8a8, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
+        py::arg("ldx"), py::arg("qweight"), py::arg("wscale"), py::arg("N"), py::arg("bias"), py::arg("bias_dtype"),
+        py::arg("y"), py::arg("ldy"), py::arg("qx"), py::arg("sx"), py::arg("device"), py::arg("stream"));
+}

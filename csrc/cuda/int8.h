@@ -1,0 +1,66 @@
+// Host entry points of the CUDA INT8 kernels (csrc/cuda/int8.cu), in plain C++
+// so that csrc/bindings/cuda_module.cpp (built by the host compiler) needs no
+// CUDA types: the stream travels as void* (a cudaStream_t; nullptr = legacy
+// default stream). Every entry point returns a lowbit::Status and never aborts.
+//
+// Shapes (elements, row-major):
+//   x        [M, K]  rows ldx apart, dtype x_dtype (lowbit::DType)
+//   qweight  int8 [N, K] contiguous (canonical layout, lowbit/int8_format.h)
+//   wscale   fp32 [N]
+//   bias     [N] of bias_dtype, or nullptr
+//   y        [M, N]  rows ldy apart, dtype x_dtype
+//   q        int8 [M, K] contiguous;  scale fp32 [M]
+//   qx, sx   W8A8 scratch: int8 [M, K] contiguous and fp32 [M]
+// The launchers run on the caller's current device; the bindings select it.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "lowbit/status.h"
+
+namespace lowbit::cuda {
+
+// The last CUDA error an entry point of lowbit._cuda met on this thread ("" if
+// none), for lowbit._cuda.last_error(): a status code alone cannot say which
+// error it was. (Moves to a common header when a second op family arrives.)
+inline std::string& last_cuda_error() {
+  static thread_local std::string s;
+  return s;
+}
+
+inline void record_cuda_error(const char* where, const char* name, const char* text) {
+  last_cuda_error() = std::string(where) + ": " + name + " (" + text + ")";
+}
+
+// Argument checks, shared by the bindings (which run them before touching the
+// device, so a bad call never needs a GPU) and the launchers.
+inline bool valid_dtype_code(int code) { return code == kF32 || code == kF16 || code == kBF16; }
+
+inline int check_quantize_args(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void* q,
+                               const void* scale) {
+  if (M < 0 || K < 1 || ldx < K || !valid_dtype_code(x_dtype)) return kInvalidArgument;
+  if (M > 0 && (!x || !q || !scale)) return kInvalidArgument;
+  return kOk;
+}
+
+inline int check_linear_args(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void* qweight,
+                             const void* wscale, int64_t N, const void* bias, int bias_dtype, const void* y,
+                             int64_t ldy) {
+  if (M < 0 || K < 1 || N < 1 || ldx < K || ldy < N) return kInvalidArgument;
+  if (!valid_dtype_code(x_dtype) || (bias && !valid_dtype_code(bias_dtype))) return kInvalidArgument;
+  if (M > 0 && (!x || !qweight || !wscale || !y)) return kInvalidArgument;
+  return kOk;
+}
+
+int int8_quantize_per_token(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int8_t* q, float* scale,
+                            void* stream);
+
+int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,
+                      const float* wscale, int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy,
+                      void* stream);
+
+int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,
+                     const float* wscale, int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy,
+                     int8_t* qx, float* sx, void* stream);
+
+}  // namespace lowbit::cuda

@@ -1,0 +1,125 @@
+// Small helpers shared by the CUDA kernels (csrc/cuda/*.cu): element types as
+// template tags, the dtype-code -> type dispatch, warp reductions.
+// Only included from .cu files (nvcc); the scalar conversions themselves live in
+// half.h so the CPU build and its tests run the same bit-twiddling code.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lowbit/half.h"
+#include "lowbit/status.h"
+
+namespace lowbit::cuda {
+
+// ---- element types ---------------------------------------------------------
+// Storage is float or the raw 16-bit pattern; arithmetic is always fp32.
+// fp16 -> fp32 uses the hardware conversion on the device: it is exact, so it
+// equals half.h's f16_to_f32 bit for bit (which the host side uses). Stores go
+// through half.h (round to nearest-even, as torch does).
+struct F32 {
+  using T = float;
+  static constexpr int kCode = kF32;
+  LOWBIT_HD static float to_f32(float v) { return v; }
+  LOWBIT_HD static float from_f32(float v) { return v; }
+};
+
+struct F16 {
+  using T = uint16_t;
+  static constexpr int kCode = kF16;
+  LOWBIT_HD static float to_f32(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(h));
+#else
+    return f16_to_f32(h);
+#endif
+  }
+  LOWBIT_HD static uint16_t from_f32(float v) { return f32_to_f16(v); }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static constexpr int kCode = kBF16;
+  LOWBIT_HD static float to_f32(uint16_t h) { return bf16_to_f32(h); }
+  LOWBIT_HD static uint16_t from_f32(float v) { return f32_to_bf16(v); }
+};
+
+LOWBIT_HD bool valid_dtype(int code) { return code == kF32 || code == kF16 || code == kBF16; }
+LOWBIT_HD int64_t dtype_size(int code) { return code == kF32 ? 4 : 2; }
+
+// Element i of a float array whose dtype is only known at run time (bias).
+LOWBIT_HD float load_f32(const void* p, int code, int64_t i) {
+  switch (code) {
+    case kF16: return F16::to_f32(static_cast<const uint16_t*>(p)[i]);
+    case kBF16: return BF16::to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// LOWBIT_DISPATCH_DTYPE(code, D, ...): runs the statements with D bound to F32,
+// F16 or BF16 (so kernels stay templates and launchers stay short); an unknown
+// code returns kInvalidArgument from the enclosing function.
+#define LOWBIT_DISPATCH_DTYPE(code, D, ...)                   \
+  switch (code) {                                             \
+    case ::lowbit::kF32: {                                    \
+      using D = ::lowbit::cuda::F32;                          \
+      __VA_ARGS__;                                            \
+    } break;                                                  \
+    case ::lowbit::kF16: {                                    \
+      using D = ::lowbit::cuda::F16;                          \
+      __VA_ARGS__;                                            \
+    } break;                                                  \
+    case ::lowbit::kBF16: {                                   \
+      using D = ::lowbit::cuda::BF16;                         \
+      __VA_ARGS__;                                            \
+    } break;                                                  \
+    default:                                                  \
+      return ::lowbit::kInvalidArgument;                      \
+  }
+
+// ---- per-token quantization arithmetic ---------------------------------------
+// The documented formula (lowbit/ref/int8.py docstring, and what the CPU kernels
+// do): inv = 127 / amax and scale = amax / 127, each one correctly rounded fp32
+// division; q = round_half_even(x * inv). (torch evaluates the reference's
+// `127.0 / amax` as amax.reciprocal() * 127, which is an ulp off for ~1/4 of amax
+// values and flips about one code in a million; tests/test_int8_cuda.py checks the
+// kernels against the documented formula.)
+LOWBIT_HD float per_token_inv(float amax) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(127.0f, amax);
+#else
+  return 127.0f / amax;
+#endif
+}
+
+LOWBIT_HD float per_token_scale(float amax) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(amax, 127.0f);
+#else
+  return amax / 127.0f;
+#endif
+}
+
+// ---- warp reductions ---------------------------------------------------------
+#if defined(__CUDACC__)
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+#endif
+
+}  // namespace lowbit::cuda

@@ -1,0 +1,574 @@
+"""CUDA INT8 kernels (lowbit._cuda, csrc/cuda/int8.cu) against lowbit.ref.int8.
+
+Every GPU test carries ``@gpu`` (the ``cuda`` marker plus a skip when
+``lowbit._native.cuda_unavailable_reason()`` is not None), so without a GPU they
+skip cleanly. ``test_cuda_build_*`` always runs: it checks the compiled module
+itself (archs string, argument checks that answer without a device).
+
+Tests whose names contain ``small`` use tiny shapes; bench/gpu_check.sh runs them
+(those with a bias) under compute-sanitizer: ``-k "small and not nobias"``.
+
+Tolerances: fp32 outputs must be within 1e-5 (relative to max |ref|) of the
+float64 reference; fp16/bf16 outputs within 2x the error of torch's own
+F.linear at that dtype (on the dequantized operands) plus one ulp of max |ref|.
+The per-token quantizer must match, bit for bit, the formula documented in
+lowbit/ref/int8.py (inv = 127 / amax and scale = amax / 127 as correctly rounded
+fp32 divisions, codes round-half-even): ``quantize_ref`` below. It equals
+``ref.int8.quantize_per_token`` except where torch evaluates the reference's
+``127.0 / amax`` as ``amax.reciprocal() * 127`` (an ulp off for some amax, which
+flips about one code in a million; tests/test_int8.py reports that bug).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit import _native, ref
+from lowbit.formats import int8 as fmt
+from lowbit.nn import Int8Linear
+from lowbit.ops import int8 as int8_ops
+
+_REASON = _native.cuda_unavailable_reason()
+
+
+def gpu(fn):
+    """Marks a test as needing lowbit's CUDA kernels and a GPU (skipped cleanly otherwise)."""
+    fn = pytest.mark.skipif(_REASON is not None, reason=f"lowbit CUDA kernels unavailable: {_REASON}")(fn)
+    return pytest.mark.cuda(fn)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _cuda_detail(fn):
+    """The op, with lowbit._cuda.last_error() added to a "CUDA error" RuntimeError."""
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if "CUDA error" not in str(e):
+                raise
+            raise RuntimeError(f"{e} [lowbit._cuda.last_error(): {_native.cuda_module().last_error()!r}]") from e
+    return call
+
+
+OPS = {
+    "w8a16": _cuda_detail(int8_ops.int8_linear_w8a16),
+    "w8a8": _cuda_detail(int8_ops.int8_linear_w8a8),
+}
+quantize_per_token = _cuda_detail(int8_ops.int8_quantize_per_token)
+
+
+def _ids(v):
+    return DT_ID.get(v) if isinstance(v, torch.dtype) else None
+
+
+@pytest.fixture
+def cgen(request):
+    """A CUDA generator seeded from the test id: fresh inputs per case, reproducible."""
+    return torch.Generator(device="cuda").manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------- helpers
+def randn(shape, gen, dtype=torch.float32):
+    return torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def rand_weight(n, k, gen):
+    """(qweight int8 [N, K] canonical, scale fp32 [N]) from a random float weight."""
+    w = torch.randn((n, k), generator=gen, device="cuda") * 0.05
+    return ref.int8.quantize_weight_per_channel(w)
+
+
+def quantize_ref(x):
+    """Per-token int8 codes and scales by the documented formula, on the CPU (see module doc)."""
+    x32 = x.detach().cpu().to(torch.float32)
+    finite = torch.isfinite(x32).all(dim=-1)
+    amax = x32.abs().amax(dim=-1)
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(finite & (amax > 0), c127 / amax, torch.zeros_like(amax))  # tensor / tensor: true division
+    q = torch.round(torch.nan_to_num(x32) * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    scale = torch.where(finite, amax / c127, torch.full_like(amax, float("nan")))
+    return q, scale
+
+
+def poison_allocator(*nbytes):
+    """Best effort: the caching allocator's next blocks of these sizes hold 0xff bytes
+    (NaN in fp32/fp16/bf16), so an output element a kernel forgets to write shows up."""
+    bufs = [torch.full((max(int(n), 1),), -1, dtype=torch.int8, device="cuda") for n in nbytes]
+    del bufs
+
+
+def ref_linear64(op, x, qw, s, bias):
+    """The reference in float64 (not rounded to x's dtype), on x's device.
+
+    W8A8 quantizes x with quantize_ref (the CUDA kernel matches it bit for bit), so
+    only the epilogue's rounding separates kernel and reference."""
+    if op == "w8a16":
+        y = x.double() @ ref.int8.dequantize_weight(qw, s).T
+    else:
+        qx, sx = quantize_ref(x)
+        qx, sx = qx.to(x.device), sx.to(x.device)
+        y = (qx.double() @ qw.double().T) * sx.double()[..., None] * s.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def torch_linear_lowp(op, x, qw, s, bias):
+    """torch's F.linear at x's dtype on the dequantized operands: the error budget."""
+    dt = x.dtype
+    w = ref.int8.dequantize_weight(qw, s).to(dt)
+    if op == "w8a16":
+        xx = x
+    else:
+        qx, sx = quantize_ref(x)
+        xx = (qx.double() * sx.double()[..., None]).to(device=x.device, dtype=dt)
+    return F.linear(xx, w, None if bias is None else bias.to(dt))
+
+
+def assert_linear_close(y, y64, lowp, what):
+    assert y.shape == y64.shape, f"{what}: shape {tuple(y.shape)} != {tuple(y64.shape)}"
+    assert torch.isfinite(y64).all()
+    bad = int((~torch.isfinite(y)).sum())
+    assert bad == 0, f"{what}: {bad} of {y.numel()} outputs are NaN/Inf (unwritten?)"
+    err = (y.double() - y64).abs().max().item()
+    top = y64.abs().max().item()
+    if y.dtype == torch.float32:
+        tol = 1e-5 * top + 1e-30
+        assert err <= tol, f"{what}: max abs err {err:.3e} > 1e-5 x max|ref| = {tol:.3e}"
+    else:
+        theirs = (lowp.double() - y64).abs().max().item()
+        tol = 2.0 * theirs + torch.finfo(y.dtype).eps * top
+        assert err <= tol, f"{what}: max abs err {err:.3e} > 2 x torch's {theirs:.3e} + 1 ulp of max|ref|"
+
+
+def assert_quant_equal(q, s, q_ref, s_ref, what):
+    assert q.dtype == torch.int8 and s.dtype == torch.float32, what
+    assert q.shape == q_ref.shape and s.shape == s_ref.shape, what
+    q, s = q.cpu(), s.cpu()
+    nq = int((q != q_ref).sum())
+    assert nq == 0, f"{what}: {nq} of {q.numel()} codes differ; first at {(q != q_ref).nonzero()[0].tolist()}"
+    same = (s.view(torch.int32) == s_ref.view(torch.int32)) | (torch.isnan(s) & torch.isnan(s_ref))
+    assert bool(same.all()), f"{what}: {int((~same).sum())} scales differ bitwise"
+
+
+def check_linear(op, dtype, M, N, K, bias, gen, bias_dtype=None):
+    x = randn((M, K), gen, dtype)
+    qw, s = rand_weight(N, K, gen)
+    b = randn((N,), gen, bias_dtype or dtype) if bias else None
+    poison_allocator(M * N * x.element_size(), M * K, 4 * M)
+    y = OPS[op](x, qw, s, b)
+    assert y.dtype == dtype and y.device == x.device
+    assert_linear_close(y, ref_linear64(op, x, qw, s, b), torch_linear_lowp(op, x, qw, s, b),
+                        f"{op} {DT_ID[dtype]} M={M} N={N} K={K} bias={bias}")
+
+
+# ---------------------------------------------------------------- always runs
+def test_cuda_build_reports_archs():
+    """With nvcc present, lowbit._cuda must import (unless the build said LOWBIT_CUDA=off),
+    report its archs, and reject bad arguments without touching a device."""
+    if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
+        pytest.skip("no nvcc here: lowbit was built without lowbit._cuda")
+    try:
+        import lowbit._cuda as mod  # noqa: PLC0415
+    except ModuleNotFoundError as e:
+        pytest.skip(f"lowbit._cuda was not built (LOWBIT_CUDA=off?): {e}")
+    # any other ImportError (undefined symbol, bad link) fails the test
+    archs = _native.cuda_built_archs()
+    assert archs is not None and archs == mod.archs()
+    assert re.fullmatch(r"(native|all|all-major|\d+[af]?(-real|-virtual)?)(;\d+[af]?(-real|-virtual)?)*", archs), archs
+    reason = _native.cuda_unavailable_reason()
+    assert reason is None or "built without" not in reason, reason
+
+    bad, ok = _native.INVALID_ARGUMENT, _native.OK
+    # argument order: x, x_dtype, M, K, ldx, q, scale, device, stream
+    assert mod.int8_quantize_per_token(0, 0, 0, 4, 4, 0, 0, 0, 0) == ok          # M == 0: nothing to do
+    assert mod.int8_quantize_per_token(0, 0, 1, 0, 0, 0, 0, 0, 0) == bad         # K == 0
+    assert mod.int8_quantize_per_token(0, 3, 0, 4, 4, 0, 0, 0, 0) == bad         # dtype code
+    assert mod.int8_quantize_per_token(0, 0, 0, 4, 3, 0, 0, 0, 0) == bad         # ldx < K
+    assert mod.int8_quantize_per_token(0, 0, 2, 4, 4, 0, 0, 0, 0) == bad         # null pointers, M > 0
+    # x, x_dtype, M, K, ldx, qweight, wscale, N, bias, bias_dtype, y, ldy, [qx, sx,] device, stream
+    for fn, extra in ((mod.int8_linear_w8a16, ()), (mod.int8_linear_w8a8, (0, 0))):
+        assert fn(0, 0, 0, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == ok         # M == 0
+        assert fn(0, 0, 1, 8, 8, 0, 0, 0, 0, 0, 0, 4, *extra, 0, 0) == bad        # N == 0
+        assert fn(0, 0, 1, 8, 8, 0, 0, 4, 0, 0, 0, 3, *extra, 0, 0) == bad        # ldy < N
+        assert fn(0, 7, 0, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == bad        # x dtype code
+        assert fn(0, 0, 0, 8, 8, 0, 0, 4, 64, 9, 0, 4, *extra, 0, 0) == bad       # bias dtype code
+        assert fn(0, 0, -1, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == bad       # M < 0
+        assert fn(0, 0, 3, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == bad        # null pointers
+    # a device that cannot exist: CUDA_ERROR (nothing is launched), and last_error() says why
+    assert isinstance(mod.last_error(), str)
+    assert mod.int8_quantize_per_token(16, 0, 1, 4, 4, 16, 16, 1000, 0) == _native.CUDA_ERROR
+    assert "selecting the device" in mod.last_error(), mod.last_error()
+
+
+# ---------------------------------------------------------------- quantizer
+QUANT_SMALL = [(1, 1), (1, 23), (3, 128), (17, 300), (2, 4096), (5, 16)]
+QUANT_LARGE = [(64, 4096), (300, 300), (2048, 4096), (7, 11008)]
+
+
+def _check_quantize(x, what):
+    q, s = quantize_per_token(x)
+    q_ref, s_ref = quantize_ref(x)
+    assert q.device == x.device and s.device == x.device
+    assert_quant_equal(q, s, q_ref, s_ref, what)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,K", QUANT_SMALL)
+def test_quantize_small(dtype, M, K, cgen):
+    poison_allocator(M * K, 4 * M)
+    _check_quantize(randn((M, K), cgen, dtype) * 3, f"{DT_ID[dtype]} M={M} K={K}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,K", QUANT_LARGE)
+def test_quantize(dtype, M, K, cgen):
+    _check_quantize(randn((M, K), cgen, dtype), f"{DT_ID[dtype]} M={M} K={K}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_quantize_strided_and_batched_small(dtype, cgen):
+    big = randn((6, 150), cgen, dtype)
+    _check_quantize(big[:, 3:103], f"{DT_ID[dtype]} strided rows (ldx=150, offset 3)")
+    _check_quantize(randn((2, 3, 37), cgen, dtype), f"{DT_ID[dtype]} 3-D x")
+    q, s = quantize_per_token(randn((2, 3, 37), cgen, dtype))
+    assert q.shape == (2, 3, 37) and s.shape == (2, 3)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_quantize_special_values_small(dtype, cgen):
+    K = 40
+    x = randn((9, K), cgen, torch.float32)
+    x[0, 5] = float("nan")
+    x[1, 0] = float("inf")
+    x[2, K - 1] = float("-inf")
+    x[3] = 0.0                                       # all-zero row -> scale 0, codes 0
+    x[4] = torch.linspace(-1.0, 1.0, K, device="cuda") * 1e-3
+    x[5, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5])  # ties
+    x[5, 8:] = 0.25
+    x[6] = x[6] * 1e4
+    x[7] = 0.0
+    x[7, 17] = -3.0                                  # single non-zero
+    x = x.to(dtype)
+    q, s = quantize_per_token(x)
+    q_ref, s_ref = quantize_ref(x)
+    assert_quant_equal(q, s, q_ref, s_ref, f"{DT_ID[dtype]} special rows")
+    s = s.cpu()
+    assert torch.isnan(s[:3]).all() and (q[:3] == 0).all()
+    assert s[3] == 0 and (q[3] == 0).all()
+
+
+# ---------------------------------------------------------------- linear layers
+# (M, N, K): 1, primes, non-multiples of every tile (16 rows of x, 8 rows of W, 16 / 512 along K)
+LINEAR_SMALL = [(1, 1, 1), (1, 37, 23), (3, 1, 128), (3, 37, 300), (2, 16, 64), (8, 37, 48),
+                (17, 37, 23), (17, 9, 128), (16, 8, 16), (5, 3, 1)]
+LINEAR = [(1, 576, 4096), (1, 4096, 300), (16, 4096, 4096), (17, 576, 300), (64, 37, 4096),
+          (300, 576, 128), (16, 4096, 23), (3, 4096, 4096)]
+LINEAR_LARGE = [(2048, 4096, 4096, torch.float16), (2048, 37, 300, torch.float32), (2048, 576, 23, torch.bfloat16)]
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,N,K", LINEAR_SMALL)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_small(op, dtype, M, N, K, bias, cgen):
+    check_linear(op, dtype, M, N, K, bias, cgen)
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,N,K", LINEAR)
+def test_linear(op, dtype, M, N, K, cgen):
+    check_linear(op, dtype, M, N, K, (M + N + K) % 2 == 0, cgen)
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("M,N,K,dtype", LINEAR_LARGE, ids=lambda v: _ids(v))
+def test_linear_large_m(op, M, N, K, dtype, cgen):
+    check_linear(op, dtype, M, N, K, True, cgen)
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype,bias_dtype", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.bfloat16, torch.float16)], ids=_ids)
+def test_linear_bias_dtype_small(op, dtype, bias_dtype, cgen):
+    check_linear(op, dtype, 5, 37, 64, True, cgen, bias_dtype=bias_dtype)
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_linear_strided_x_small(op, dtype, cgen):
+    """x rows further apart than K, and a misaligned start (scalar load path with K % 16 == 0)."""
+    M, N, K = 5, 37, 64
+    qw, s = rand_weight(N, K, cgen)
+    big = randn((M, K + 24), cgen, dtype)
+    for x in (big[:, :K], big[:, 1:K + 1], big[:, 8:K + 8], randn((K, M), cgen, dtype).t()):
+        y = OPS[op](x, qw, s)
+        assert_linear_close(y, ref_linear64(op, x, qw, s, None), torch_linear_lowp(op, x, qw, s, None),
+                            f"{op} {DT_ID[dtype]} strides {x.stride()} offset {x.storage_offset()}")
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_linear_batched_x_small(op, cgen):
+    qw, s = rand_weight(37, 23, cgen)
+    x = randn((2, 3, 23), cgen, torch.float32)
+    y = OPS[op](x, qw, s)
+    assert y.shape == (2, 3, 37)
+    y2 = OPS[op](x.reshape(6, 23), qw, s).reshape(2, 3, 37)
+    assert torch.equal(y, y2)
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_native_poisoned_outputs_small(op, dtype, cgen):
+    """Direct calls into lowbit._cuda with poisoned outputs and padded rows: every output
+    element written, nothing outside [M, N] of a wider y touched."""
+    mod = _native.cuda_module()
+    code = _native.DTYPE_CODE[dtype]
+    for M, N, K in [(3, 37, 23), (17, 9, 128), (1, 5, 512), (2, 8, 1024)]:
+        ldx, ldy = K + 8, N + 5
+        x = randn((M, ldx), cgen, dtype)
+        qw, s = rand_weight(N, K, cgen)
+        b = randn((N,), cgen, dtype)
+        y = torch.full((M, ldy), float("nan"), dtype=dtype, device="cuda")
+        stream = torch.cuda.current_stream().cuda_stream
+        dev = torch.cuda.current_device()
+        if op == "w8a16":
+            st = mod.int8_linear_w8a16(x.data_ptr(), code, M, K, ldx, qw.data_ptr(), s.data_ptr(), N,
+                                       b.data_ptr(), code, y.data_ptr(), ldy, dev, stream)
+        else:
+            qx = torch.full((M, K), -128, dtype=torch.int8, device="cuda")
+            sx = torch.full((M,), float("nan"), device="cuda")
+            st = mod.int8_linear_w8a8(x.data_ptr(), code, M, K, ldx, qw.data_ptr(), s.data_ptr(), N,
+                                      b.data_ptr(), code, y.data_ptr(), ldy, qx.data_ptr(), sx.data_ptr(), dev,
+                                      stream)
+        assert st == _native.OK
+        torch.cuda.synchronize()
+        xv = x[:, :K]
+        what = f"{op} {DT_ID[dtype]} M={M} N={N} K={K} ldx={ldx} ldy={ldy}"
+        assert torch.isnan(y[:, N:]).all(), f"{what}: wrote past N into the row padding"
+        assert_linear_close(y[:, :N], ref_linear64(op, xv, qw, s, b), torch_linear_lowp(op, xv, qw, s, b), what)
+        if op == "w8a8":
+            q_ref, s_ref = quantize_ref(xv)
+            assert_quant_equal(qx, sx, q_ref, s_ref, what + " (scratch)")
+
+    # the quantizer, directly, with poisoned outputs
+    M, K, ldx = 7, 300, 301
+    x = randn((M, ldx), cgen, dtype)
+    q = torch.full((M, K), -128, dtype=torch.int8, device="cuda")
+    sc = torch.full((M,), float("nan"), device="cuda")
+    st = mod.int8_quantize_per_token(x.data_ptr(), code, M, K, ldx, q.data_ptr(), sc.data_ptr(),
+                                     torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+    assert st == _native.OK
+    q_ref, s_ref = quantize_ref(x[:, :K])
+    assert_quant_equal(q, sc, q_ref, s_ref, f"quantize {DT_ID[dtype]} direct")
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_linear_nonfinite_x_small(op, cgen):
+    """NaN in a row of x: that row's outputs are NaN (W8A8: scale NaN), the others are exact."""
+    M, N, K = 4, 37, 64
+    x = randn((M, K), cgen)
+    x[2, 7] = float("nan")
+    qw, s = rand_weight(N, K, cgen)
+    y = OPS[op](x, qw, s)
+    assert torch.isnan(y[2]).all()
+    keep = [0, 1, 3]
+    assert_linear_close(y[keep], ref_linear64(op, x[keep], qw, s, None), None, f"{op} finite rows")
+
+
+# ---------------------------------------------------------------- bad input
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_bad_input_small(op, cgen):
+    fn = OPS[op]
+    N, K = 37, 64
+    x = randn((3, K), cgen)
+    qw, s = rand_weight(N, K, cgen)
+    with pytest.raises(ValueError, match="qweight"):
+        fn(x, qw[:, :-1].contiguous(), s)                  # wrong shape
+    with pytest.raises(ValueError, match="qweight"):
+        fn(x, qw.view(N * K), s)                            # wrong rank
+    with pytest.raises(ValueError):
+        fn(x, qw.t(), s)                                    # not contiguous (or wrong shape)
+    with pytest.raises(TypeError, match="qweight"):
+        fn(x, qw.float(), s)                                # wrong dtype
+    with pytest.raises(TypeError, match="scale"):
+        fn(x, qw, s.half())
+    with pytest.raises(TypeError, match="x"):
+        fn(x.to(torch.int32), qw, s)
+    with pytest.raises(ValueError, match="cpu"):
+        fn(x, fmt.pack_cpu(qw.cpu()), s.cpu())              # x on cuda, (valid) weights on cpu
+    with pytest.raises(ValueError):
+        fn(x, qw.cpu(), s.cpu())                            # canonical weights on cpu (not packed)
+    with pytest.raises(ValueError):
+        fn(x, qw, s.cpu())                                  # weights split across devices
+    with pytest.raises(ValueError):
+        fn(x.cpu(), qw, s)                                  # x on cpu, weights on cuda
+    with pytest.raises(ValueError, match="bias"):
+        fn(x, qw, s, randn((N + 1,), cgen))
+    with pytest.raises(ValueError):
+        fn(x, qw, s, randn((N,), cgen).cpu())
+    with pytest.raises(ValueError):
+        fn(x[:, :0], qw[:, :0].contiguous(), s)             # empty
+    m = Int8Linear.from_float(torch.nn.Linear(K, N), op)    # on the CPU
+    with pytest.raises(ValueError):
+        m(x)                                                # x on cuda
+
+
+@gpu
+def test_quantize_bad_input_small(cgen):
+    with pytest.raises(TypeError):
+        quantize_per_token(torch.ones(3, 4, dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError):
+        quantize_per_token(torch.empty(3, 0, device="cuda"))
+
+
+# ---------------------------------------------------------------- modules
+@gpu
+@pytest.mark.parametrize("scheme", list(OPS))
+def test_module_cuda_matches_cpu(scheme, cgen):
+    torch.manual_seed(zlib.crc32(scheme.encode()))
+    lin = torch.nn.Linear(300, 576)
+    m_cpu = Int8Linear.from_float(lin, scheme)
+    x = torch.randn(5, 300)
+    y_cpu = m_cpu(x)
+
+    m_gpu = copy.deepcopy(m_cpu).cuda()
+    assert m_gpu.qweight.device.type == "cuda" and tuple(m_gpu.qweight.shape) == (576, 300)
+    assert torch.equal(m_gpu.qweight.cpu(), m_cpu.canonical_qweight())
+    y_gpu = m_gpu(x.cuda())
+    assert y_gpu.device.type == "cuda" and y_gpu.dtype == torch.float32
+    top = y_cpu.abs().max().item()
+    tol = 1e-5 * top
+    if scheme == "w8a8":
+        # The CPU and CUDA quantizers may round a rare code differently if their
+        # arithmetic differs from the reference; allow two codes per row.
+        _, sx = quantize_ref(x)
+        tol += 2 * 127 * sx.max().item() * m_cpu.scale.max().item()
+    err = (y_gpu.cpu() - y_cpu).abs().max().item()
+    assert err <= tol, f"{scheme}: CUDA vs CPU module max abs err {err:.3e} > {tol:.3e}"
+    # and the CUDA module against the reference directly
+    y64 = ref_linear64(scheme, x.cuda(), m_gpu.qweight, m_gpu.scale, m_gpu.bias)
+    assert_linear_close(y_gpu, y64, None, f"{scheme} module")
+
+    # .cpu() brings back the packed layout and the same outputs
+    m_back = copy.deepcopy(m_gpu).cpu()
+    assert torch.equal(m_back.qweight, m_cpu.qweight)
+    assert torch.equal(m_back.scale, m_cpu.scale) and torch.equal(m_back.bias, m_cpu.bias)
+    assert torch.equal(m_back(x), y_cpu)
+
+    # a CUDA module's state_dict loads into a CPU module
+    m_load = Int8Linear(300, 576, bias=True, scheme=scheme)
+    m_load.load_state_dict(m_gpu.state_dict())
+    assert m_load.qweight.device.type == "cpu"
+    assert torch.equal(m_load.qweight, m_cpu.qweight)
+    assert torch.equal(m_load(x), y_cpu)
+
+    # and a CPU state_dict into a CUDA module
+    m_load_gpu = Int8Linear(300, 576, bias=True, scheme=scheme).cuda()
+    m_load_gpu.load_state_dict(m_cpu.state_dict())
+    assert torch.equal(m_load_gpu.qweight, m_gpu.qweight)
+    assert torch.equal(m_load_gpu(x.cuda()), y_gpu)
+
+
+@gpu
+@pytest.mark.parametrize("scheme", list(OPS))
+def test_module_half_small(scheme, cgen):
+    lin = torch.nn.Linear(64, 37).cuda()
+    m = Int8Linear.from_float(lin, scheme).half()
+    assert m.scale.dtype == torch.float32 and m.bias.dtype == torch.float16
+    x = randn((3, 64), cgen, torch.float16)
+    y = m(x)
+    assert y.dtype == torch.float16
+    y64 = ref_linear64(scheme, x, m.qweight, m.scale, m.bias)
+    assert_linear_close(y, y64, torch_linear_lowp(scheme, x, m.qweight, m.scale, m.bias), f"{scheme} .half()")
+
+
+@gpu
+@pytest.mark.parametrize("scheme", list(OPS))
+def test_quantize_model_cuda(scheme, cgen):
+    torch.manual_seed(1234)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 37)).cuda()
+    x = randn((4, 64), cgen)
+    with torch.no_grad():
+        y_float = model(x)
+        qmodel = lowbit.quantize(copy.deepcopy(model), scheme)
+        assert all(isinstance(qmodel[i], Int8Linear) for i in (0, 2))
+        assert qmodel[0].qweight.device.type == "cuda" and tuple(qmodel[0].qweight.shape) == (128, 64)
+        y = qmodel(x)
+        # layer by layer against the reference
+        h64 = ref_linear64(scheme, x, qmodel[0].qweight, qmodel[0].scale, qmodel[0].bias)
+        h = qmodel[0](x)
+        assert_linear_close(h, h64, None, f"{scheme} layer 0")
+    assert y.shape == y_float.shape and torch.isfinite(y).all()
+    rel = ((y - y_float).norm() / y_float.norm()).item()
+    assert rel < 5e-2, f"{scheme}: quantized model is {rel:.3e} away from the float model"
+
+
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_non_default_stream(op, cgen):
+    """Kernels run on the caller's current stream. torch's side streams are non-blocking,
+    so a kernel sent to the legacy default stream would read x before it is written."""
+    M, N, K = 16, 4096, 4096
+    qw, s = rand_weight(N, K, cgen)
+    src = randn((M, K), cgen, torch.float16)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        assert _native.stream_of(src) == stream.cuda_stream
+        poison_allocator(M * K * 2)
+        x = torch.empty_like(src)
+        torch.cuda._sleep(50_000_000)  # keep the stream busy for tens of ms
+        x.copy_(src)
+        y = OPS[op](x, qw, s)
+    stream.synchronize()
+    assert_linear_close(y, ref_linear64(op, src, qw, s, None), torch_linear_lowp(op, src, qw, s, None),
+                        f"{op} on a side stream")
+
+
+@gpu
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_ids)
+def test_cuda_graph_capture(scheme, dtype, cgen):
+    m = Int8Linear.from_float(torch.nn.Linear(256, 384).cuda(), scheme).to(dtype)
+    x = randn((4, 256), cgen, dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            m(x)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = m(x)
+    for _ in range(2):
+        x_new = randn((4, 256), cgen, dtype)
+        x.copy_(x_new)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, m(x_new)), f"{scheme} {DT_ID[dtype]}: graph replay differs from eager"
