@@ -75,7 +75,8 @@ void row_to_f32(const void* x, int dtype, int64_t K, float* out) {
   for (; k < K; ++k) out[k] = load_elem(x, dtype, k);
 }
 
-// Symmetric per-row quantization: scale = amax / 127, q = round_half_even(x * (127 / amax)).
+// Symmetric per-row quantization (formula in lowbit/int8_format.h): scale = amax / 127,
+// q = round_half_even((x * pre) * (127 / (amax * pre))).
 // A row holding NaN or Inf gets scale NaN (so its outputs are NaN, as torch
 // would propagate) and zero codes; an all-zero row gets scale 0.
 float quantize_row(const float* x, int64_t K, int8_t* q) {
@@ -97,9 +98,9 @@ float quantize_row(const float* x, int64_t K, int8_t* q) {
     std::memset(q, 0, K);
     return nonfinite ? NAN : 0.0f;
   }
-  float inv = 127.0f / amax;
-  for (k = 0; k + kW <= K; k += kW) vf_store_i8(q + k, vf_mul(vf_load(x + k), vf_set1(inv)));
-  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+  const float pre = fmt::per_token_prescale(amax), inv = 127.0f / (amax * pre);
+  for (k = 0; k + kW <= K; k += kW) vf_store_i8(q + k, vf_mul(vf_mul(vf_load(x + k), vf_set1(pre)), vf_set1(inv)));
+  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint((x[k] * pre) * inv));
   return amax / 127.0f;
 }
 
@@ -167,6 +168,7 @@ struct PathF32 {  // W8A16: fp32 activations x dequantized weights
   using W = WF32;
   using XP = XF32;
   using Acc = AccF32;
+  using Out = float;  // what a tile's sums are kept in between K chunks
 #if LOWBIT_SIMD_AVX512
   static constexpr int kMB = 6, kNB = 1;
 #else
@@ -203,6 +205,7 @@ struct PathI8 {  // W8A8: per-token int8 activations x int8 weights
   using W = WI8;
   using XP = XI8;
   using Acc = AccI32;
+  using Out = int64_t;  // exact integer sums across K chunks; one rounding, in the epilogue
 #if LOWBIT_SIMD_AVX512
   static constexpr int kMB = 6, kNB = 4;
 #elif LOWBIT_SIMD_AVX2
@@ -210,16 +213,16 @@ struct PathI8 {  // W8A8: per-token int8 activations x int8 weights
 #else
   static constexpr int kMB = 1, kNB = 1;
 #endif
-  // int32 partial sums are flushed to fp32 every 32768 k: |u8 * s8| * 32768 < 2^31.
+  // int32 partial sums are flushed to int64 every 32768 k: |u8 * s8| * 32768 < 2^31.
   static constexpr int64_t kChunkQuads = 32768 / fmt::kQuad;
   static W load_w(const int8_t* p) { return load_wi8(p); }
   static XP prep_x(const int8_t* x4) { return prep_xi8(x4); }
   static Acc zero() { return acc_i32_zero(); }
   static Acc dot(Acc a, const XP& x, const W& w) { return dot_i8(a, x, w); }
-  static void flush(const Acc& a, float* out16) {
+  static void flush(const Acc& a, int64_t* out16) {
     alignas(64) int32_t t[16];
     acc_i32_store(t, a);
-    for (int i = 0; i < 16; i += kW) vf_store(out16 + i, vf_add(vf_load(out16 + i), vf_from_i32(t + i)));
+    for (int i = 0; i < 16; ++i) out16[i] += t[i];
   }
 
   static int prepare(const LinearArgs& a, int64_t Kp, Prepared<int8_t>& p) {
@@ -262,7 +265,7 @@ __attribute__((noinline)) void accumulate(typename P::Acc (&acc)[MB][NB], const 
 // out[m * P::kNB + n][i] += sum over k of x[m, k] * w[panel n, row i, k]
 template <class P, int MB, int NB>
 void microkernel(const typename P::X* x, int64_t ldx, const int8_t* w, int64_t panel_bytes, int64_t nquads,
-                 float (*out)[16]) {
+                 typename P::Out (*out)[16]) {
   for (int64_t q0 = 0; q0 < nquads; q0 += P::kChunkQuads) {
     typename P::Acc acc[MB][NB];
     for (int m = 0; m < MB; ++m)
@@ -276,7 +279,7 @@ void microkernel(const typename P::X* x, int64_t ldx, const int8_t* w, int64_t p
 // Picks the microkernel instance for a (possibly partial) mb x nb tile.
 template <class P, int MB = P::kMB, int NB = P::kNB>
 void run_tile(int mb, int nb, const typename P::X* x, int64_t ldx, const int8_t* w, int64_t panel_bytes,
-              int64_t nquads, float (*out)[16]) {
+              int64_t nquads, typename P::Out (*out)[16]) {
   if constexpr (MB > 1) {
     if (mb < MB) return run_tile<P, MB - 1, NB>(mb, nb, x, ldx, w, panel_bytes, nquads, out);
   }
@@ -286,27 +289,29 @@ void run_tile(int mb, int nb, const typename P::X* x, int64_t ldx, const int8_t*
   microkernel<P, MB, NB>(x, ldx, w, panel_bytes, nquads, out);
 }
 
-// One row of one panel: y[col0 + i] = (acc[i] - offset) * sx * wscale + bias, cast to y's dtype.
-// `rowsum` points at the panel's row-sum quad (used by the u8-activation path only).
+// One row of one panel: y[col0 + i] = (sum[i] - offset) * sx * wscale + bias, cast to y's dtype.
+// `rowsum` points at the panel's row-sum quad (the u8-activation offset: 128 * rowsum).
 template <class P>
-void epilogue(const LinearArgs& a, const float* acc, const int8_t* rowsum, float sx, int64_t col0, void* yrow) {
-  constexpr bool kOffset = std::is_same_v<typename P::X, int8_t> && kU8Activations;
-  alignas(64) int32_t sums[16];
-  std::memcpy(sums, rowsum, sizeof sums);
+void epilogue(const LinearArgs& a, const typename P::Out* sum, const int8_t* rowsum, float sx, int64_t col0,
+              void* yrow) {
+  alignas(64) float acc[16];
+  if constexpr (std::is_same_v<typename P::Out, int64_t>) {
+    int32_t rs[16];
+    std::memcpy(rs, rowsum, sizeof rs);
+    for (int i = 0; i < 16; ++i) acc[i] = static_cast<float>(sum[i] - (kU8Activations ? 128 * int64_t(rs[i]) : 0));
+  } else {
+    std::memcpy(acc, sum, sizeof acc);
+  }
   if (col0 + 16 <= a.N) {
     for (int i = 0; i < 16; i += kW) {
-      VF v = vf_load(acc + i);
-      if constexpr (kOffset) v = vf_fma(vf_from_i32(sums + i), vf_set1(-128.0f), v);
-      v = vf_mul(vf_mul(v, vf_set1(sx)), vf_load(a.wscale + col0 + i));
+      VF v = vf_mul(vf_mul(vf_load(acc + i), vf_set1(sx)), vf_load(a.wscale + col0 + i));
       if (a.bias) v = vf_add(v, load_vec(a.bias, a.bias_dtype, col0 + i));
       store_vec(yrow, a.x_dtype, col0 + i, v);
     }
     return;
   }
   for (int i = 0; col0 + i < a.N; ++i) {  // the last, partial panel
-    float v = acc[i];
-    if constexpr (kOffset) v -= 128.0f * static_cast<float>(sums[i]);
-    v = v * sx * a.wscale[col0 + i];
+    float v = acc[i] * sx * a.wscale[col0 + i];
     if (a.bias) v += load_elem(a.bias, a.bias_dtype, col0 + i);
     store_elem(yrow, a.x_dtype, col0 + i, v);
   }
@@ -329,7 +334,7 @@ int linear(const LinearArgs& a) {
       const int mb = static_cast<int>(std::min<int64_t>(P::kMB, a.M - m0));
       for (int64_t p0 = t * kTaskPanels; p0 < p_end; p0 += P::kNB) {
         const int nb = static_cast<int>(std::min<int64_t>(P::kNB, p_end - p0));
-        float out[P::kMB * P::kNB][16] = {};
+        typename P::Out out[P::kMB * P::kNB][16] = {};
         const int8_t* w = a.packed + p0 * panel_bytes;
         run_tile<P>(mb, nb, prep.xs + m0 * prep.ld, prep.ld, w, panel_bytes, nquads, out);
         for (int n = 0; n < nb; ++n)

@@ -48,8 +48,6 @@ inline VF vf_abs(VF a) { return {_mm512_abs_ps(a.v)}; }
 inline VF vf_max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline VF vf_mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline VF vf_add(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline VF vf_fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline VF vf_from_i32(const int32_t* p) { return {_mm512_cvtepi32_ps(_mm512_loadu_si512(p))}; }
 inline void vf_store_f16(uint16_t* p, VF a) {
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -83,8 +81,6 @@ inline VF vf_abs(VF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; 
 inline VF vf_max(VF a, VF b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline VF vf_mul(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline VF vf_add(VF a, VF b) { return {_mm256_add_ps(a.v, b.v)}; }
-inline VF vf_fma(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-inline VF vf_from_i32(const int32_t* p) { return {_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)p))}; }
 inline void vf_store_f16(uint16_t* p, VF a) {
   _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -124,8 +120,6 @@ inline VF vf_abs(VF a) { return {std::fabs(a.v)}; }
 inline VF vf_max(VF a, VF b) { return {a.v > b.v ? a.v : b.v}; }
 inline VF vf_mul(VF a, VF b) { return {a.v * b.v}; }
 inline VF vf_add(VF a, VF b) { return {a.v + b.v}; }
-inline VF vf_fma(VF a, VF b, VF c) { return {a.v * b.v + c.v}; }
-inline VF vf_from_i32(const int32_t* p) { return {static_cast<float>(*p)}; }
 inline void vf_store_f16(uint16_t* p, VF a) { *p = f32_to_f16(a.v); }
 inline void vf_store_bf16(uint16_t* p, VF a) { *p = f32_to_bf16(a.v); }
 inline float vf_hmax(VF a) { return a.v; }

@@ -24,6 +24,7 @@
 
 #include "int8.h"
 #include "lowbit/cuda_common.cuh"
+#include "lowbit/int8_format.h"
 
 namespace lowbit::cuda {
 namespace {
@@ -151,12 +152,13 @@ __global__ void quantize_per_token_kernel(const typename D::T* __restrict__ x, i
     }
     __syncthreads();
     amax = row_amax;
-    const float inv = (bad || amax == 0.0f) ? 0.0f : per_token_inv(amax);
+    const float pre = int8_format::per_token_prescale(amax);
+    const float inv = (bad || amax == 0.0f) ? 0.0f : per_token_inv(amax, pre);
     int8_t* qr = q + row * K;
     for (int64_t k = tid; k < K; k += blockDim.x) {
       int c = 0;
       if (!bad) {
-        c = __float2int_rn(__fmul_rn(D::to_f32(xr[k]), inv));  // round half to even
+        c = __float2int_rn(__fmul_rn(__fmul_rn(D::to_f32(xr[k]), pre), inv));  // round half to even
         c = min(127, max(-127, c));
       }
       qr[k] = int8_t(c);

@@ -85,11 +85,12 @@ LOWBIT_HD float load_f32(const void* p, int code, int64_t i) {
 // `127.0 / amax` as amax.reciprocal() * 127, which is an ulp off for ~1/4 of amax
 // values and flips about one code in a million; tests/test_int8_cuda.py checks the
 // kernels against the documented formula.)
-LOWBIT_HD float per_token_inv(float amax) {
+// 127 / (amax * pre), pre = int8_format::per_token_prescale(amax).
+LOWBIT_HD float per_token_inv(float amax, float pre) {
 #if defined(__CUDA_ARCH__)
-  return __fdiv_rn(127.0f, amax);
+  return __fdiv_rn(127.0f, amax * pre);
 #else
-  return 127.0f / amax;
+  return 127.0f / (amax * pre);
 #endif
 }
 

@@ -17,6 +17,8 @@
 #pragma once
 #include <cstdint>
 
+#include "lowbit/half.h"  // LOWBIT_HD
+
 namespace lowbit::int8_format {
 
 constexpr int kPanelRows = 16;
@@ -32,5 +34,13 @@ constexpr int64_t panel_bytes(int64_t k) { return (quads(k) + 1) * kQuadBytes; }
 constexpr int64_t packed_offset(int64_t n, int64_t k, int64_t K) {
   return (n / kPanelRows) * panel_bytes(K) + (k / kQuad) * kQuadBytes + (n % kPanelRows) * kQuad + k % kQuad;
 }
+
+// Per-token (W8A8) activation quantization, the same on every backend and in
+// python/lowbit/ref/int8.py:
+//   pre = per_token_prescale(amax)         (2^64 for rows with amax < 2^-64, else 1)
+//   q   = round_half_even((x * pre) * (127 / (amax * pre))),   scale = amax / 127
+// The exact power-of-two prescale keeps 127 / amax finite for tiny (even
+// subnormal) rows; for every other row it is 1 and changes nothing.
+LOWBIT_HD float per_token_prescale(float amax) { return amax < 0x1p-64f ? 0x1p64f : 1.0f; }
 
 }  // namespace lowbit::int8_format

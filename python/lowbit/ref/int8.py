@@ -15,15 +15,24 @@ from __future__ import annotations
 import torch
 
 
+def _symmetric_codes(x32: torch.Tensor, amax: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """round_half_even((x * pre) * (127 / (amax * pre))) per row, 0 where not ok.
+
+    pre = 2^64 for rows with amax < 2^-64 (else 1) keeps 127 / amax finite for
+    tiny rows; it is an exact power of two (lowbit/int8_format.h, per_token_prescale).
+    """
+    pre = torch.where(amax < 2.0**-64, torch.full_like(amax, 2.0**64), torch.ones_like(amax))
+    inv = torch.where(ok & (amax > 0), torch.full_like(amax, 127.0) / (amax * pre), torch.zeros_like(amax))
+    q = torch.round(torch.nan_to_num(x32) * pre[..., None] * inv[..., None])
+    return q.clamp_(-127, 127).to(torch.int8)
+
+
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple:
     """w [N, K] float -> (qweight int8 [N, K], scale fp32 [N])."""
     w32 = w.detach().to(torch.float32)
     amax = w32.abs().amax(dim=1)
-    c127 = torch.full_like(amax, 127.0)
-    scale = amax / c127
-    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
-    q = torch.round(w32 * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    scale = amax / torch.full_like(amax, 127.0)
+    return _symmetric_codes(w32, amax, torch.ones_like(amax, dtype=torch.bool)), scale
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple:
@@ -31,10 +40,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple:
     x32 = x.to(torch.float32)
     finite = torch.isfinite(x32).all(dim=-1)
     amax = x32.abs().amax(dim=-1)
-    c127 = torch.full_like(amax, 127.0)
-    inv = torch.where(finite & (amax > 0), c127 / amax, torch.zeros_like(amax))
-    q = torch.round(torch.nan_to_num(x32) * inv[..., None]).clamp_(-127, 127).to(torch.int8)
-    scale = torch.where(finite, amax / c127, torch.full_like(amax, float("nan")))
+    q = _symmetric_codes(x32, amax, finite)
+    scale = torch.where(finite, amax / torch.full_like(amax, 127.0), torch.full_like(amax, float("nan")))
     return q, scale
 
 
