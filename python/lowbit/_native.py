@@ -70,7 +70,10 @@ def set_cpu_isa(level: str) -> None:
 def _apply_env_isa() -> None:
     level = os.environ.get("LOWBIT_CPU_ISA", "").strip().lower()
     if level:
-        set_cpu_isa(level)
+        try:
+            set_cpu_isa(level)
+        except ValueError as e:
+            raise ValueError(f"LOWBIT_CPU_ISA={level!r}: {e}") from None
 
 
 _apply_env_isa()

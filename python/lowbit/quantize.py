@@ -27,17 +27,22 @@ def quantize(model: torch.nn.Module, scheme: str, *, skip: Optional[Callable] = 
         raise ValueError(f"quantize: unknown scheme {scheme!r}; supported: {', '.join(SCHEMES)}")
     if skip is not None and not callable(skip):
         raise TypeError("quantize: skip must be a callable skip(name, module) -> bool")
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is torch.nn.Linear and not (skip and skip(name, m))]
-    if isinstance(model, torch.nn.Linear) and targets and targets[0][0] == "":
+    # Every place a Linear appears (a shared Linear sits under several names) ...
+    places = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+              if type(m) is torch.nn.Linear and not (skip and skip(name, m))]
+    if any(name == "" for name, _ in places):
         raise ValueError("quantize: model is itself an nn.Linear; use lowbit.nn.Int8Linear.from_float(model)")
-    show = progress if progress is not None else len(targets) >= _PROGRESS_MIN_LAYERS
-    for i, (name, linear) in enumerate(targets):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Int8Linear.from_float(linear, scheme))
+    # ... is quantized once, and only when all succeeded is the model touched.
+    converted = {}
+    unique = list({id(m): m for _, m in places}.values())
+    show = progress if progress is not None else len(unique) >= _PROGRESS_MIN_LAYERS
+    for i, linear in enumerate(unique):
+        converted[id(linear)] = Int8Linear.from_float(linear, scheme)
         if show:
-            _bar(i + 1, len(targets), scheme)
+            _bar(i + 1, len(unique), scheme)
+    for name, linear in places:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, converted[id(linear)])
     return model
 
 

@@ -6,6 +6,7 @@ import torch
 from .. import _native, ref
 from ..formats import int8 as fmt
 from ..ops import int8 as int8_ops
+from ..ops._check import FLOAT_DTYPES
 
 # scheme -> (op name, native CPU kernel, torch.library op)
 _OPS = {
@@ -80,7 +81,9 @@ class Int8Linear(torch.nn.Module):
         # torch.compile and CUDA go through torch.ops.lowbit. Same validation either way.
         name, kernel, op = _OPS[self.scheme]
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # The weights were validated when set; only x is new.
+            # The weights are validated once after each change (see __setattr__); x every call.
+            if not self._weights_checked:
+                self._check_weights()
             int8_ops.validate_x(x, self.in_features, self.scale.device, name)
             return int8_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scale, self.bias,
                                            self.out_features, self.in_features)
@@ -88,6 +91,15 @@ class Int8Linear(torch.nn.Module):
 
     def _check_weights(self) -> None:
         int8_ops.validate_weights(self.qweight, self.scale, self.bias, self.in_features, "Int8Linear")
+        if self.scale.shape[0] != self.out_features:
+            raise ValueError(f"Int8Linear: scale has {self.scale.shape[0]} entries, expected out_features="
+                             f"{self.out_features}")
+        self.__dict__["_weights_checked"] = True
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("qweight", "scale", "bias"):  # a replaced buffer is re-validated before use
+            self.__dict__["_weights_checked"] = False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -119,16 +131,19 @@ class Int8Linear(torch.nn.Module):
 
     # ---- device moves: convert the layout; scale stays fp32 whatever .half() says
     def _apply(self, fn, recurse=True):
-        canonical, scale = self.canonical_qweight(), self.scale
+        canonical, scale, bias = self.canonical_qweight(), self.scale, self.bias
         del self._buffers["qweight"], self._buffers["scale"]
         try:
-            super()._apply(fn, recurse)
+            super()._apply(fn, recurse)  # moves / casts bias like nn.Linear's
             canonical = fn(canonical)  # integer tensors only change device
+            if self.bias is not None and self.bias.dtype not in FLOAT_DTYPES:
+                bad, self._buffers["bias"] = self.bias.dtype, bias  # leave the module as it was
+                raise TypeError(f"Int8Linear: bias cannot become {bad}; the kernels take float32, float16 or "
+                                "bfloat16")
         finally:
             self.register_buffer("qweight", _device_layout(canonical))
             self.register_buffer("scale", scale.to(canonical.device))
-        if self.qweight.device.type != "meta":
-            self._check_weights()
+            self.__dict__["_weights_checked"] = False
         return self
 
 

@@ -8,7 +8,10 @@ Schemas (namespace ``lowbit``)::
 
 ``qweight`` is in the layout of its device (lowbit.formats.int8): the packed
 panel layout on CPU, canonical [N, K] on CUDA; ``scale`` is fp32 [N] and fixes N.
-x is [..., K] in fp32 / fp16 / bf16 and y has x's dtype.
+x is [..., K] in fp32 / fp16 / bf16 and y has x's dtype. K comes from x: the CPU
+packed shape fixes it only up to a multiple of 4, so, as with Marlin-style ops
+that take K on trust, x must have the K the weight was packed for (the modules
+check it exactly against in_features).
 """
 from __future__ import annotations
 
