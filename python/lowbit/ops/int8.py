@@ -178,35 +178,28 @@ def quantize_per_token_cuda(x):
     return q.view(x.shape), s.view(x.shape[:-1])
 
 
-def linear_w8a16_cuda(x, qweight, scale, bias=None):
-    op = "int8_linear_w8a16"
+def _linear_cuda(op, x, qweight, scale, bias):
     n, k = validate_linear(x, qweight, scale, bias, op)
     mod = _native.cuda_module()
     x2 = chk.rows(x)
     m = x2.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    st = mod.int8_linear_w8a16(
-        x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
-        scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n, x.device.index, _native.stream_of(x))
-    _native.check(st, op)
+    args = [x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
+            scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n]
+    if op == "int8_linear_w8a8":  # scratch for the per-token codes and scales, from torch's allocator
+        qx = torch.empty((m, k), dtype=torch.int8, device=x.device)
+        sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+        args += [qx.data_ptr(), sx.data_ptr()]
+    _native.check(getattr(mod, op)(*args, x.device.index, _native.stream_of(x)), op)
     return y
+
+
+def linear_w8a16_cuda(x, qweight, scale, bias=None):
+    return _linear_cuda("int8_linear_w8a16", x, qweight, scale, bias)
 
 
 def linear_w8a8_cuda(x, qweight, scale, bias=None):
-    op = "int8_linear_w8a8"
-    n, k = validate_linear(x, qweight, scale, bias, op)
-    mod = _native.cuda_module()
-    x2 = chk.rows(x)
-    m = x2.shape[0]
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    qx = torch.empty((m, k), dtype=torch.int8, device=x.device)  # scratch: per-token codes
-    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
-    st = mod.int8_linear_w8a8(
-        x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
-        scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n, qx.data_ptr(), sx.data_ptr(),
-        x.device.index, _native.stream_of(x))
-    _native.check(st, op)
-    return y
+    return _linear_cuda("int8_linear_w8a8", x, qweight, scale, bias)
 
 
 _lib.impl("int8_quantize_per_token", quantize_per_token_cuda, "CUDA")

@@ -1,0 +1,1 @@
+"""lowbit's microbenchmark suite: run from a checkout as ``python -m bench`` (see bench/__main__.py)."""
