@@ -98,7 +98,7 @@ if [ "${RC[build]}" = 0 ]; then
   CPU_FILES=$(ls tests/test_*.py 2>/dev/null | grep -v 'test_int8_cuda.py' || true)
   if [ -n "$CPU_FILES" ]; then
     # shellcheck disable=SC2086
-    step cpu_tests 120 "$TMP/cpu_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CPU_FILES
+    step cpu_tests 240 "$TMP/cpu_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CPU_FILES
     CPU_TESTS=$(pytest_line "$TMP/cpu_tests.log")
   fi
   {
