@@ -178,14 +178,13 @@ void launch_quantize(const void* x, int64_t M, int64_t K, int64_t ldx, int8_t* q
       static_cast<const typename D::T*>(x), M, K, ldx, q, scale);
 }
 
-// ---------------------------------------------------------------- W8A16
-template <class D, int MT, bool VEC>
-__global__ void __launch_bounds__(kThreads)
-    w8a16_kernel(const typename D::T* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
-                 const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
-                 const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
-  using T = typename D::T;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// ---------------------------------------------------------------- warp tiles
+// Calls body(n0, nr, m0, mc) for each tile this warp owns: output rows
+// [n0, n0 + nr) x activation rows [m0, m0 + mc), grid-stride over N blocks
+// (gridDim.x) and M tiles (gridDim.y).
+template <int MT, class Body>
+__device__ __forceinline__ void for_each_warp_tile(int64_t M, int64_t N, Body&& body) {
+  const int warp = threadIdx.x >> 5;
   const int64_t nblocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t mtiles = (M + MT - 1) / MT;
   for (int64_t nb = blockIdx.x; nb < nblocks; nb += gridDim.x) {
@@ -194,73 +193,100 @@ __global__ void __launch_bounds__(kThreads)
     const int nr = int(N - n0 < kRowsPerWarp ? N - n0 : kRowsPerWarp);
     for (int64_t mt = blockIdx.y; mt < mtiles; mt += gridDim.y) {
       const int64_t m0 = mt * MT;
-      const int mc = int(M - m0 < MT ? M - m0 : MT);
-      const T* xt = x + m0 * ldx;
-      float acc[kRowsPerWarp][MT];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r)
-#pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
-
-      if constexpr (VEC) {
-#pragma unroll(MT <= 4 ? 2 : 1)
-        for (int64_t k0 = int64_t(lane) * kVecK; k0 < K; k0 += kStepVec) {
-          float w[kRowsPerWarp][kVecK];
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) {
-            if (r < nr) {
-              i8x16_to_f32(ldg16(qw + (n0 + r) * K + k0), w[r]);
-            } else {
-#pragma unroll
-              for (int j = 0; j < kVecK; ++j) w[r][j] = 0.0f;
-            }
-          }
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            if (m < mc) {
-              float xv[kVecK];
-              load_x16<D>(xt + m * ldx + k0, xv);
-#pragma unroll
-              for (int r = 0; r < kRowsPerWarp; ++r)
-#pragma unroll
-                for (int j = 0; j < kVecK; ++j) acc[r][m] = fmaf(xv[j], w[r][j], acc[r][m]);
-            }
-          }
-        }
-      } else {
-        for (int64_t k = lane; k < K; k += 32) {
-          float w[kRowsPerWarp];
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) w[r] = r < nr ? float(qw[(n0 + r) * K + k]) : 0.0f;
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            if (m < mc) {
-              const float xv = D::to_f32(xt[m * ldx + k]);
-#pragma unroll
-              for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = fmaf(xv, w[r], acc[r][m]);
-            }
-          }
-        }
-      }
-
-      float mine = 0.0f;
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r)
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-          if (r < nr && m < mc) {  // warp-uniform
-            const float s = warp_sum(acc[r][m]);
-            if (lane == r * MT + m) mine = s;
-          }
-      const int r = lane / MT, m = lane % MT;
-      if (lane < kRowsPerWarp * MT && r < nr && m < mc) {
-        const int64_t n = n0 + r;
-        float v = mine * ws[n];
-        if (bias) v += load_f32(bias, bias_dtype, n);
-        y[(m0 + m) * ldy + n] = D::from_f32(v);
-      }
+      body(n0, nr, m0, int(M - m0 < MT ? M - m0 : MT));
     }
   }
+}
+
+// Sums each lane's partial acc[r][m] across the warp; lane r * MT + m adds the
+// total for output (m, r) to `mine`.
+template <int MT, class A>
+__device__ __forceinline__ void warp_reduce_tile(const A (&acc)[kRowsPerWarp][MT], int nr, int mc, float& mine) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      if (r < nr && m < mc) {  // warp-uniform
+        const A s = warp_sum(acc[r][m]);
+        if (lane == r * MT + m) mine += float(s);
+      }
+}
+
+// Lane r * MT + m writes y[m0 + m, n0 + r] = mine * sx[m0 + m] (if sx) * ws[n] + bias[n].
+template <class D, int MT>
+__device__ __forceinline__ void store_tile(float mine, int64_t n0, int nr, int64_t m0, int mc, const float* sx,
+                                           const float* ws, const void* bias, int bias_dtype,
+                                           typename D::T* y, int64_t ldy) {
+  const int lane = threadIdx.x & 31, r = lane / MT, m = lane % MT;
+  if (lane < kRowsPerWarp * MT && r < nr && m < mc) {
+    const int64_t n = n0 + r;
+    float v = sx ? mine * sx[m0 + m] * ws[n] : mine * ws[n];
+    if (bias) v += load_f32(bias, bias_dtype, n);
+    y[(m0 + m) * ldy + n] = D::from_f32(v);
+  }
+}
+
+// ---------------------------------------------------------------- W8A16
+template <class D, int MT, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+    w8a16_kernel(const typename D::T* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
+                 const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
+                 const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
+  using T = typename D::T;
+  const int lane = threadIdx.x & 31;
+  for_each_warp_tile<MT>(M, N, [&](int64_t n0, int nr, int64_t m0, int mc) {
+    const T* xt = x + m0 * ldx;
+    float acc[kRowsPerWarp][MT];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
+
+    if constexpr (VEC) {
+#pragma unroll(MT <= 4 ? 2 : 1)
+      for (int64_t k0 = int64_t(lane) * kVecK; k0 < K; k0 += kStepVec) {
+        float w[kRowsPerWarp][kVecK];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          if (r < nr) {
+            i8x16_to_f32(ldg16(qw + (n0 + r) * K + k0), w[r]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < kVecK; ++j) w[r][j] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < mc) {
+            float xv[kVecK];
+            load_x16<D>(xt + m * ldx + k0, xv);
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+              for (int j = 0; j < kVecK; ++j) acc[r][m] = fmaf(xv[j], w[r][j], acc[r][m]);
+          }
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < K; k += 32) {
+        float w[kRowsPerWarp];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) w[r] = r < nr ? float(qw[(n0 + r) * K + k]) : 0.0f;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < mc) {
+            const float xv = D::to_f32(xt[m * ldx + k]);
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = fmaf(xv, w[r], acc[r][m]);
+          }
+        }
+      }
+    }
+    float mine = 0.0f;
+    warp_reduce_tile<MT>(acc, nr, mc, mine);
+    store_tile<D, MT>(mine, n0, nr, m0, mc, nullptr, ws, bias, bias_dtype, y, ldy);
+  });
 }
 
 // ---------------------------------------------------------------- W8A8
@@ -269,80 +295,57 @@ __global__ void __launch_bounds__(kThreads)
     w8a8_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, int64_t M, int64_t K,
                 const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
                 const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t nblocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t mtiles = (M + MT - 1) / MT;
-  for (int64_t nb = blockIdx.x; nb < nblocks; nb += gridDim.x) {
-    const int64_t n0 = nb * kRowsPerBlock + warp * kRowsPerWarp;
-    if (n0 >= N) continue;  // warp-uniform; no block barriers below
-    const int nr = int(N - n0 < kRowsPerWarp ? N - n0 : kRowsPerWarp);
-    for (int64_t mt = blockIdx.y; mt < mtiles; mt += gridDim.y) {
-      const int64_t m0 = mt * MT;
-      const int mc = int(M - m0 < MT ? M - m0 : MT);
-      const int8_t* xt = qx + m0 * K;  // scratch rows are contiguous
-      float mine = 0.0f;
-      for (int64_t kc = 0; kc < K; kc += kChunkK) {
-        const int64_t kend = K - kc < kChunkK ? K : kc + kChunkK;
-        int acc[kRowsPerWarp][MT];
+  const int lane = threadIdx.x & 31;
+  for_each_warp_tile<MT>(M, N, [&](int64_t n0, int nr, int64_t m0, int mc) {
+    const int8_t* xt = qx + m0 * K;  // scratch rows are contiguous
+    float mine = 0.0f;
+    for (int64_t kc = 0; kc < K; kc += kChunkK) {
+      const int64_t kend = K - kc < kChunkK ? K : kc + kChunkK;
+      int acc[kRowsPerWarp][MT];
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r)
+      for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
-          for (int m = 0; m < MT; ++m) acc[r][m] = 0;
+        for (int m = 0; m < MT; ++m) acc[r][m] = 0;
 
-        if constexpr (VEC) {
+      if constexpr (VEC) {
 #pragma unroll(MT <= 4 ? 2 : 1)
-          for (int64_t k0 = kc + int64_t(lane) * kVecK; k0 < kend; k0 += kStepVec) {
-            int4 w[kRowsPerWarp];
+        for (int64_t k0 = kc + int64_t(lane) * kVecK; k0 < kend; k0 += kStepVec) {
+          int4 w[kRowsPerWarp];
 #pragma unroll
-            for (int r = 0; r < kRowsPerWarp; ++r) w[r] = r < nr ? ldg16(qw + (n0 + r) * K + k0) : make_int4(0, 0, 0, 0);
+          for (int r = 0; r < kRowsPerWarp; ++r) w[r] = r < nr ? ldg16(qw + (n0 + r) * K + k0) : make_int4(0, 0, 0, 0);
 #pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              if (m < mc) {
-                const int4 a = ldg16(xt + m * K + k0);
+          for (int m = 0; m < MT; ++m) {
+            if (m < mc) {
+              const int4 a = ldg16(xt + m * K + k0);
 #pragma unroll
-                for (int r = 0; r < kRowsPerWarp; ++r) {
-                  acc[r][m] = __dp4a(a.x, w[r].x, acc[r][m]);
-                  acc[r][m] = __dp4a(a.y, w[r].y, acc[r][m]);
-                  acc[r][m] = __dp4a(a.z, w[r].z, acc[r][m]);
-                  acc[r][m] = __dp4a(a.w, w[r].w, acc[r][m]);
-                }
-              }
-            }
-          }
-        } else {
-          for (int64_t k0 = kc + int64_t(lane) * 4; k0 < kend; k0 += kStepQuad) {
-            int w[kRowsPerWarp];
-#pragma unroll
-            for (int r = 0; r < kRowsPerWarp; ++r) w[r] = r < nr ? load_i8x4(qw + (n0 + r) * K, k0, K) : 0;
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              if (m < mc) {
-                const int a = load_i8x4(xt + m * K, k0, K);
-#pragma unroll
-                for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = __dp4a(a, w[r], acc[r][m]);
+              for (int r = 0; r < kRowsPerWarp; ++r) {
+                acc[r][m] = __dp4a(a.x, w[r].x, acc[r][m]);
+                acc[r][m] = __dp4a(a.y, w[r].y, acc[r][m]);
+                acc[r][m] = __dp4a(a.z, w[r].z, acc[r][m]);
+                acc[r][m] = __dp4a(a.w, w[r].w, acc[r][m]);
               }
             }
           }
         }
-
+      } else {
+        for (int64_t k0 = kc + int64_t(lane) * 4; k0 < kend; k0 += kStepQuad) {
+          int w[kRowsPerWarp];
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r)
+          for (int r = 0; r < kRowsPerWarp; ++r) w[r] = r < nr ? load_i8x4(qw + (n0 + r) * K, k0, K) : 0;
 #pragma unroll
-          for (int m = 0; m < MT; ++m)
-            if (r < nr && m < mc) {  // warp-uniform
-              const int s = warp_sum(acc[r][m]);
-              if (lane == r * MT + m) mine += float(s);
+          for (int m = 0; m < MT; ++m) {
+            if (m < mc) {
+              const int a = load_i8x4(xt + m * K, k0, K);
+#pragma unroll
+              for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = __dp4a(a, w[r], acc[r][m]);
             }
+          }
+        }
       }
-      const int r = lane / MT, m = lane % MT;
-      if (lane < kRowsPerWarp * MT && r < nr && m < mc) {
-        const int64_t n = n0 + r;
-        float v = mine * sx[m0 + m] * ws[n];
-        if (bias) v += load_f32(bias, bias_dtype, n);
-        y[(m0 + m) * ldy + n] = D::from_f32(v);
-      }
+      warp_reduce_tile<MT>(acc, nr, mc, mine);  // int32 chunk sums, exact, added in fp32
     }
-  }
+    store_tile<D, MT>(mine, n0, nr, m0, mc, sx, ws, bias, bias_dtype, y, ldy);
+  });
 }
 
 // ---------------------------------------------------------------- launch helpers
