@@ -170,9 +170,14 @@ struct PathF32 {  // W8A16: fp32 activations x dequantized weights
   using Acc = AccF32;
   using Out = float;  // what a tile's sums are kept in between K chunks
 #if LOWBIT_SIMD_AVX512
-  static constexpr int kMB = 6, kNB = 1;
+  // 4 accumulators per (row, panel): 6 x 1 fills the registers at prefill sizes;
+  // for 1-2 rows (decode) the spare registers go to more panels, i.e. more
+  // concurrent weight streams.
+  static constexpr int kMB = 6, kNB = 3;
+  static constexpr int nb_for(int mb) { return mb == 1 ? 3 : (mb == 2 ? 2 : 1); }
 #else
   static constexpr int kMB = 1, kNB = 1;
+  static constexpr int nb_for(int) { return kNB; }
 #endif
   static constexpr int64_t kChunkQuads = INT64_MAX / 2;  // no chunking (no overflow to avoid)
   static W load_w(const int8_t* p) { return load_wf32(p); }
@@ -213,6 +218,7 @@ struct PathI8 {  // W8A8: per-token int8 activations x int8 weights
 #else
   static constexpr int kMB = 1, kNB = 1;
 #endif
+  static constexpr int nb_for(int) { return kNB; }
   // int32 partial sums are flushed to int64 every 32768 k: |u8 * s8| * 32768 < 2^31.
   static constexpr int64_t kChunkQuads = 32768 / fmt::kQuad;
   static W load_w(const int8_t* p) { return load_wi8(p); }
@@ -332,8 +338,9 @@ int linear(const LinearArgs& a) {
     const int64_t p_end = std::min(npanels, (t + 1) * kTaskPanels);
     for (int64_t m0 = 0; m0 < a.M; m0 += P::kMB) {
       const int mb = static_cast<int>(std::min<int64_t>(P::kMB, a.M - m0));
-      for (int64_t p0 = t * kTaskPanels; p0 < p_end; p0 += P::kNB) {
-        const int nb = static_cast<int>(std::min<int64_t>(P::kNB, p_end - p0));
+      const int nb_step = P::nb_for(mb);
+      for (int64_t p0 = t * kTaskPanels; p0 < p_end; p0 += nb_step) {
+        const int nb = static_cast<int>(std::min<int64_t>(nb_step, p_end - p0));
         typename P::Out out[P::kMB * P::kNB][16] = {};
         const int8_t* w = a.packed + p0 * panel_bytes;
         run_tile<P>(mb, nb, prep.xs + m0 * prep.ld, prep.ld, w, panel_bytes, nquads, out);
