@@ -1,2 +1,2 @@
 """Weight formats: pack / unpack / convert, in plain torch."""
-from . import int8  # noqa: F401
+from . import gguf, gptq, int4, int8  # noqa: F401

@@ -1,0 +1,130 @@
+"""GPTQ (AutoGPTQ / GPTQModel "gptq" checkpoint) 4-bit tensors <-> lowbit's canonical INT4 form.
+
+Published packing, for a Linear with in_features K and out_features N and group size g::
+
+    qweight  int32 [K/8, N]    code of (k, n) in bits 4i..4i+3 of qweight[k // 8, n], i = k % 8
+    qzeros   int32 [K/g, N/8]  stored zero of (group, n) in bits 4i..4i+3 of qzeros[group, n // 8], i = n % 8
+    scales   fp16  [K/g, N]
+    g_idx    int32 [K]         group of each k; only the trivial k // g is supported here
+
+    w[n, k] = scales[k // g, n] * (q - z),   z = stored zero + zero_offset
+
+zero_offset: the original GPTQ / AutoGPTQ (before the "v2" checkpoint format) stored z - 1
+in qzeros, so pass zero_offset=1 for those checkpoints (z = stored + 1); checkpoints that
+store z itself (GPTQ v2 / GPTQModel's format="gptq_v2") take the default zero_offset=0.
+
+Canonical form (asymmetric, lowbit/formats/int4.py): codes = q, scales = d = scale (in fp32),
+mins = m = -(d * z) in fp32, so d * q + m = scale * (q - z) up to fp32 rounding (exact when
+scale is an fp16 value: d * z then has at most 16 significant bits).
+"""
+from __future__ import annotations
+
+import torch
+
+from .int4 import check_canonical, check_group_size
+
+PACK = 8  # 4-bit values per int32
+
+
+def _check_int32(t, name: str, shape=None) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
+        got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name}: expected a 2-D torch.int32 tensor, got {got}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C] -> uint8 [R * 8, C]: value i of packed[r, c] (bits 4i..4i+3) goes to row 8r + i."""
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64).view(1, PACK, 1)
+    return ((p.unsqueeze(1) >> shifts) & 0xF).to(torch.uint8).reshape(p.shape[0] * PACK, p.shape[1])
+
+
+def _pack_rows(vals: torch.Tensor) -> torch.Tensor:
+    """uint8 [R * 8, C] (values in [0, 15]) -> int32 [R, C], inverse of _unpack_rows."""
+    r8, c = vals.shape
+    v = vals.to(torch.int64).reshape(r8 // PACK, PACK, c)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64).view(1, PACK, 1)
+    word = (v << shifts).sum(dim=1)
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.to(torch.int32)
+
+
+def _check_bits(bits) -> None:
+    if bits != 4:
+        raise ValueError(f"bits: only 4-bit GPTQ is supported, got {bits!r}")
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx=None,
+              bits: int = 4, zero_offset: int = 0) -> dict:
+    """GPTQ tensors -> dict(codes uint8 [N, K], scales fp32 [N, K/g], mins fp32 [N, K/g]).
+
+    g_idx must be None or the trivial arange(K) // g (no act-order permutation); anything
+    else raises ValueError. zero_offset: see the module docstring (1 for old AutoGPTQ).
+    """
+    _check_bits(bits)
+    _check_int32(qweight, "qweight")
+    k, n = qweight.shape[0] * PACK, qweight.shape[1]
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float16, torch.float32) or scales.dim() != 2:
+        got = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise TypeError(f"scales: expected a 2-D fp16/fp32 tensor [K/g, N], got {got}")
+    if scales.shape[1] != n or scales.shape[0] == 0 or k % scales.shape[0] != 0:
+        raise ValueError(f"scales: shape {tuple(scales.shape)} does not fit qweight {tuple(qweight.shape)} "
+                         f"(expected [K/g, N] with K = {k}, N = {n})")
+    n_groups = scales.shape[0]
+    g = k // n_groups
+    check_group_size(k, g, "scales")
+    _check_int32(qzeros, "qzeros", (n_groups, (n + PACK - 1) // PACK))
+    if not isinstance(zero_offset, int) or isinstance(zero_offset, bool):
+        raise ValueError(f"zero_offset: expected an int, got {zero_offset!r}")
+    if g_idx is not None:
+        trivial = torch.arange(k, dtype=torch.int64) // g
+        if (not isinstance(g_idx, torch.Tensor) or g_idx.dim() != 1 or g_idx.numel() != k
+                or not torch.equal(g_idx.detach().to("cpu", torch.int64), trivial)):
+            raise ValueError("g_idx: only the trivial g_idx = arange(K) // group_size is supported "
+                             "(act-order / desc_act permutations are not)")
+
+    codes = _unpack_rows(qweight.detach().to("cpu")).T.contiguous()               # [N, K]
+    z = _unpack_rows(qzeros.detach().to("cpu").T.contiguous()).T[:, :n]           # [K/g, N]
+    z = z.to(torch.float32) + float(zero_offset)
+    d = scales.detach().to("cpu", torch.float32)
+    m = -(d * z)
+    return {"codes": codes, "scales": d.T.contiguous(), "mins": m.T.contiguous()}
+
+
+def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int = 4,
+            zero_offset: int = 0, scale_dtype: torch.dtype = torch.float16) -> dict:
+    """Canonical asymmetric INT4 -> dict(qweight int32 [K/8, N], qzeros int32 [K/g, ceil(N/8)],
+    scales scale_dtype [K/g, N], g_idx int32 [K]) (the inverse of from_gptq).
+
+    GPTQ's zero points are integers: mins must equal -(scale * z) in fp32 exactly for an
+    integer z with z - zero_offset in [0, 15], else ValueError naming mins (a group with
+    scale 0 must have mins 0 and gets stored zero 0). Scales are rounded to scale_dtype;
+    K must be a multiple of 8. Columns of qzeros past N (when N % 8 != 0) are zero.
+    """
+    _check_bits(bits)
+    if mins is None:
+        raise ValueError("mins: GPTQ is asymmetric; mins is required")
+    g = check_canonical(codes, scales, mins)
+    n, k = codes.shape
+    if k % PACK != 0:
+        raise ValueError(f"codes: K = {k} must be a multiple of {PACK} for GPTQ packing")
+    d = scales.detach().to("cpu", torch.float32)
+    m = mins.detach().to("cpu", torch.float32)
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    z = torch.round(-m / safe)
+    z = torch.where(d == 0, torch.full_like(z, float(zero_offset)), z)
+    stored = z - float(zero_offset)
+    if not bool(((-(d * z) == m) & (stored >= 0) & (stored <= 15)).all()):
+        raise ValueError("mins: not of the form -(scale * z) with an integer zero point "
+                         f"z in [{zero_offset}, {15 + zero_offset}] (GPTQ cannot represent it)")
+    npad = (n + PACK - 1) // PACK * PACK
+    zs = torch.zeros(npad, k // g, dtype=torch.uint8)
+    zs[:n] = stored.to(torch.uint8)
+    return {
+        "qweight": _pack_rows(codes.detach().to("cpu").T.contiguous()),
+        "qzeros": _pack_rows(zs).T.contiguous(),
+        "scales": d.T.to(scale_dtype).contiguous(),
+        "g_idx": (torch.arange(k, dtype=torch.int32) // g),
+    }
