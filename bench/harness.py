@@ -394,43 +394,42 @@ def write_plots(out: str, groups: list) -> list:
         return []
     roof_rows = [(g, r) for g, r in rows if g["results"][r["impl"]]["pct_roofline"] is not None]
     bases = baseline_names(groups)
-    paths = []
 
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows) + 2), 5))
-    width = 0.8 / max(len(bases), 1)
-    for j, b in enumerate(bases):
-        xs = [i + (j - (len(bases) - 1) / 2) * width for i, (_, r) in enumerate(rows) if b in r["ratios"]]
-        ys = [r["ratios"][b] for _, r in rows if b in r["ratios"]]
-        ax.bar(xs, ys, width, label=f"vs {b}")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("baseline time / lowbit time (>1: lowbit faster)")
-    ax.set_xticks(range(len(rows)), [r["row"] for _, r in rows], rotation=60, ha="right", fontsize=7)
-    ax.legend(fontsize=7)
-    ax.set_title("lowbit vs torch baselines (same run)")
-    fig.tight_layout()
-    paths.append(os.path.join(out, "ratios.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def grouped_bars(name, labels, series, ref_line, ylabel, title, log_y=False):
+        """One bar per (row, series); series: [(legend, {row index: value})]."""
+        fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(labels) + 2), 5))
+        width = 0.8 / max(len(series), 1)
+        for j, (legend, values) in enumerate(series):
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in values]
+            ax.bar(xs, list(values.values()), width, label=legend)
+        ax.axhline(ref_line, color="k", lw=0.8)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.legend(fontsize=7)
+        ax.set_title(title)
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
 
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(roof_rows) + 2), 5))
-    names = ["lowbit"] + bases
-    width = 0.8 / len(names)
-    for j, name in enumerate(names):
-        xs, ys = [], []
+    ratio_series = [(f"vs {b}", {i: r["ratios"][b] for i, (_, r) in enumerate(rows) if b in r["ratios"]})
+                    for b in bases]
+    roof_series = []
+    for name in ["lowbit"] + bases:
+        values = {}
         for i, (g, r) in enumerate(roof_rows):
             key = r["impl"] if name == "lowbit" else name
             if key in g["results"] and g["results"][key]["pct_roofline"] is not None:
-                xs.append(i + (j - (len(names) - 1) / 2) * width)
-                ys.append(g["results"][key]["pct_roofline"])
-        ax.bar(xs, ys, width, label=name)
-    ax.axhline(100.0, color="k", lw=0.8)
-    ax.set_ylabel("% of measured roofline")
-    ax.set_xticks(range(len(roof_rows)), [r["row"] for _, r in roof_rows], rotation=60, ha="right", fontsize=7)
-    ax.legend(fontsize=7)
-    ax.set_title("% of roofline (memory: read bandwidth; compute: measured GEMM peak)")
-    fig.tight_layout()
-    paths.append(os.path.join(out, "roofline.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+                values[i] = g["results"][key]["pct_roofline"]
+        roof_series.append((name, values))
+    paths = [
+        grouped_bars("ratios.png", [r["row"] for _, r in rows], ratio_series, 1.0,
+                     "baseline time / lowbit time (>1: lowbit faster)", "lowbit vs torch baselines (same run)",
+                     log_y=True),
+        grouped_bars("roofline.png", [r["row"] for _, r in roof_rows], roof_series, 100.0, "% of measured roofline",
+                     "% of roofline (memory: read bandwidth; compute: measured GEMM peak)"),
+    ]
     return paths

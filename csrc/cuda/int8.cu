@@ -69,9 +69,21 @@ __device__ __forceinline__ void i8x16_to_f32(int4 v, float* out) {
   i8x4_to_f32(uint32_t(v.w), out + 12);
 }
 
-// 16 consecutive activations (16-byte aligned) -> fp32.
+// 16 consecutive activations (16-byte aligned) -> fp32. fp16 / bf16: two elements
+// per 32-bit word, the first in the low half.
 template <class D>
-__device__ __forceinline__ void load_x16(const typename D::T* p, float* out);
+__device__ __forceinline__ void load_x16(const typename D::T* p, float* out) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int4 v = ldg16(p + 8 * i);
+    const uint32_t w[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[8 * i + 2 * j] = D::to_f32(uint16_t(w[j] & 0xffffu));
+      out[8 * i + 2 * j + 1] = D::to_f32(uint16_t(w[j] >> 16));
+    }
+  }
+}
 
 template <>
 __device__ __forceinline__ void load_x16<F32>(const float* p, float* out) {
@@ -82,34 +94,6 @@ __device__ __forceinline__ void load_x16<F32>(const float* p, float* out) {
     out[4 * i + 1] = v.y;
     out[4 * i + 2] = v.z;
     out[4 * i + 3] = v.w;
-  }
-}
-
-template <>
-__device__ __forceinline__ void load_x16<F16>(const uint16_t* p, float* out) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int4 v = ldg16(p + 8 * i);
-    const uint32_t w[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      out[8 * i + 2 * j] = F16::to_f32(uint16_t(w[j] & 0xffffu));
-      out[8 * i + 2 * j + 1] = F16::to_f32(uint16_t(w[j] >> 16));
-    }
-  }
-}
-
-template <>
-__device__ __forceinline__ void load_x16<BF16>(const uint16_t* p, float* out) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int4 v = ldg16(p + 8 * i);
-    const uint32_t w[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      out[8 * i + 2 * j] = __uint_as_float(w[j] << 16);
-      out[8 * i + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-    }
   }
 }
 
