@@ -35,6 +35,15 @@ int int8_linear(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uin
                            nthreads);
 }
 
+template <auto KernelTable::*slot>
+int int4_linear(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, uintptr_t scales,
+                uintptr_t mins, int scale_dtype, int64_t group, int64_t N, uintptr_t bias, int bias_dtype, uintptr_t y,
+                int64_t ldy, int nthreads) {
+  return (kernels().*slot)(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const uint8_t>(packed),
+                           ptr<const void>(scales), ptr<const void>(mins), scale_dtype, group, N,
+                           ptr<const void>(bias), bias_dtype, ptr<void>(y), ldy, nthreads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -57,4 +66,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_quantize_per_token", &int8_quantize_per_token, nogil);
   m.def("int8_linear_w8a16", &int8_linear<&KernelTable::int8_linear_w8a16>, nogil);
   m.def("int8_linear_w8a8", &int8_linear<&KernelTable::int8_linear_w8a8>, nogil);
+  m.def("int4_linear_w4a16", &int4_linear<&KernelTable::int4_linear_w4a16>, nogil);
+  m.def("int4_linear_w4a8", &int4_linear<&KernelTable::int4_linear_w4a8>, nogil);
 }

@@ -38,10 +38,22 @@ Isa detect() {
 KernelTable make_table(Isa isa) {
   KernelTable t{};
   switch (isa) {
-    case kScalar: scalar::register_int8(t); break;
-    case kAvx2: avx2::register_int8(t); break;
-    case kAvx512: avx512::register_int8(t); break;
-    case kAvx512Vnni: avx512_vnni::register_int8(t); break;
+    case kScalar:
+      scalar::register_int8(t);
+      scalar::register_int4(t);
+      break;
+    case kAvx2:
+      avx2::register_int8(t);
+      avx2::register_int4(t);
+      break;
+    case kAvx512:
+      avx512::register_int8(t);
+      avx512::register_int4(t);
+      break;
+    case kAvx512Vnni:
+      avx512_vnni::register_int8(t);
+      avx512_vnni::register_int4(t);
+      break;
     default: break;
   }
   return t;

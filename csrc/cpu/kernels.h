@@ -18,12 +18,21 @@ struct KernelTable {
   int (*int8_linear_w8a8)(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
                           const int8_t* packed, const float* wscale, int64_t N,
                           const void* bias, int bias_dtype, void* y, int64_t ldy, int nthreads);
+  // int4 family (csrc/cpu/int4.cpp): packed weights in lowbit/int4_format.h's CPU layout,
+  // scales / mins (null = symmetric) of scale_dtype (kF16 or kF32), groups of `group` k.
+  int (*int4_linear_w4a16)(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
+                           const void* scales, const void* mins, int scale_dtype, int64_t group, int64_t N,
+                           const void* bias, int bias_dtype, void* y, int64_t ldy, int nthreads);
+  int (*int4_linear_w4a8)(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
+                          const void* scales, const void* mins, int scale_dtype, int64_t group, int64_t N,
+                          const void* bias, int bias_dtype, void* y, int64_t ldy, int nthreads);
 };
 
 // Each ISA copy of a family registers its kernels into the table.
 #define LOWBIT_DECLARE_ISA(isa) \
   namespace isa {               \
   void register_int8(KernelTable& t); \
+  void register_int4(KernelTable& t); \
   }
 LOWBIT_DECLARE_ISA(scalar)
 LOWBIT_DECLARE_ISA(avx2)

@@ -287,4 +287,160 @@ inline AccF32 dot_f32(AccF32 acc, const XF32& x, const WF32& w) {
 inline void acc_f32_store(float* out64, const AccF32& a) { std::memcpy(out64, a.v, sizeof a.v); }
 #endif
 
+// ------------------------------------------------------------ int4 block ops
+// One 64-byte block of the INT4 layout (lowbit/int4_format.h) holds 16 rows x 8 k:
+// byte 4i + j = code (row i, k j) | code (row i, k 4 + j) << 4.
+//  * W4A8: load_q4 splits it into two u8 quads (k 0-3 and k 4-7, lanes (row i, k j)),
+//    dot_q4 multiplies one by a broadcast signed int8 activation quad.
+//  * W4A16: lane i (32 bits) holds row i's 8 codes; nibble_f32 turns nibble s of
+//    every lane into fp32 (it holds k = nibble_k(s)).
+// PF: 16 fp32 lanes, one per row of a panel (accumulators and per-row scales).
+#if LOWBIT_SIMD_AVX512
+struct WQ4 { __m512i v; };
+struct XS8 { __m512i v; };
+struct WN4 { __m512i v; };
+struct PF { __m512 v; };
+inline void load_q4(const uint8_t* p, WQ4& lo, WQ4& hi) {
+  const __m512i b = _mm512_loadu_si512(p), m = _mm512_set1_epi8(0x0F);
+  lo.v = _mm512_and_si512(b, m);
+  hi.v = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
+}
+inline XS8 prep_xs8(const int8_t* x4) {
+  int32_t quad;
+  std::memcpy(&quad, x4, 4);
+  return {_mm512_set1_epi32(quad)};
+}
+#if defined(__AVX512VNNI__)
+inline AccI32 dot_q4(AccI32 acc, XS8 x, WQ4 w) { return {_mm512_dpbusd_epi32(acc.v, w.v, x.v)}; }
+#else
+// maddubs(u8 code, s8 x): a pair sum is at most 2 * 15 * 128 in magnitude, far from int16 saturation.
+inline AccI32 dot_q4(AccI32 acc, XS8 x, WQ4 w) {
+  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(_mm512_maddubs_epi16(w.v, x.v), _mm512_set1_epi16(1)))};
+}
+#endif
+inline WN4 load_wn4(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+// vpermps reads only the low 4 bits of each index lane: the shifted codes index [0, 1, ..., 15].
+inline PF nibble_f32(WN4 w, int s) {
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return {_mm512_permutexvar_ps(s ? _mm512_srli_epi32(w.v, 4 * s) : w.v, table)};
+}
+inline PF pf_zero() { return {_mm512_setzero_ps()}; }
+inline PF pf_set1(float f) { return {_mm512_set1_ps(f)}; }
+inline PF pf_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline PF pf_load(const uint16_t* f16) { return {_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)f16))}; }
+inline void pf_store(float* p, PF a) { _mm512_storeu_ps(p, a.v); }
+inline PF pf_mul(PF a, PF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline PF pf_fma(PF a, PF b, PF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline PF pf_from_i32(AccI32 a) { return {_mm512_cvtepi32_ps(a.v)}; }
+
+#elif LOWBIT_SIMD_AVX2
+struct WQ4 { __m256i lo, hi; };  // rows 0-7, rows 8-15
+struct XS8 { __m256i v; };
+struct WN4 { __m256i lo, hi; };
+struct PF { __m256 lo, hi; };
+inline void load_q4(const uint8_t* p, WQ4& lo, WQ4& hi) {
+  const __m256i b0 = _mm256_loadu_si256((const __m256i*)p), b1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  lo = {_mm256_and_si256(b0, m), _mm256_and_si256(b1, m)};
+  hi = {_mm256_and_si256(_mm256_srli_epi16(b0, 4), m), _mm256_and_si256(_mm256_srli_epi16(b1, 4), m)};
+}
+inline XS8 prep_xs8(const int8_t* x4) {
+  int32_t quad;
+  std::memcpy(&quad, x4, 4);
+  return {_mm256_set1_epi32(quad)};
+}
+// Same maddubs bound as AVX-512 without VNNI.
+inline __m256i dot_q4_half(__m256i acc, __m256i x, __m256i w) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+inline AccI32 dot_q4(AccI32 acc, XS8 x, const WQ4& w) { return {dot_q4_half(acc.lo, x.v, w.lo), dot_q4_half(acc.hi, x.v, w.hi)}; }
+inline WN4 load_wn4(const uint8_t* p) {
+  return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)(p + 32))};
+}
+inline PF nibble_f32(const WN4& w, int s) {
+  const __m256i m = _mm256_set1_epi32(0x0F);
+  return {_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w.lo, 4 * s), m)),
+          _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w.hi, 4 * s), m))};
+}
+inline PF pf_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline PF pf_set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+inline PF pf_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline PF pf_load(const uint16_t* f16) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)f16)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(f16 + 8)))};
+}
+inline void pf_store(float* p, const PF& a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline PF pf_mul(const PF& a, const PF& b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline PF pf_fma(const PF& a, const PF& b, const PF& c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline PF pf_from_i32(const AccI32& a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+
+#else
+struct WQ4 { uint8_t v[64]; };
+struct XS8 { int8_t v[4]; };
+struct WN4 { uint32_t v[16]; };
+struct PF { float v[16]; };
+inline void load_q4(const uint8_t* p, WQ4& lo, WQ4& hi) {
+  for (int i = 0; i < 64; ++i) {
+    lo.v[i] = p[i] & 0x0F;
+    hi.v[i] = p[i] >> 4;
+  }
+}
+inline XS8 prep_xs8(const int8_t* x4) {
+  XS8 x;
+  std::memcpy(x.v, x4, 4);
+  return x;
+}
+inline AccI32 dot_q4(AccI32 acc, const XS8& x, const WQ4& w) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 4; ++j) acc.v[i] += int32_t(w.v[4 * i + j]) * int32_t(x.v[j]);
+  return acc;
+}
+inline WN4 load_wn4(const uint8_t* p) {
+  WN4 w;
+  std::memcpy(w.v, p, sizeof w.v);  // little-endian lanes, as the vector loads
+  return w;
+}
+inline PF nibble_f32(const WN4& w, int s) {
+  PF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = float((w.v[i] >> (4 * s)) & 0x0F);
+  return r;
+}
+inline PF pf_zero() { return {}; }
+inline PF pf_set1(float f) {
+  PF r;
+  for (float& v : r.v) v = f;
+  return r;
+}
+inline PF pf_load(const float* p) {
+  PF r;
+  std::memcpy(r.v, p, sizeof r.v);
+  return r;
+}
+inline PF pf_load(const uint16_t* f16) {
+  PF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = f16_to_f32(f16[i]);
+  return r;
+}
+inline void pf_store(float* p, const PF& a) { std::memcpy(p, a.v, sizeof a.v); }
+inline PF pf_mul(const PF& a, const PF& b) {
+  PF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i];
+  return r;
+}
+inline PF pf_fma(const PF& a, const PF& b, const PF& c) {
+  PF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return r;
+}
+inline PF pf_from_i32(const AccI32& a) {
+  PF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = float(a.v[i]);
+  return r;
+}
+#endif
+
 }  // namespace lowbit::cpu::LOWBIT_ISA

@@ -19,6 +19,20 @@ Nibble-packed form (two codes per byte, along K)::
 
 i.e. element 2j in the low nibble and element 2j+1 in the high nibble. Note that
 GGUF blocks use a different nibble order (see gguf.py); this one is lowbit's own.
+
+CPU packed form (the kernels' layout; csrc/include/lowbit/int4_format.h is the same text in C++):
+panels of 16 output rows; inside a panel K goes by octets of 8, and one octet of one panel is
+one 64-byte block whose byte ``4*i + j`` holds ``q[16p + i, 8o + j]`` in its low nibble and
+``q[16p + i, 8o + 4 + j]`` in its high nibble (i < 16, j < 4)::
+
+    qweight  uint8 [ceil(N/16), ceil(K/8), 64]
+    scales   [ceil(N/16), K/g, 16]    scales[p, G, i] = d[16p + i, G]
+    mins     same shape (asymmetric only)
+
+Rows past N and columns past K hold code 0 (scale and min 0). Scales and mins are stored in
+float16 when every value is exactly a float16 value (GGUF and GPTQ give such, and so does
+lowbit's own quantizer, which rounds them to float16 like llama.cpp), else in float32, so
+packing is always lossless: unpack_cpu(*pack_cpu(c, s, m), N, K) == (c, s, m).
 """
 from __future__ import annotations
 
@@ -89,3 +103,86 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"packed: expected a 2-D torch.uint8 tensor [N, K/2], got {got}")
     n, kh = packed.shape
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, 2 * kh).contiguous()
+
+
+# ---------------------------------------------------------------- CPU packed layout
+PANEL_ROWS = 16
+OCTET = 8
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def packed_cpu_shape(n: int, k: int) -> tuple:
+    """Shape of the CPU-packed qweight for N outputs and K inputs."""
+    return (_round_up(n, PANEL_ROWS) // PANEL_ROWS, _round_up(k, OCTET) // OCTET, 64)
+
+
+def packed_scales_shape(n: int, groups: int) -> tuple:
+    return (_round_up(n, PANEL_ROWS) // PANEL_ROWS, groups, PANEL_ROWS)
+
+
+def storage_dtype(scales: torch.Tensor, mins=None) -> torch.dtype:
+    """torch.float16 if every scale (and min) is exactly a float16 value, else torch.float32."""
+    for t in (scales, mins):
+        if t is None:
+            continue
+        t32 = t.detach().to(torch.float32)
+        if not bool((t32.to(torch.float16).to(torch.float32) == t32).all()):
+            return torch.float32
+    return torch.float16
+
+
+def round_scales_fp16(scales: torch.Tensor, mins=None) -> tuple:
+    """Rounds scales (and mins) to float16 values (kept as float32) when that is safe: every
+    nonzero magnitude within float16's normal range [2^-14, 65504], where rounding changes a
+    value by at most 2^-11 relative (what llama.cpp does when it stores d and m). Otherwise
+    returns them unchanged (they will be stored in float32)."""
+    def ok(t):
+        a = t.detach().abs().to(torch.float32)
+        return bool(((a == 0) | ((a >= 2.0**-14) & (a <= 65504.0))).all())
+
+    if not ok(scales) or (mins is not None and not ok(mins)):
+        return scales, mins
+    r = lambda t: None if t is None else t.to(torch.float16).to(torch.float32)
+    return r(scales), r(mins)
+
+
+def _panels_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[N, C] -> [ceil(N/16), C, 16] with zero rows past N."""
+    np_ = _round_up(n, PANEL_ROWS)
+    out = torch.zeros(np_, t.shape[1], dtype=t.dtype, device=t.device)
+    out[:n] = t
+    return out.view(np_ // PANEL_ROWS, PANEL_ROWS, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def pack_cpu(codes: torch.Tensor, scales: torch.Tensor, mins=None) -> tuple:
+    """Canonical (codes [N, K], scales [N, K/g], mins or None) -> (qweight, scales, mins) in the CPU
+    packed layout (module docstring); scales and mins in float16 when lossless, else float32."""
+    g = check_canonical(codes, scales, mins)
+    del g
+    n, k = codes.shape
+    np_, kp = _round_up(n, PANEL_ROWS), _round_up(k, OCTET)
+    q = torch.zeros(np_, kp, dtype=torch.uint8, device=codes.device)
+    q[:n, :k] = codes
+    # [P, 16 rows, O, 2 halves, 4 j] -> [P, O, 16 rows, 4 j] with the half-1 codes in the high nibble
+    q = q.view(np_ // PANEL_ROWS, PANEL_ROWS, kp // OCTET, 2, 4).permute(0, 2, 1, 3, 4)
+    qweight = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(np_ // PANEL_ROWS, kp // OCTET, 64).contiguous()
+    dt = storage_dtype(scales, mins)
+    ps = _panels_rows(scales.detach().to(torch.float32), n).to(dt)
+    pm = None if mins is None else _panels_rows(mins.detach().to(torch.float32), n).to(dt)
+    return qweight, ps, pm
+
+
+def unpack_cpu(qweight: torch.Tensor, scales: torch.Tensor, mins, n: int, k: int) -> tuple:
+    """The CPU packed layout -> canonical (codes uint8 [N, K], scales fp32 [N, K/g], mins fp32 or None)."""
+    p, o, _ = qweight.shape
+    lo, hi = qweight & 0x0F, qweight >> 4                     # [P, O, 64] each: (row i, j) = byte 4i + j
+    q = torch.stack([lo.view(p, o, PANEL_ROWS, 4), hi.view(p, o, PANEL_ROWS, 4)], dim=3)  # [P, O, 16, 2, 4]
+    codes = q.permute(0, 2, 1, 3, 4).reshape(p * PANEL_ROWS, o * OCTET)[:n, :k].contiguous()
+
+    def rows(t):
+        return None if t is None else t.transpose(1, 2).reshape(-1, t.shape[1])[:n].to(torch.float32).contiguous()
+
+    return codes, rows(scales), rows(mins)
