@@ -1,10 +1,21 @@
-"""Quantized replacements for torch.nn.Linear."""
+"""Quantized replacements for torch.nn.Linear: Int8Linear and Int4Linear.
+
+Both keep their weights in buffers in the layout of their device (the CPU kernels' packed
+layouts), while state_dict always holds the canonical form, so a checkpoint loads on any
+device; ``.to()`` / ``.cuda()`` / ``.cpu()`` convert the layout. The eager CPU forward calls
+the native kernel directly (measurably cheaper per decode step); torch.compile and other
+devices go through torch.ops.lowbit. Both run the same validation.
+"""
 from __future__ import annotations
 
 import torch
 
 from .. import _native, ref
-from ..formats import int8 as fmt
+from ..formats import gguf as gguf_fmt
+from ..formats import gptq as gptq_fmt
+from ..formats import int4 as fmt4
+from ..formats import int8 as fmt8
+from ..ops import int4 as int4_ops
 from ..ops import int8 as int8_ops
 from ..ops._check import FLOAT_DTYPES
 
@@ -12,11 +23,114 @@ from ..ops._check import FLOAT_DTYPES
 _OPS = {
     "w8a16": ("int8_linear_w8a16", _native._C.int8_linear_w8a16, torch.ops.lowbit.int8_linear_w8a16),
     "w8a8": ("int8_linear_w8a8", _native._C.int8_linear_w8a8, torch.ops.lowbit.int8_linear_w8a8),
+    "w4a16": ("int4_linear_w4a16", _native._C.int4_linear_w4a16, torch.ops.lowbit.int4_linear_w4a16),
+    "w4a8": ("int4_linear_w4a8", _native._C.int4_linear_w4a8, torch.ops.lowbit.int4_linear_w4a8),
 }
-INT8_SCHEMES = tuple(_OPS)
+INT8_SCHEMES = ("w8a16", "w8a8")
+INT4_SCHEMES = ("w4a16", "w4a8")
 
 
-class Int8Linear(torch.nn.Module):
+class _QuantizedLinear(torch.nn.Module):
+    """What Int8Linear and Int4Linear share. A subclass names its layout-dependent buffers
+    (_WEIGHTS), converts between canonical and device layout (canonical_weights /
+    _device_weights), checks its weights (_check_weights) and runs its kernel (_run_cpu, _run_op)."""
+
+    _SCHEMES: tuple = ()
+    _WEIGHTS: tuple = ()
+
+    def _init_common(self, in_features, out_features, scheme, name):
+        if scheme not in self._SCHEMES:
+            raise ValueError(f"{name}: scheme must be one of {self._SCHEMES}, got {scheme!r}")
+        for arg, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+
+    def _init_bias(self, bias: bool, device, dtype):
+        if bias:
+            self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.bias = None
+
+    def _set_bias(self, bias, device) -> None:
+        if bias is not None:
+            self.bias = bias.detach().to(device).contiguous()
+
+    def _set_canonical(self, canonical: dict) -> None:
+        """(Re)registers the weight buffers in device layout (dtype and shape may change)."""
+        for name, t in self._device_weights(canonical).items():
+            self.register_buffer(name, t)
+        self.__dict__["_weights_checked"] = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # The weights are validated once after each change (see __setattr__); x every call.
+            if not self._weights_checked:
+                self._check_weights()
+            return self._run_cpu(x)
+        return self._run_op(x)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self._WEIGHTS or name == "bias":  # a replaced buffer is re-validated before use
+            self.__dict__["_weights_checked"] = False
+
+    def _checked(self) -> None:
+        self.__dict__["_weights_checked"] = True
+
+    # ---- state_dict: the canonical form, whatever the device layout
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self.canonical_weights().items():
+            destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        canonical = {}
+        for name in self._WEIGHTS:
+            if prefix + name in state_dict:
+                canonical[name] = state_dict[prefix + name]
+        if len(canonical) == len(self.canonical_weights()):
+            err = self._canonical_error(canonical)
+            if err:
+                error_msgs.append(f"{prefix}{err}")
+                return
+            # Registered here rather than copied in by the default loader: the layout's
+            # dtype (float16 / float32 scales) may differ from what the module held.
+            device = self._weight_device()
+            self._set_canonical({k: v.to(device) for k, v in canonical.items()})
+            state_dict = dict(state_dict)
+            for name in self._WEIGHTS:
+                if getattr(self, name) is not None:
+                    state_dict[prefix + name] = getattr(self, name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        try:
+            self._check_weights()
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{prefix}: {e}")
+
+    # ---- device moves: convert the layout; scales keep their dtype whatever .half() says
+    def _apply(self, fn, recurse=True):
+        canonical, bias = self.canonical_weights(), self.bias
+        for name in self._WEIGHTS:
+            self._buffers.pop(name, None)
+        try:
+            super()._apply(fn, recurse)  # moves / casts bias like nn.Linear's
+            canonical = {k: v.to(fn(torch.empty(0, dtype=torch.uint8, device=v.device)).device)
+                         for k, v in canonical.items()}
+            if self.bias is not None and self.bias.dtype not in FLOAT_DTYPES:
+                bad, self._buffers["bias"] = self.bias.dtype, bias  # leave the module as it was
+                raise TypeError(f"{type(self).__name__}: bias cannot become {bad}; the kernels take float32, float16 "
+                                "or bfloat16")
+        finally:
+            for name, t in self._device_weights(canonical).items():
+                self.register_buffer(name, t)
+            self.__dict__["_weights_checked"] = False
+        return self
+
+
+class Int8Linear(_QuantizedLinear):
     """nn.Linear with per-output-channel symmetric INT8 weights (inference only).
 
     scheme "w8a16" keeps activations in float (fp32 / fp16 / bf16); "w8a8" quantizes
@@ -28,23 +142,17 @@ class Int8Linear(torch.nn.Module):
     ``.to()`` / ``.cuda()`` / ``.cpu()`` convert the layout.
     """
 
+    _SCHEMES = INT8_SCHEMES
+    _WEIGHTS = ("qweight", "scale")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "w8a16",
                  device=None, dtype=None):
         super().__init__()
-        if scheme not in INT8_SCHEMES:
-            raise ValueError(f"Int8Linear: scheme must be one of {INT8_SCHEMES}, got {scheme!r}")
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"Int8Linear: {name} must be a positive int, got {v!r}")
-        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self._init_common(in_features, out_features, scheme, "Int8Linear")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        canonical = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
-        self.register_buffer("qweight", _device_layout(canonical))
-        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
-        else:
-            self.bias = None
+        self._set_canonical({"qweight": torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                             "scale": torch.zeros(out_features, dtype=torch.float32, device=device)})
+        self._init_bias(bias, device, dtype)
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, scheme: str = "w8a16") -> "Int8Linear":
@@ -56,98 +164,227 @@ class Int8Linear(torch.nn.Module):
             raise ValueError("Int8Linear.from_float: linear.weight contains NaN or Inf; cannot quantize")
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, device="meta")
         q, s = ref.int8.quantize_weight_per_channel(w)
-        mod._set_weights(q, s, None if linear.bias is None else linear.bias.detach().clone())
+        fmt8.check_codes(q, "qweight")
+        mod._set_canonical({"qweight": q, "scale": s})
+        mod._set_bias(linear.bias, q.device)
+        mod._check_weights()
         return mod
 
-    def _set_weights(self, canonical: torch.Tensor, scale: torch.Tensor, bias) -> None:
-        fmt.check_codes(canonical, "qweight")
-        self.qweight = _device_layout(canonical)
-        self.scale = scale.to(device=canonical.device, dtype=torch.float32).contiguous()
-        if bias is not None:
-            self.bias = bias.to(canonical.device).contiguous()
-        self._check_weights()
+    def canonical_weights(self) -> dict:
+        return {"qweight": self.canonical_qweight(), "scale": self.scale}
+
+    def _device_weights(self, canonical: dict) -> dict:
+        q = canonical["qweight"]
+        return {"qweight": fmt8.pack_cpu(q) if q.device.type == "cpu" else q.contiguous(),
+                "scale": canonical["scale"].to(device=q.device, dtype=torch.float32).contiguous()}
+
+    def _weight_device(self) -> torch.device:
+        return self.scale.device
+
+    def _canonical_error(self, c: dict):
+        q, want = c["qweight"], (self.out_features, self.in_features)
+        if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or tuple(q.shape) != want:
+            return (f"qweight: expected int8 codes of shape {want}, got "
+                    f"{getattr(q, 'dtype', type(q))} {tuple(getattr(q, 'shape', ()))}")
+        return None
 
     def canonical_qweight(self) -> torch.Tensor:
         """The int8 codes as [out_features, in_features], whatever the device layout."""
         if self.qweight.device.type == "cpu":
-            return fmt.unpack_cpu(self.qweight, self.out_features, self.in_features)
+            return fmt8.unpack_cpu(self.qweight, self.out_features, self.in_features)
         return self.qweight
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.canonical_qweight().to(torch.float32) * self.scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Eager CPU calls skip the dispatcher (measurably cheaper per decode step);
-        # torch.compile and CUDA go through torch.ops.lowbit. Same validation either way.
-        name, kernel, op = _OPS[self.scheme]
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # The weights are validated once after each change (see __setattr__); x every call.
-            if not self._weights_checked:
-                self._check_weights()
-            int8_ops.validate_x(x, self.in_features, self.scale.device, name)
-            return int8_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scale, self.bias,
-                                           self.out_features, self.in_features)
-        return op(x, self.qweight, self.scale, self.bias)
+    def _run_cpu(self, x):
+        name, kernel, _ = _OPS[self.scheme]
+        int8_ops.validate_x(x, self.in_features, self.scale.device, name)
+        return int8_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scale, self.bias, self.out_features,
+                                       self.in_features)
+
+    def _run_op(self, x):
+        return _OPS[self.scheme][2](x, self.qweight, self.scale, self.bias)
 
     def _check_weights(self) -> None:
         int8_ops.validate_weights(self.qweight, self.scale, self.bias, self.in_features, "Int8Linear")
         if self.scale.shape[0] != self.out_features:
             raise ValueError(f"Int8Linear: scale has {self.scale.shape[0]} entries, expected out_features="
                              f"{self.out_features}")
-        self.__dict__["_weights_checked"] = True
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name in ("qweight", "scale", "bias"):  # a replaced buffer is re-validated before use
-            self.__dict__["_weights_checked"] = False
+        self._checked()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scheme={self.scheme!r}")
 
-    # ---- state_dict: canonical codes, whatever the device layout
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "qweight"] = self.canonical_qweight()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "qweight"
-        if key in state_dict:
-            q = state_dict[key]
-            want = (self.out_features, self.in_features)
-            if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or tuple(q.shape) != want:
-                error_msgs.append(f"{key}: expected int8 codes of shape {want}, got "
-                                  f"{getattr(q, 'dtype', type(q))} {tuple(getattr(q, 'shape', ()))}")
-                return
-            state_dict = dict(state_dict)
-            state_dict[key] = _device_layout(q.to(self.scale.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+class Int4Linear(_QuantizedLinear):
+    """nn.Linear with group-wise INT4 weights (inference only).
+
+    Weights: w = d * q + m (asymmetric, GGUF Q4_1 / GPTQ / AWQ semantics) or w = d * (q - 8)
+    (symmetric, GGUF Q4_0), q in [0, 15], one d (and m) per group of ``group_size`` consecutive
+    inputs: 32, 64, 128, or in_features (per channel). scheme "w4a16" keeps activations in float;
+    "w4a8" quantizes them to int8 per block of 32 on the fly (lowbit.ops.int4).
+
+    Buffers: ``qweight``, ``scales`` and ``mins`` (None when symmetric) in the CPU packed layout of
+    lowbit.formats.int4 (on other devices: the canonical form), ``bias`` (float, optional).
+    state_dict holds the canonical form: ``qweight`` uint8 [N, ceil(K/2)] (lowbit.formats.int4
+    nibble order: element 2j low, 2j + 1 high; a zero pad nibble when K is odd), ``scales`` and
+    ``mins`` [N, K/g] in float16 or float32 (float16 whenever that is lossless).
+
+    Build it with from_float (round-to-nearest min/max per group, optional clipping search),
+    from_int4 (canonical codes/scales/mins), from_gguf (Q4_0 / Q4_1 block bytes) or from_gptq.
+    """
+
+    _SCHEMES = INT4_SCHEMES
+    _WEIGHTS = ("qweight", "scales", "mins")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "w4a16",
+                 group_size: int = 32, symmetric: bool = False, device=None, dtype=None):
+        super().__init__()
+        self._init_common(in_features, out_features, scheme, "Int4Linear")
         try:
-            self._check_weights()
-        except (TypeError, ValueError) as e:
-            error_msgs.append(f"{prefix}: {e}")
+            fmt4.check_group_size(in_features, group_size)
+        except ValueError as e:
+            raise ValueError(f"Int4Linear: {e}") from None
+        self.group_size, self.symmetric = group_size, bool(symmetric)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        groups = in_features // group_size
+        zeros = torch.zeros(out_features, groups, dtype=torch.float16, device=device)
+        self._set_canonical({"codes": torch.zeros(out_features, in_features, dtype=torch.uint8, device=device),
+                             "scales": zeros, "mins": None if symmetric else zeros})
+        self._init_bias(bias, device, dtype)
 
-    # ---- device moves: convert the layout; scale stays fp32 whatever .half() says
-    def _apply(self, fn, recurse=True):
-        canonical, scale, bias = self.canonical_qweight(), self.scale, self.bias
-        del self._buffers["qweight"], self._buffers["scale"]
+    # ---- constructors
+    @classmethod
+    def from_int4(cls, codes, scales, mins=None, bias=None, scheme: str = "w4a16") -> "Int4Linear":
+        """From canonical INT4 (lowbit.formats.int4): codes uint8 [N, K], scales [N, K/g], mins or None."""
+        g = fmt4.check_canonical(codes, scales, mins)
+        n, k = codes.shape
+        mod = cls(k, n, bias is not None, scheme, group_size=g, symmetric=mins is None, device="meta")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+                raise ValueError(f"Int4Linear: bias must be a tensor of shape ({n},)")
+        mod._set_canonical({"codes": codes.detach(), "scales": scales.detach(),
+                            "mins": None if mins is None else mins.detach()})
+        mod._set_bias(bias, codes.device)
+        mod._check_weights()
+        return mod
+
+    @classmethod
+    def from_float(cls, linear: torch.nn.Linear, scheme: str = "w4a16", group_size: int = 32,
+                   symmetric: bool = False, clip_search: bool = False) -> "Int4Linear":
+        """Quantize an nn.Linear with lowbit.ref.int4.quantize_weight_int4 (round-to-nearest min/max per
+        group; clip_search=True also tries shrunken ranges per group and keeps the least squared error).
+        Scales and mins are then rounded to float16 as llama.cpp stores them (see
+        lowbit.formats.int4.round_scales_fp16: they stay float32 if out of float16's normal range)."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"Int4Linear.from_float: expected torch.nn.Linear, got {type(linear).__name__}")
         try:
-            super()._apply(fn, recurse)  # moves / casts bias like nn.Linear's
-            canonical = fn(canonical)  # integer tensors only change device
-            if self.bias is not None and self.bias.dtype not in FLOAT_DTYPES:
-                bad, self._buffers["bias"] = self.bias.dtype, bias  # leave the module as it was
-                raise TypeError(f"Int8Linear: bias cannot become {bad}; the kernels take float32, float16 or "
-                                "bfloat16")
-        finally:
-            self.register_buffer("qweight", _device_layout(canonical))
-            self.register_buffer("scale", scale.to(canonical.device))
-            self.__dict__["_weights_checked"] = False
-        return self
+            fmt4.check_group_size(linear.in_features, group_size)
+        except ValueError as e:
+            raise ValueError(f"Int4Linear.from_float: {e}") from None
+        w = linear.weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("Int4Linear.from_float: linear.weight contains NaN or Inf; cannot quantize")
+        q = ref.int4.quantize_weight_int4(w, group_size, symmetric, clip_search)
+        scales, mins = fmt4.round_scales_fp16(q["scales"], q["mins"])
+        dev = w.device
+        return cls.from_int4(q["codes"].to(dev), scales.to(dev), None if mins is None else mins.to(dev),
+                             linear.bias, scheme)
 
+    @classmethod
+    def from_gguf(cls, raw, kind: str, out_features: int, in_features: int, bias=None,
+                  scheme: str = "w4a16") -> "Int4Linear":
+        """From the bytes of a GGUF Q4_0 or Q4_1 tensor (kind "q4_0" / "q4_1"; shape [N, K] as
+        ggml stores a Linear weight: ne[0] = K). Lossless: the module computes with exactly the
+        weights llama.cpp dequantizes."""
+        convert = {"q4_0": gguf_fmt.from_gguf_q4_0, "q4_1": gguf_fmt.from_gguf_q4_1}
+        if kind not in convert:
+            raise ValueError(f"Int4Linear.from_gguf: kind must be 'q4_0' or 'q4_1', got {kind!r}")
+        c = convert[kind](raw, out_features, in_features)
+        return cls.from_int4(c["codes"], c["scales"], c.get("mins"), bias, scheme)
 
-def _device_layout(canonical: torch.Tensor) -> torch.Tensor:
-    if canonical.device.type == "cpu":
-        return fmt.pack_cpu(canonical)
-    return canonical.contiguous()
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, scheme: str = "w4a16",
+                  zero_offset: int = 0) -> "Int4Linear":
+        """From GPTQ / AWQ-style tensors (lowbit.formats.gptq.from_gptq; act-order g_idx is rejected)."""
+        c = gptq_fmt.from_gptq(qweight, qzeros, scales, g_idx, zero_offset=zero_offset)
+        return cls.from_int4(c["codes"], c["scales"], c["mins"], bias, scheme)
+
+    # ---- layouts
+    def canonical(self) -> tuple:
+        """(codes uint8 [N, K], scales [N, K/g], mins or None) in float32, whatever the device layout."""
+        if self.qweight.device.type == "cpu":
+            return fmt4.unpack_cpu(self.qweight, self.scales, self.mins, self.out_features, self.in_features)
+        f = lambda t: None if t is None else t.to(torch.float32)
+        return self.qweight, f(self.scales), f(self.mins)
+
+    def canonical_weights(self) -> dict:
+        codes, scales, mins = self.canonical()
+        if self.in_features % 2:
+            codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
+        dt = self.scales.dtype
+        out = {"qweight": fmt4.pack_nibbles(codes), "scales": scales.to(dt)}
+        if mins is not None:
+            out["mins"] = mins.to(dt)
+        return out
+
+    def _device_weights(self, c: dict) -> dict:
+        if "codes" in c:
+            codes = c["codes"]
+        else:  # a state_dict's nibbles
+            codes = fmt4.unpack_nibbles(c["qweight"])[:, : self.in_features]
+        scales, mins = c["scales"], c.get("mins")
+        if codes.device.type == "cpu":
+            q, s, m = fmt4.pack_cpu(codes, scales, mins)
+        else:  # (a meta module, made by the constructors, has no values to inspect)
+            dt = scales.dtype if scales.device.type == "meta" else fmt4.storage_dtype(scales, mins)
+            q, s, m = codes.contiguous(), scales.to(dt).contiguous(), None if mins is None else mins.to(dt).contiguous()
+        return {"qweight": q, "scales": s, "mins": m}
+
+    def _weight_device(self) -> torch.device:
+        return self.scales.device
+
+    def _canonical_error(self, c: dict):
+        n, k = self.out_features, self.in_features
+        q, want = c["qweight"], (n, (k + 1) // 2)
+        if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8 or tuple(q.shape) != want:
+            return (f"qweight: expected nibble-packed uint8 codes of shape {want}, got "
+                    f"{getattr(q, 'dtype', type(q))} {tuple(getattr(q, 'shape', ()))}")
+        for name in ("scales", "mins"):
+            t = c.get(name)
+            if t is None:
+                continue
+            want = (n, k // self.group_size)
+            if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float16, torch.float32) or tuple(t.shape) != want:
+                return (f"{name}: expected float16/float32 of shape {want}, got "
+                        f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        return None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return ref.int4.dequantize_int4(*self.canonical())
+
+    # ---- kernels
+    def _run_cpu(self, x):
+        name, kernel, _ = _OPS[self.scheme]
+        int8_ops.validate_x(x, self.in_features, self.scales.device, name)
+        return int4_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scales, self.mins, self.out_features,
+                                       self.bias, self.in_features, self.group_size)
+
+    def _run_op(self, x):
+        return _OPS[self.scheme][2](x, self.qweight, self.scales, self.mins, self.out_features, self.bias)
+
+    def _check_weights(self) -> None:
+        if (self.mins is None) != self.symmetric:
+            raise ValueError("Int4Linear: mins must be None exactly when the module is symmetric")
+        if self.qweight.device.type == "cpu":
+            g = int4_ops.validate_weights(self.qweight, self.scales, self.mins, self.out_features, self.bias,
+                                          self.in_features, "Int4Linear")
+            if g != self.group_size:
+                raise ValueError(f"Int4Linear: scales imply group size {g}, expected {self.group_size}")
+        self._checked()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scheme={self.scheme!r}, group_size={self.group_size}, symmetric={self.symmetric}")

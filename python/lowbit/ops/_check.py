@@ -12,6 +12,14 @@ def tensor(t, name: str, op: str) -> torch.Tensor:
     return t
 
 
+def tensors(op: str, optional: tuple = (), **args) -> None:
+    """TypeError for any argument that is not a tensor (None allowed for the `optional` names).
+    The public wrappers call it first: the dispatcher would reject a non-tensor with a RuntimeError."""
+    for name, t in args.items():
+        if t is not None or name not in optional:
+            tensor(t, name, op)
+
+
 def float_tensor(t, name: str, op: str) -> torch.Tensor:
     tensor(t, name, op)
     if t.dtype not in FLOAT_DTYPES:

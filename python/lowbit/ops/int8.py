@@ -208,26 +208,19 @@ _lib.impl("int8_linear_w8a8", linear_w8a8_cuda, "CUDA")
 
 
 # ---------------------------------------------------------------- public
-def _tensors(op, **args) -> None:
-    # The dispatcher would reject a non-tensor with a RuntimeError before our checks run.
-    for name, t in args.items():
-        if t is not None or name != "bias":
-            chk.tensor(t, name, op)
-
-
 def int8_quantize_per_token(x: torch.Tensor) -> tuple:
     """Symmetric per-token int8: returns (q int8 [..., K], scale fp32 [...]), x ~= q * scale[..., None]."""
-    _tensors("int8_quantize_per_token", x=x)
+    chk.tensors("int8_quantize_per_token", x=x)
     return torch.ops.lowbit.int8_quantize_per_token(x)
 
 
 def int8_linear_w8a16(x, qweight, scale, bias=None) -> torch.Tensor:
     """y = x . (qweight * scale[:, None])^T + bias, activations kept in float."""
-    _tensors("int8_linear_w8a16", x=x, qweight=qweight, scale=scale, bias=bias)
+    chk.tensors("int8_linear_w8a16", ("bias",), x=x, qweight=qweight, scale=scale, bias=bias)
     return torch.ops.lowbit.int8_linear_w8a16(x, qweight, scale, bias)
 
 
 def int8_linear_w8a8(x, qweight, scale, bias=None) -> torch.Tensor:
     """y = (q(x) . qweight^T) * scale_x[..., None] * scale + bias, with x quantized per token on the fly."""
-    _tensors("int8_linear_w8a8", x=x, qweight=qweight, scale=scale, bias=bias)
+    chk.tensors("int8_linear_w8a8", ("bias",), x=x, qweight=qweight, scale=scale, bias=bias)
     return torch.ops.lowbit.int8_linear_w8a8(x, qweight, scale, bias)

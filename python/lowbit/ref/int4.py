@@ -118,3 +118,57 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, mins=None) -> tor
     d = scales.to(torch.float32).reshape(n, k // g, 1)
     m = None if mins is None else mins.to(torch.float32).reshape(n, k // g, 1)
     return _dequant_blocks(qf, d, m).reshape(n, k)
+
+
+# ---------------------------------------------------------------- linear layers
+Q8_BLOCK = 32
+
+
+def quantize_activations_q8(x: torch.Tensor) -> tuple:
+    """W4A8's activation quantization: x [..., K] -> (codes int8 [..., K], scales fp32 [..., ceil(K/32)]).
+
+    Per block of 32 consecutive k (the last block may be shorter), exactly lowbit.ref.int8's
+    per-token rule applied to each block: scale = amax / 127, q = round_half_even(x * (127 / amax))
+    in fp32; a block holding NaN/Inf gets scale NaN and zero codes, an all-zero block scale 0.
+    """
+    from .int8 import quantize_per_token
+
+    k = x.shape[-1]
+    nb = (k + Q8_BLOCK - 1) // Q8_BLOCK
+    xp = torch.zeros((*x.shape[:-1], nb * Q8_BLOCK), dtype=torch.float32)
+    xp[..., :k] = x.to(torch.float32)
+    q, s = quantize_per_token(xp.reshape(*x.shape[:-1], nb, Q8_BLOCK))
+    return q.reshape(*x.shape[:-1], nb * Q8_BLOCK)[..., :k].contiguous(), s
+
+
+def dequantize_activations_q8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The inverse of quantize_activations_q8, in float64."""
+    k = codes.shape[-1]
+    s = scales.to(torch.float64).repeat_interleave(Q8_BLOCK, dim=-1)[..., :k]
+    return codes.to(torch.float64) * s
+
+
+def _dequant64(codes, scales, mins) -> torch.Tensor:
+    g = check_canonical(codes, scales, mins)
+    n, k = codes.shape
+    q = codes.to(torch.float64).reshape(n, k // g, g)
+    d = scales.to(torch.float64).reshape(n, k // g, 1)
+    w = d * (q - 8.0) if mins is None else d * q + mins.to(torch.float64).reshape(n, k // g, 1)
+    return w.reshape(n, k)
+
+
+def linear_w4a16(x, codes, scales, mins=None, bias=None) -> torch.Tensor:
+    """y = x . W^T + bias with W the canonical INT4 weight, in float64, returned in x's dtype."""
+    y = x.to(torch.float64) @ _dequant64(codes, scales, mins).T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)
+
+
+def linear_w4a8(x, codes, scales, mins=None, bias=None) -> torch.Tensor:
+    """y = xq . W^T + bias with xq = x quantized per block of 32 (quantize_activations_q8), float64."""
+    xq = dequantize_activations_q8(*quantize_activations_q8(x))
+    y = xq @ _dequant64(codes, scales, mins).T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)
