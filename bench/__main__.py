@@ -12,7 +12,7 @@ Run from a checkout with lowbit installed. Methodology:
 2. Threads: ``--threads N`` (default torch.get_num_threads()) sets torch.set_num_threads and
    lowbit.set_num_threads, so lowbit and every baseline run on the same number of threads.
 3. Each row group (one shape) holds the lowbit implementations and their torch baselines
-   (bench/int8.py documents them). GEMV-like groups (M <= 16) give every implementation, lowbit
+   (bench/int8.py and bench/int4.py document them). GEMV-like groups (M <= 16) give every implementation, lowbit
    and baselines alike, enough weight copies to add up to 3x the last-level cache (at least 2,
    at most 2 GiB) and rotate through them, so each call reads its weights from DRAM, as in
    decoding. M = 512 groups use one copy (compute-bound). The "hot" group uses one copy on
@@ -52,10 +52,10 @@ import torch
 import lowbit
 import lowbit.info
 
-from . import harness, int8, machine
+from . import harness, int4, int8, machine
 from .harness import Config, OtherLoad, log
 
-SUITES = [int8]  # each: groups(cfg), accuracy(cfg), TARGETS
+SUITES = [int8, int4]  # each: groups(cfg), accuracy(cfg), TARGETS
 
 
 def git_commit() -> dict:
@@ -70,15 +70,11 @@ def git_commit() -> dict:
 
 
 def accuracy_text(acc: dict) -> str:
+    """A suite's accuracy section: its title, a table of errors per method and case, its summary."""
     cols = [(c, metric) for c in acc["cases"] for metric in acc["metrics"]]
     headers = ["method"] + [f"{c}: {metric}" for c, metric in cols]
     rows = [[name] + [f"{errs[c][metric]:.2e}" for c, metric in cols] for name, errs in acc["errors"].items()]
-    s = acc["shape"]
-    ratio = ", ".join(f"{c}, {metric}: {acc['per_tensor_over_per_token'][c][metric]:.1f}x" for c, metric in cols)
-    return (f"Accuracy ({s['M']}x{s['K']} activations, {s['N']}x{s['K']} Gaussian weights, "
-            f"{len(s['outlier_columns'])} activation columns x{s['outlier_factor']}; error vs exact x @ W^T):\n\n"
-            + harness.md_table(headers, rows)
-            + f"\n\nper-tensor / per-token W8A8 error: {ratio}")
+    return f"{acc['title']}:\n\n" + harness.md_table(headers, rows) + (f"\n\n{acc['summary']}" if acc["summary"] else "")
 
 
 def measure(cfg: Config) -> tuple:

@@ -154,7 +154,7 @@ def int_mm(p: Problem) -> Impl:
 
 
 # ---------------------------------------------------------------- the rows
-def _plan(quick: bool) -> list:
+def plan(quick: bool) -> list:
     """(N, K, M, hot) per group; hot: one weight copy, to see per-call overhead."""
     if quick:
         llama = [(n, k, 1) for n, k in LLAMA] + [(4096, 4096, 16), (4096, 4096, 512)]
@@ -165,7 +165,7 @@ def _plan(quick: bool) -> list:
 
 def groups(cfg: Config) -> list:
     out = []
-    for n, k, m, hot in _plan(cfg.quick):
+    for n, k, m, hot in plan(cfg.quick):
         p = Problem(n, k, m)
         tag = f"{n}x{k} M={m}" + (" hot" if hot else "")
         subjects = [lowbit_impl(p, s, f"{s} {tag}") for s in ("w8a16", "w8a8")]
@@ -185,6 +185,33 @@ def groups(cfg: Config) -> list:
 
 
 # ---------------------------------------------------------------- accuracy
+def outlier_problem(n: int = 2048, k: int = 4096, m: int = 64) -> tuple:
+    """The accuracy sections' problem: (Linear with Gaussian weights / sqrt(K), the 4 outlier
+    columns, {case name: activations}) with activations Gaussian, 4 columns x50 in every
+    token, and the same with each token scaled by a log-uniform factor in [1/16, 16]."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False).requires_grad_(False)
+    lin.weight.data = torch.randn(n, k, generator=g) / math.sqrt(k)
+    cols = torch.randperm(k, generator=g)[:4]
+    x = torch.randn(m, k, generator=g)
+    x[:, cols] *= 50
+    spread = torch.exp((torch.rand(m, 1, generator=g) * 2 - 1) * math.log(16))
+    return lin, cols, {"outlier channels": x, "+ token spread": x * spread}
+
+
+def method_errors(methods: dict, cases: dict, w: torch.Tensor) -> dict:
+    """{method: {case: {"frob", "token"}}}: each method's error vs the exact x @ w^T (float64),
+    Frobenius over the whole output and the median over tokens of each token's relative error."""
+    errors = {name: {} for name in methods}
+    for case, xc in cases.items():
+        ref = xc.double() @ w.double().T
+        for name, fn in methods.items():
+            d = fn(xc).double() - ref
+            errors[name][case] = {"frob": float(d.norm() / ref.norm()),
+                                  "token": float((d.norm(dim=1) / ref.norm(dim=1)).median())}
+    return errors
+
+
 def accuracy(cfg: Config) -> dict:
     """Relative error vs the exact x @ W^T (float64) with outlier activation channels: Frobenius
     over the whole output ("frob"), and the median over tokens of each token's relative error
@@ -194,16 +221,10 @@ def accuracy(cfg: Config) -> dict:
     Case "+ token spread": the same, each token also scaled by a log-uniform factor in
     [1/16, 16] (LLM activations vary per token as well as per channel).
     """
-    n, k, m = 2048, 4096, 64
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g) / math.sqrt(k)
-    lin = torch.nn.Linear(k, n, bias=False).requires_grad_(False)
-    lin.weight.data = w
-    cols = torch.randperm(k, generator=g)[:4]
-    x = torch.randn(m, k, generator=g)
-    x[:, cols] *= 50
-    spread = torch.exp((torch.rand(m, 1, generator=g) * 2 - 1) * math.log(16))
-    cases = {"outlier channels": x, "+ token spread": x * spread}
+    lin, cols, cases = outlier_problem()
+    w = lin.weight
+    n, k = w.shape
+    m = next(iter(cases.values())).shape[0]
 
     qw, sw = lowbit.ref.int8.quantize_weight_per_channel(w)
 
@@ -219,18 +240,15 @@ def accuracy(cfg: Config) -> dict:
         "FBGEMM dyn int8 (per-tensor act.)": _quiet_quantize_dynamic(lin),
         "bf16 F.linear": lambda x: F.linear(x.bfloat16(), w.bfloat16()),
     }
-    errors = {name: {} for name in methods}
-    for case, xc in cases.items():
-        ref = xc.double() @ w.double().T
-        for name, fn in methods.items():
-            d = fn(xc).double() - ref
-            errors[name][case] = {"frob": float(d.norm() / ref.norm()),
-                                  "token": float((d.norm(dim=1) / ref.norm(dim=1)).median())}
+    errors = method_errors(methods, cases, w)
     pt, tok = "W8A8 per-tensor act. (torch, same W codes)", "lowbit W8A8 (per-token act.)"
     metrics = ["frob", "token"]
+    ratios = {c: {mt: errors[pt][c][mt] / errors[tok][c][mt] for mt in metrics} for c in cases}
     return {
+        "title": (f"INT8 accuracy ({m}x{k} activations, {n}x{k} Gaussian weights, {len(cols)} activation columns "
+                  f"x50; error vs exact x @ W^T)"),
         "shape": {"N": n, "K": k, "M": m, "outlier_columns": cols.tolist(), "outlier_factor": 50},
-        "cases": list(cases), "metrics": metrics, "errors": errors,
-        "per_tensor_over_per_token": {c: {mt: errors[pt][c][mt] / errors[tok][c][mt] for mt in metrics}
-                                      for c in cases},
+        "cases": list(cases), "metrics": metrics, "errors": errors, "per_tensor_over_per_token": ratios,
+        "summary": "per-tensor / per-token W8A8 error: " + ", ".join(
+            f"{c}, {mt}: {ratios[c][mt]:.1f}x" for c in cases for mt in metrics),
     }

@@ -38,15 +38,13 @@ struct Blocks {
   int64_t ld = 0, nblocks = 0;
 };
 
-// The two paths: the activations they take, how they prepare them, their register
-// tiles (MB rows x NB panels of accumulators, plus as many running outputs), one
-// octet's dot products, and one block's epilogue.
-struct PathF32 {  // W4A16
-  using X = float;
-  using Acc = PF;
+// The two paths: the activations they take, how they prepare them, one octet's dot
+// products, and one block's epilogue.
+// Register tiles of both paths (accumulators + as many running outputs per row x panel).
+struct TileShape {
 #if LOWBIT_SIMD_AVX512
-  // Up to 4 x 2 accumulators (+ as many outputs); 1-2 rows (decode) span more
-  // panels instead: more concurrent weight streams. kNB is the widest tile.
+  // Up to 4 rows x 2 panels; 1-2 rows (decode) span more panels instead: more
+  // concurrent weight streams. kNB is the widest tile.
   static constexpr int kMB = 4, kNB = 4;
   static constexpr int nb_for(int mb) { return mb == 1 ? 4 : (mb == 2 ? 3 : 2); }
 #elif LOWBIT_SIMD_AVX2
@@ -56,6 +54,11 @@ struct PathF32 {  // W4A16
   static constexpr int kMB = 1, kNB = 1;
   static constexpr int nb_for(int) { return kNB; }
 #endif
+};
+
+struct PathF32 : TileShape {  // W4A16
+  using X = float;
+  using Acc = PF;
   static Acc zero() { return pf_zero(); }
 
   static int prepare(const LinearArgs& a, Blocks<float>& b) {
@@ -97,19 +100,9 @@ struct PathF32 {  // W4A16
   static PF block_scale(PF d, float /*sx*/) { return d; }
 };
 
-struct PathI8 {  // W4A8
+struct PathI8 : TileShape {  // W4A8
   using X = int8_t;
   using Acc = AccI32;
-#if LOWBIT_SIMD_AVX512
-  static constexpr int kMB = 4, kNB = 4;  // as PathF32
-  static constexpr int nb_for(int mb) { return mb == 1 ? 4 : (mb == 2 ? 3 : 2); }
-#elif LOWBIT_SIMD_AVX2
-  static constexpr int kMB = 2, kNB = 1;
-  static constexpr int nb_for(int) { return kNB; }
-#else
-  static constexpr int kMB = 1, kNB = 1;
-  static constexpr int nb_for(int) { return kNB; }
-#endif
   static Acc zero() { return acc_i32_zero(); }
 
   static int prepare(const LinearArgs& a, Blocks<int8_t>& b) {

@@ -52,6 +52,17 @@ def not_empty(t: torch.Tensor, name: str, op: str) -> None:
         raise ValueError(f"lowbit.{op}: {name} is empty (shape {tuple(t.shape)})")
 
 
+def bias(b, n: int, device: torch.device, op: str) -> None:
+    """None, or a contiguous float [N] tensor on the weights' device."""
+    if b is None:
+        return
+    float_tensor(b, "bias", op)
+    if b.device != device:
+        raise ValueError(f"lowbit.{op}: bias is on {b.device} but the weights are on {device}")
+    shape(b, (n,), "bias", op)
+    contiguous(b, "bias", op)
+
+
 def rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> a 2-D [M, K] view (or copy) with unit inner stride, as the kernels read it."""
     if x.dim() == 2 and x.is_contiguous():

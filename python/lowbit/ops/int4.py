@@ -68,12 +68,7 @@ def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
             raise ValueError(f"lowbit.{op}: mins is on {mins.device} but scales is on {scales.device}")
         chk.shape(mins, tuple(scales.shape), "mins (the shape of scales)", op)
         chk.contiguous(mins, "mins", op)
-    if bias is not None:
-        chk.float_tensor(bias, "bias", op)
-        if bias.device != scales.device:
-            raise ValueError(f"lowbit.{op}: bias is on {bias.device} but scales is on {scales.device}")
-        chk.shape(bias, (n,), "bias", op)
-        chk.contiguous(bias, "bias", op)
+    chk.bias(bias, n, scales.device, op)
     return g
 
 

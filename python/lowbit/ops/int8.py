@@ -69,12 +69,7 @@ def validate_weights(qweight, scale, bias, k: int, op: str) -> int:
             )
     else:
         chk.shape(qweight, (n, k), "qweight (canonical [N, K] off the CPU; K from x, N from scale)", op)
-    if bias is not None:
-        chk.float_tensor(bias, "bias", op)
-        if bias.device != scale.device:
-            raise ValueError(f"lowbit.{op}: bias is on {bias.device} but scale is on {scale.device}")
-        chk.shape(bias, (n,), "bias", op)
-        chk.contiguous(bias, "bias", op)
+    chk.bias(bias, n, scale.device, op)
     return n
 
 
