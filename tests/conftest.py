@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import threading
 import zlib
 
 import pytest
@@ -170,3 +171,60 @@ def poison_allocator(nbytes: int) -> None:
     allocated inside the ops, so they can't be poisoned directly)."""
     t = torch.full((max(nbytes, 4) // 4,), float("nan"), dtype=torch.float32)
     del t
+
+
+# ---------------------------------------------------------------- activation layouts
+ACTIVATION_VIEWS = ("transposed", "sliced_cols", "row_step", "offset", "3d", "4d", "3d_permuted", "3d_sliced",
+                    "expanded", "1d")
+
+
+def activation_view(view, m, k, gen, dtype=torch.float32):
+    """x [..., K] in one of ACTIVATION_VIEWS: strided, offset, broadcast or N-d views (m rows where 2-D)."""
+    if view == "transposed":
+        return randn((k, m), gen, dtype).t()
+    if view == "sliced_cols":
+        return randn((m, k + 7), gen, dtype)[:, 3:3 + k]
+    if view == "row_step":
+        return randn((2 * m, k), gen, dtype)[::2]
+    if view == "offset":
+        return randn((m * k + 5,), gen, dtype)[5:].view(m, k)
+    if view == "3d":
+        return randn((2, 9, k), gen, dtype)
+    if view == "4d":
+        return randn((2, 1, 3, k), gen, dtype)
+    if view == "3d_permuted":
+        return randn((3, k, 2), gen, dtype).permute(0, 2, 1)
+    if view == "3d_sliced":
+        return randn((2, 9, k + 4), gen, dtype)[:, 1:, 2:2 + k]
+    if view == "expanded":
+        return randn((1, k), gen, dtype).expand(m, k)
+    if view == "1d":
+        return randn((k,), gen, dtype)
+    raise AssertionError(view)
+
+
+# ---------------------------------------------------------------- concurrency
+def run_concurrently(fn, inputs, nthreads):
+    """[fn(x) for x in inputs], computed by nthreads Python threads started together (thread t
+    takes inputs t, t + nthreads, ...). Fails on a hung worker; re-raises a worker's error."""
+    results = [None] * len(inputs)
+    errors = []
+    start = threading.Barrier(nthreads)
+
+    def worker(t):
+        try:
+            start.wait()
+            with torch.no_grad():
+                for i in range(t, len(inputs), nthreads):
+                    results[i] = fn(inputs[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads), "a worker thread hung"
+    assert not errors, errors[0]
+    return results

@@ -1,10 +1,11 @@
-"""Property-based fuzzing of the INT8 ops with hypothesis (issue: reliability).
+"""Property-based fuzzing of the INT8 and INT4 ops with hypothesis (issue: reliability).
 
 Valid calls (random shapes, dtypes, ISA levels, strided / offset / 3-D activations,
-bias or not) must match the float64 reference, and the fp16 / bf16 results must be
-the fp32 result rounded once; invalid calls (one argument broken at a time) must
-raise ValueError / TypeError naming that argument. A crash fails the whole run.
-About 10,000 cases per run in total (FUZZ_EXAMPLES below).
+bias or not; for INT4 also group sizes, symmetric or not, fp16 / fp32 scales) must
+match the float64 reference, and the fp16 / bf16 results must be the fp32 result
+rounded once; invalid calls (one argument broken at a time) must raise ValueError /
+TypeError naming that argument. A crash fails the whole run.
+About 10,000 INT8 cases per run (FUZZ_EXAMPLES below) plus 1,600 INT4 cases (INT4_FUZZ_EXAMPLES).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.formats import int4 as fmt4  # noqa: E402
 from lowbit.formats import int8 as fmt  # noqa: E402
+from lowbit.ref import int4 as ref4  # noqa: E402
 from lowbit.ref import int8 as ref  # noqa: E402
 
 FUZZ_EXAMPLES = 2500  # per test below; 4 tests
@@ -26,22 +29,27 @@ REFS = {"w8a16": ref.linear_w8a16, "w8a8": ref.linear_w8a8}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@st.composite
-def linear_case(draw):
-    m, n, k = draw(st.integers(1, 40)), draw(st.integers(1, 70)), draw(st.integers(1, 90))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    w = torch.randn(n, k, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
-    q, s = ref.quantize_weight_per_channel(w)
+def draw_x(draw, gen, m, k, batch):
+    """Activations [m, K] (or [batch, m, K]) in a drawn layout and magnitude."""
     layout = draw(st.sampled_from(["contiguous", "transposed", "offset", "3d"]))
     if layout == "transposed":  # a [M, K] view of a [K, M] tensor: inner stride != 1
         x = torch.randn(k, m, generator=gen).t()
     elif layout == "offset":  # rows with padding and a storage offset
         x = torch.randn(m, k + 5, generator=gen)[:, 3:3 + k]
     elif layout == "3d":
-        x = torch.randn(1, m, k, generator=gen)
+        x = torch.randn(batch, m, k, generator=gen)
     else:
         x = torch.randn(m, k, generator=gen)
-    x = x * draw(st.sampled_from([1e-2, 1.0, 30.0]))
+    return x * draw(st.sampled_from([1e-2, 1.0, 30.0]))
+
+
+@st.composite
+def linear_case(draw):
+    m, n, k = draw(st.integers(1, 40)), draw(st.integers(1, 70)), draw(st.integers(1, 90))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    w = torch.randn(n, k, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    q, s = ref.quantize_weight_per_channel(w)
+    x = draw_x(draw, gen, m, k, batch=1)
     bias = torch.randn(n, generator=gen) if draw(st.booleans()) else None
     return dict(x=x, q=q, s=s, bias=bias, scheme=draw(st.sampled_from(list(OPS))),
                 isa=draw(st.sampled_from(lowbit.supported_cpu_isas())), dtype=draw(st.sampled_from(DTYPES)))
@@ -132,3 +140,125 @@ def test_fuzz_module_bad_x(m, k, case, scheme):
            torch.randn(0, k), torch.randn(m, k, device="meta")][case]
     with pytest.raises((TypeError, ValueError), match="x"):
         mod(bad)
+
+
+# =====================================================================================
+# INT4: W4A16 / W4A8 on group-wise INT4 weights (lowbit.ops.int4, lowbit.formats.int4)
+# =====================================================================================
+INT4_FUZZ_EXAMPLES = {"valid": 600, "invalid": 1000}  # per test below (INT8's counts above unchanged)
+FUZZ_INT4_VALID = settings(max_examples=INT4_FUZZ_EXAMPLES["valid"], deadline=None,
+                           suppress_health_check=list(HealthCheck))
+FUZZ_INT4_INVALID = settings(max_examples=INT4_FUZZ_EXAMPLES["invalid"], deadline=None,
+                             suppress_health_check=list(HealthCheck))
+OPS4 = {"w4a16": lowbit.ops.int4_linear_w4a16, "w4a8": lowbit.ops.int4_linear_w4a8}
+REFS4 = {"w4a16": ref4.linear_w4a16, "w4a8": ref4.linear_w4a8}
+
+
+@st.composite
+def int4_case(draw):
+    m, n = draw(st.integers(1, 40)), draw(st.integers(1, 70))
+    group = draw(st.sampled_from([32, 64, 128, "K"]))
+    k = draw(st.integers(1, 150)) if group == "K" else group * draw(st.integers(1, 3))
+    g = k if group == "K" else group
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    sym = draw(st.booleans())
+    w = torch.randn(n, k, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    if not sym and draw(st.booleans()):
+        w = w + draw(st.sampled_from([-3.0, 2.0]))  # groups of one sign: mins far from -8 d
+    qd = ref4.quantize_weight_int4(w, g, sym, clip_search=draw(st.booleans()))
+    codes, d, mins = qd["codes"], qd["scales"], qd["mins"]
+    if draw(st.booleans()):  # fp16-stored scales, as llama.cpp / Int4Linear keep them; else fp32
+        d, mins = fmt4.round_scales_fp16(d, mins)
+    x = draw_x(draw, gen, m, k, batch=2)
+    dtype = draw(st.sampled_from(DTYPES))
+    bias = draw(st.sampled_from([None, torch.float32, dtype]))
+    bias = None if bias is None else torch.randn(n, generator=gen).to(bias)
+    return dict(x=x, codes=codes, d=d, mins=mins, bias=bias, scheme=draw(st.sampled_from(list(OPS4))),
+                isa=draw(st.sampled_from(lowbit.supported_cpu_isas())), dtype=dtype)
+
+
+@FUZZ_INT4_VALID
+@given(int4_case())
+def test_fuzz_int4_linear_valid(c):
+    op, scheme, n, k = OPS4[c["scheme"]], c["scheme"], c["codes"].shape[0], c["codes"].shape[1]
+    qw, ps, pm = fmt4.pack_cpu(c["codes"], c["d"], c["mins"])
+    c2, d2, m2 = fmt4.unpack_cpu(qw, ps, pm, n, k)
+    assert torch.equal(c2, c["codes"]) and torch.equal(d2, c["d"]) and (
+        m2 is None if c["mins"] is None else torch.equal(m2, c["mins"])), "pack_cpu / unpack_cpu not lossless"
+    y32 = _at_isa(c["isa"], lambda: op(c["x"], qw, ps, pm, n, c["bias"]))
+    assert y32.shape == (*c["x"].shape[:-1], n) and y32.dtype == torch.float32
+    r = REFS4[scheme](c["x"].double(), c["codes"], c["d"], c["mins"], c["bias"]).reshape(-1, n)
+    # fp32 rounding is relative to the terms the kernel adds (the scales factored per block of 32:
+    # d * sum(q x) + m * sum(x)), see tests/test_int4.py
+    x2 = c["x"].reshape(-1, k)
+    if scheme == "w4a8":  # the activation codes are exact: only the per-block epilogue rounds
+        xin, gamma = ref4.dequantize_activations_q8(*ref4.quantize_activations_q8(x2)), 2 * ((k + 31) // 32) + 6
+    else:
+        xin, gamma = x2.double(), 36 + 2 * ((k + 31) // 32)
+    gs = k // c["d"].shape[1]
+    dd = c["d"].double().repeat_interleave(gs, 1)
+    mm = -8 * dd if c["mins"] is None else c["mins"].double().repeat_interleave(gs, 1)
+    terms = xin.abs() @ (dd.abs() * c["codes"].double() + mm.abs()).T + r.abs()
+    if c["bias"] is not None:
+        terms = terms + c["bias"].double().abs()
+    err = (y32.double().reshape(r.shape) - r).abs()
+    assert bool((err <= gamma * 2.0**-24 * terms + 1e-30).all()), f"{scheme} fp32 error {err.max().item()}"
+    if c["dtype"] != torch.float32:
+        x_lo = c["x"].to(c["dtype"])
+        y_lo = _at_isa(c["isa"], lambda: op(x_lo, qw, ps, pm, n, c["bias"]))
+        y_ref = _at_isa(c["isa"], lambda: op(x_lo.float(), qw, ps, pm, n, c["bias"])).to(c["dtype"])
+        assert y_lo.dtype == c["dtype"] and torch.equal(y_lo, y_ref), "low-precision output != fp32 result rounded once"
+
+
+def _int4_breakage(draw, x, qw, ps, pm, n, bias):
+    """One argument broken; returns (args, regex the message must match). Every breakage is
+    invalid whatever the shapes (e.g. a K that changes the packed octet count, not one that a
+    per-channel weight of K not a multiple of 8 would take on trust)."""
+    k = x.shape[-1]
+    kx = k + 8  # another octet count: always refused; the message quotes it
+    choices = {
+        "x": [(lambda: x.to(torch.int32), r"\bx\b"), (lambda: x.double(), r"\bx\b"),
+              (lambda: torch.tensor(1.0), r"\bx\b"), (lambda: x[:0], r"\bx\b"),
+              (lambda: torch.randn(x.shape[0], kx), f"K={kx}"), (lambda: x.to("meta"), r"\bx\b"),
+              (lambda: x.tolist(), r"\bx\b")],
+        "qweight": [(lambda: qw.float(), "qweight"), (lambda: qw.view(torch.int8), "qweight"),
+                    (lambda: qw.view(-1), "qweight"), (lambda: torch.zeros(qw.shape[0] + 1, *qw.shape[1:],
+                                                                           dtype=torch.uint8), "qweight"),
+                    (lambda: torch.zeros(*qw.shape[:2], 32, dtype=torch.uint8), "qweight"),
+                    (lambda: qw.to("meta"), "qweight"), (lambda: qw.numpy(), "qweight")],
+        "scales": [(lambda: ps.double(), "scales"), (lambda: ps.to(torch.int32), "scales"),
+                   (lambda: ps[None], "scales"), (lambda: ps[..., :8].contiguous(), "scales"),
+                   (lambda: torch.ones(ps.shape[0] + 1, *ps.shape[1:], dtype=ps.dtype), "scales"),
+                   (lambda: torch.stack([ps, ps], -1)[..., 0], "scales"), (lambda: ps.to("meta"), "scales"),
+                   (lambda: ps.tolist(), "scales")],
+        "mins": [(lambda: (ps if pm is None else pm).to(torch.float64), "mins"),
+                 (lambda: (ps if pm is None else pm)[:, :, :8].contiguous(), "mins"),
+                 (lambda: torch.stack([ps, ps], -1)[..., 0], "mins"),
+                 (lambda: ps.to(torch.float32 if ps.dtype == torch.float16 else torch.float16), "mins"),
+                 (lambda: ps.to("meta"), "mins"), (lambda: 0.5, "mins")],
+        "bias": [(lambda: torch.ones(n + 1), "bias"), (lambda: torch.ones(n, dtype=torch.int64), "bias"),
+                 (lambda: torch.ones(max(n, 2), 2)[:, 0], "bias"), (lambda: torch.ones(n, device="meta"), "bias"),
+                 (lambda: torch.ones(1, n), "bias"), (lambda: torch.ones(n).tolist(), "bias")],
+        "n": [(lambda: 0, r"\bn\b"), (lambda: -n, r"\bn\b"), (lambda: n + 16, f"N={n + 16}")],
+    }
+    name = draw(st.sampled_from(sorted(choices)))
+    make, pattern = draw(st.sampled_from(choices[name]))
+    args = dict(x=x, qweight=qw, scales=ps, mins=pm, n=n, bias=bias)
+    args[name] = make()
+    return args, pattern
+
+
+@FUZZ_INT4_INVALID
+@given(st.data(), st.integers(1, 20), st.integers(1, 40), st.sampled_from([32, 64, "K"]), st.integers(1, 40),
+       st.booleans(), st.sampled_from([torch.float16, torch.float32]), st.sampled_from(list(OPS4)))
+def test_fuzz_int4_linear_invalid(data, m, n, group, kk, sym, sdtype, scheme):
+    k = kk if group == "K" else group * (1 + kk % 2)
+    g = k if group == "K" else group
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    d = torch.rand(n, k // g) + 0.5
+    mins = None if sym else -8 * d
+    qw, ps, pm = fmt4.pack_cpu(codes, d, mins)
+    ps, pm = ps.to(sdtype), None if pm is None else pm.to(sdtype)
+    args, pattern = _int4_breakage(data.draw, torch.randn(m, k), qw, ps, pm, n, torch.randn(n))
+    with pytest.raises((TypeError, ValueError, NotImplementedError), match=pattern):
+        OPS4[scheme](**args)

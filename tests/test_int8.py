@@ -19,6 +19,7 @@ from lowbit.nn import Int8Linear
 from lowbit.ref import int8 as ref
 
 from conftest import (
+    activation_view,
     FLOAT_DTYPES,
     ISAS,
     assert_all_finite,
@@ -273,33 +274,13 @@ def test_linear_mixed_bias_dtype(isa, gen, scheme, xb):
         assert_within_torch_error(y, r, torch_baseline(scheme, x, qw, s, b), scheme)
 
 
-def _make_x(view, m, k, gen, dtype):
-    if view == "transposed":
-        return randn((k, m), gen, dtype).t()
-    if view == "sliced_cols":
-        return randn((m, k + 7), gen, dtype)[:, 3:3 + k]
-    if view == "row_step":
-        return randn((2 * m, k), gen, dtype)[::2]
-    if view == "offset":
-        return randn((m * k + 5,), gen, dtype)[5:].view(m, k)
-    if view == "3d":
-        return randn((2, 3, k), gen, dtype)
-    if view == "3d_permuted":
-        return randn((3, k, 2), gen, dtype).permute(0, 2, 1)
-    if view == "expanded":
-        return randn((1, k), gen, dtype).expand(m, k)
-    if view == "1d":
-        return randn((k,), gen, dtype)
-    raise AssertionError(view)
-
-
 @pytest.mark.parametrize("view", ["transposed", "sliced_cols", "row_step", "offset", "3d", "3d_permuted",
                                   "expanded", "1d"])
 @dtypes
 @schemes
 def test_linear_strided_and_nd_inputs(isa, gen, scheme, dtype, view):
     m, n, k = 17, 37, 23
-    x = _make_x(view, m, k, gen, dtype)
+    x = activation_view(view, m, k, gen, dtype)
     qw, s, b = rand_codes(n, k, gen), rand_scale(n, gen), randn((n,), gen, dtype)
     packed = fmt.pack_cpu(qw)
     y = OPS[scheme](x, packed, s, b)

@@ -9,7 +9,9 @@ Schemas (namespace ``lowbit``)::
 (``pack_cpu``): qweight uint8 [ceil(N/16), ceil(K/8), 64], scales float16 or float32
 [ceil(N/16), K/g, 16], mins the same (asymmetric, w = d * q + m) or None (symmetric,
 w = d * (q - 8)). ``n`` is N (the packed shapes fix it only up to a multiple of 16); K comes
-from x and the group size g = K / scales.shape[1] must be 32, 64, 128 or K.
+from x and the group size g = K / scales.shape[1] must be 32, 64, 128 or K. As with the INT8
+ops, the packed shapes fix K only up to its octet of 8 when g = K (per channel), so such an x
+is taken on trust; the modules check K exactly against in_features.
 
 W4A16 keeps the activations in float: y = x . W^T + bias with fp32 FMAs and fp32 accumulation.
 W4A8 quantizes x on the fly to int8 per block of 32 consecutive k (symmetric, scale = amax / 127,
@@ -17,7 +19,8 @@ round half to even: lowbit.ref.int4.quantize_activations_q8), as llama.cpp's Q8 
 and runs int8 dot products with exact int32 sums per block. Per-block scales (rather than
 one per token) keep an outlier channel from coarsening a whole row: on activations with
 0.5% outlier channels (30x) the per-token output error measured 7.5% against 1.1% per block.
-x is [..., K] in fp32 / fp16 / bf16 and y has x's dtype.
+x is [..., K] in fp32 / fp16 / bf16 and y has x's dtype. A NaN or Inf in a row of x makes that
+row's outputs NaN (W4A16 too: the factored form computes Inf - Inf where torch would give +-Inf).
 """
 from __future__ import annotations
 
@@ -38,8 +41,7 @@ def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
     """Checks CPU-packed INT4 weights for K inputs and N = n outputs; returns the group size."""
     chk.tensor(qweight, "qweight", op)
     chk.tensor(scales, "scales", op)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"lowbit.{op}: n (out_features) must be a positive int, got {n!r}")
+    _check_n(n, op)
     chk.dtype(qweight, torch.uint8, "qweight", op)
     if scales.dtype not in (torch.float16, torch.float32):
         raise TypeError(f"lowbit.{op}: scales must be float16 or float32, got {scales.dtype}")
@@ -50,7 +52,7 @@ def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
     if scales.dim() != 3 or scales.shape[0] == 0 or scales.shape[1] == 0 or scales.shape[2] != fmt.PANEL_ROWS:
         raise ValueError(f"lowbit.{op}: scales must be packed [ceil(N/16), K/g, 16] (lowbit.formats.int4.pack_cpu), "
                          f"got shape {tuple(scales.shape)}")
-    groups = scales.shape[1]
+    groups = int(scales.shape[1])  # specialized under torch.compile, like K (validate_linear)
     if k % groups != 0:
         raise ValueError(f"lowbit.{op}: scales has {groups} groups, which does not divide K={k} (from x)")
     g = k // groups
@@ -77,7 +79,9 @@ def validate_linear(x, qweight, scales, mins, n, bias, op: str) -> tuple:
     chk.float_tensor(x, "x", op)
     if x.dim() < 1:
         raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
-    k = x.shape[-1]
+    # K is fixed by the weights: under torch.compile with dynamic shapes this specializes it
+    # (the group-size arithmetic below needs a concrete value).
+    k = int(x.shape[-1])
     chk.not_empty(x, "x", op)
     g = validate_weights(qweight, scales, mins, n, bias, k, op)
     validate_x(x, k, scales.device, op)
@@ -133,13 +137,23 @@ for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
 
 
 # ---------------------------------------------------------------- public
+def _check_n(n, op: str) -> None:
+    # Before the dispatcher, which would turn a bad n into a RuntimeError (and True into 1).
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"lowbit.{op}: n (out_features) must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"lowbit.{op}: n (out_features) must be positive, got {n}")
+
+
 def int4_linear_w4a16(x, qweight, scales, mins, n: int, bias=None) -> torch.Tensor:
     """y = x . dequant(W)^T + bias with W = d * q + m (mins) or d * (q - 8) (mins None), x kept in float."""
     chk.tensors("int4_linear_w4a16", ("mins", "bias"), x=x, qweight=qweight, scales=scales, mins=mins, bias=bias)
+    _check_n(n, "int4_linear_w4a16")
     return torch.ops.lowbit.int4_linear_w4a16(x, qweight, scales, mins, n, bias)
 
 
 def int4_linear_w4a8(x, qweight, scales, mins, n: int, bias=None) -> torch.Tensor:
     """y = q8(x) . dequant(W)^T + bias, x quantized to int8 per block of 32 along K on the fly."""
     chk.tensors("int4_linear_w4a8", ("mins", "bias"), x=x, qweight=qweight, scales=scales, mins=mins, bias=bias)
+    _check_n(n, "int4_linear_w4a8")
     return torch.ops.lowbit.int4_linear_w4a8(x, qweight, scales, mins, n, bias)
