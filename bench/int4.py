@@ -93,7 +93,7 @@ def groups(cfg: Config) -> list:
             continue
         baselines = [torch_int4(p), fbgemm(p), f_linear(p, torch.float32)]
         out.append(Group(f"int4 {tag}", subjects + baselines, rotate=not hot and m <= 16, roofline=not hot,
-                         reference=p.reference, meta={"N": n, "K": k, "M": m, "hot": hot}))
+                         reference=p.reference, meta={"N": n, "K": k, "M": m, "hot": hot}, max_rel_err=0.15))
     return out
 
 
