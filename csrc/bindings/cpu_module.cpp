@@ -2,6 +2,9 @@
 // (tensor.data_ptr()), every kernel runs with the GIL released, and errors come
 // back as lowbit::Status codes that python/lowbit/_native.py turns into exceptions.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include <cstdint>
 
@@ -44,6 +47,25 @@ int int4_linear(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uin
                            ptr<const void>(bias), bias_dtype, ptr<void>(y), ldy, nthreads);
 }
 
+using Strides3 = std::array<int64_t, 3>;
+
+int attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int dtype, int64_t B, int64_t Hq, int64_t Hkv,
+              int64_t L, int64_t S, int64_t D, int64_t Dv, Strides3 qs, Strides3 ks, Strides3 vs, Strides3 os,
+              uintptr_t mask, int mask_dtype, std::array<int64_t, 4> ms, float scale, int causal, int64_t offset,
+              int64_t window_left, int64_t window_right, int nthreads) {
+  cpu::AttentionParams p{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out), dtype,
+                         B, Hq, Hkv, L, S, D, Dv, {}, {}, {}, {}, ptr<const void>(mask), mask_dtype, {},
+                         scale, causal, offset, window_left, window_right, nthreads};
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = qs[i];
+    p.k_stride[i] = ks[i];
+    p.v_stride[i] = vs[i];
+    p.out_stride[i] = os[i];
+  }
+  for (int i = 0; i < 4; ++i) p.mask_stride[i] = ms[i];
+  return kernels().attention(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -68,4 +90,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_linear_w8a8", &int8_linear<&KernelTable::int8_linear_w8a8>, nogil);
   m.def("int4_linear_w4a16", &int4_linear<&KernelTable::int4_linear_w4a16>, nogil);
   m.def("int4_linear_w4a8", &int4_linear<&KernelTable::int4_linear_w4a8>, nogil);
+  m.def("attention", &attention, nogil);
 }

@@ -41,18 +41,22 @@ KernelTable make_table(Isa isa) {
     case kScalar:
       scalar::register_int8(t);
       scalar::register_int4(t);
+      scalar::register_attention(t);
       break;
     case kAvx2:
       avx2::register_int8(t);
       avx2::register_int4(t);
+      avx2::register_attention(t);
       break;
     case kAvx512:
       avx512::register_int8(t);
       avx512::register_int4(t);
+      avx512::register_attention(t);
       break;
     case kAvx512Vnni:
       avx512_vnni::register_int8(t);
       avx512_vnni::register_int4(t);
+      avx512_vnni::register_attention(t);
       break;
     default: break;
   }

@@ -60,6 +60,15 @@ inline void vf_store_bf16(uint16_t* p, VF a) {
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
 inline float vf_hmax(VF a) { return _mm512_reduce_max_ps(a.v); }
+inline float vf_hsum(VF a) { return _mm512_reduce_add_ps(a.v); }
+inline bool vf_any_nan(VF a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) != 0; }
+inline VF vf_sub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VF vf_fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF vf_round(VF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline VF vf_pow2i(VF p, VF n) { return {_mm512_scalef_ps(p.v, n.v)}; }  // p * 2^n, n integral
+inline VF vf_zero_where_neg_inf(VF x, VF y) {                              // x == -inf ? 0 : y
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ), y.v)};
+}
 // True if any lane is NaN or +-Inf.
 inline bool vf_any_nonfinite(VF a) {
   return _mm512_cmp_ps_mask(_mm512_abs_ps(a.v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ) != 0;
@@ -99,6 +108,24 @@ inline float vf_hmax(VF a) {
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
 }
+inline float vf_hsum(VF a) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_add_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline bool vf_any_nan(VF a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
+inline VF vf_sub(VF a, VF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VF vf_fma(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF vf_round(VF a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+// p * 2^n for integral n in [-126, 127]: n goes straight into an exponent field.
+inline VF vf_pow2i(VF p, VF n) {
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(p.v, _mm256_castsi256_ps(e))};
+}
+inline VF vf_zero_where_neg_inf(VF x, VF y) {
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ), y.v)};
+}
 inline bool vf_any_nonfinite(VF a) {
   return _mm256_movemask_ps(_mm256_cmp_ps(vf_abs(a).v, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ)) != 0;
 }
@@ -123,12 +150,39 @@ inline VF vf_add(VF a, VF b) { return {a.v + b.v}; }
 inline void vf_store_f16(uint16_t* p, VF a) { *p = f32_to_f16(a.v); }
 inline void vf_store_bf16(uint16_t* p, VF a) { *p = f32_to_bf16(a.v); }
 inline float vf_hmax(VF a) { return a.v; }
+inline float vf_hsum(VF a) { return a.v; }
+inline bool vf_any_nan(VF a) { return std::isnan(a.v); }
+inline VF vf_sub(VF a, VF b) { return {a.v - b.v}; }
+inline VF vf_fma(VF a, VF b, VF c) { return {std::fma(a.v, b.v, c.v)}; }
+inline VF vf_round(VF a) { return {std::nearbyint(a.v)}; }
+inline VF vf_pow2i(VF p, VF n) { return {std::ldexp(p.v, static_cast<int>(n.v))}; }
+inline VF vf_zero_where_neg_inf(VF x, VF y) { return {x.v == -INFINITY ? 0.0f : y.v}; }
 inline bool vf_any_nonfinite(VF a) { return !std::isfinite(a.v); }
 inline void vf_store_i8(int8_t* p, VF a) {
   float r = std::nearbyint(a.v);  // half-to-even, as cvtps2dq
   *p = static_cast<int8_t>(r > 127.f ? 127.f : (r < -128.f ? -128.f : r));
 }
 #endif
+
+// exp(x) on every lane, written once over the primitives above: n = round(x / ln 2),
+// r = x - n ln 2 (ln 2 in two parts, so r is exact), exp(r) by Cephes' degree-6
+// polynomial on |r| <= ln(2) / 2 (about 1 ulp), times 2^n. x is clamped below at -87
+// (exp(-87) ~ 1.6e-38) so 2^n stays a normal number, and x = -inf gives exactly 0: a
+// masked score must contribute nothing. NaN propagates.
+inline VF vf_exp(VF x) {
+  const VF xc = vf_max(vf_set1(-87.0f), x);  // (max returns its second operand for NaN)
+  const VF n = vf_round(vf_mul(xc, vf_set1(1.44269504088896341f)));
+  VF r = vf_fma(n, vf_set1(-0.693359375f), xc);
+  r = vf_fma(n, vf_set1(2.12194440e-4f), r);
+  VF p = vf_set1(1.9875691500e-4f);
+  p = vf_fma(p, r, vf_set1(1.3981999507e-3f));
+  p = vf_fma(p, r, vf_set1(8.3334519073e-3f));
+  p = vf_fma(p, r, vf_set1(4.1665795894e-2f));
+  p = vf_fma(p, r, vf_set1(1.6666665459e-1f));
+  p = vf_fma(p, r, vf_set1(5.0000001201e-1f));
+  p = vf_fma(vf_mul(p, r), r, vf_add(r, vf_set1(1.0f)));
+  return vf_zero_where_neg_inf(x, vf_pow2i(p, n));
+}
 
 // ---------------------------------------------------------------- panel ops
 // AccI32: 16 int32, one per row of a panel.  XI8: one activation quad, prepared.

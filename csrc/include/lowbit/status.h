@@ -19,6 +19,7 @@ enum DType : int {
   kF32 = 0,
   kF16 = 1,
   kBF16 = 2,
+  kBool = 3,  // one byte per element, nonzero = true (torch.bool)
 };
 
 }  // namespace lowbit

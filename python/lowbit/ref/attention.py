@@ -1,0 +1,62 @@
+"""Reference attention (explicit softmax in float64): the ground truth for lowbit.attention.
+
+Semantics (lowbit.ops.attention documents the same):
+
+* query [..., Hq, L, D], key [..., Hkv, S, D], value [..., Hkv, S, Dv]; Hq a multiple of Hkv
+  (grouped-query attention: query head h reads key/value head h // (Hq / Hkv)).
+* scores = scale * q . k^T (scale defaults to 1 / sqrt(D)); attn_mask: boolean (True = may
+  attend) or additive (added to the scores), broadcastable to [..., Hq, L, S].
+* causal: query i may attend key j <= i + offset, where offset = 0 for "top_left" alignment
+  (torch SDPA's is_causal) and S - L for "bottom_right" (FlashAttention >= 2.1: the last query
+  sits at the last key, which decoding and chunked prefill need).
+* window (left, right): query i may attend key j with i + offset - left <= j <= i + offset + right
+  (offset as above, top-left when not causal); -1 = unbounded on that side.
+* A query row that may attend no key at all gives zeros (as torch SDPA and FlashAttention do).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def allowed_mask(L: int, S: int, causal: bool, alignment: str, window) -> torch.Tensor:
+    """bool [L, S]: which keys each query may attend under causal / window (before attn_mask)."""
+    offset = S - L if alignment == "bottom_right" else 0
+    i = torch.arange(L).view(L, 1) + offset
+    j = torch.arange(S).view(1, S)
+    ok = torch.ones(L, S, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            ok &= j >= i - left
+        if right >= 0:
+            ok &= j <= i + right
+    return ok
+
+
+def attention(query, key, value, attn_mask=None, is_causal=False, scale=None, causal_alignment="top_left",
+              window=None, return_lse=False):
+    """float64 attention, returned in query's dtype (and the log-sum-exp of the scaled, masked
+    scores per query row, float64, -inf for rows that attend nothing, if return_lse)."""
+    q, k, v = query.double(), key.double(), value.double()
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=-3)
+        v = v.repeat_interleave(hq // hkv, dim=-3)
+    L, S = q.shape[-2], k.shape[-2]
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    ok = allowed_mask(L, S, is_causal, causal_alignment, window)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            ok = ok & attn_mask
+        else:
+            s = s + attn_mask.double()
+    s = torch.where(ok, s, torch.full_like(s, -math.inf))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    p = torch.where(torch.isfinite(lse)[..., None], p, torch.zeros_like(p))
+    out = (p @ v).to(query.dtype)
+    return (out, lse) if return_lse else out
