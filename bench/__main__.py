@@ -12,7 +12,7 @@ Run from a checkout with lowbit installed. Methodology:
 2. Threads: ``--threads N`` (default torch.get_num_threads()) sets torch.set_num_threads and
    lowbit.set_num_threads, so lowbit and every baseline run on the same number of threads.
 3. Each row group (one shape) holds the lowbit implementations and their torch baselines
-   (bench/int8.py and bench/int4.py document them). GEMV-like groups (M <= 16) give every implementation, lowbit
+   (bench/int8.py, bench/int4.py and bench/attention.py document them). GEMV-like groups (M <= 16) give every implementation, lowbit
    and baselines alike, enough weight copies to add up to 3x the last-level cache (at least 2,
    at most 2 GiB) and rotate through them, so each call reads its weights from DRAM, as in
    decoding. M = 512 groups use one copy (compute-bound). The "hot" group uses one copy on
@@ -52,10 +52,10 @@ import torch
 import lowbit
 import lowbit.info
 
-from . import harness, int4, int8, machine
+from . import attention, harness, int4, int8, machine
 from .harness import Config, OtherLoad, log
 
-SUITES = [int8, int4]  # each: groups(cfg), accuracy(cfg), TARGETS
+SUITES = [int8, int4, attention]  # each: groups(cfg), accuracy(cfg), TARGETS
 
 
 def git_commit() -> dict:

@@ -3,16 +3,20 @@
 // (running max m and sum l per row) rescales the output accumulator as tiles go by,
 // so L x S is never materialized. Compiled once per ISA level; vectors from simd.h.
 //
-// Work: the query rows of one (batch, kv head) are ordered position-major, GQA head
-// minor (row r = position r / g, query head kv * g + r % g), so every K/V tile loaded
-// serves all g query heads that share it; blocks of kRowBlock such rows are the
-// thread tasks. When there are too few blocks to keep the threads busy (decode: one
+// Keys and values come from contiguous tensors or from a paged cache (a block table per
+// sequence, vLLM's layout), in a float dtype or INT8 with one scale per token and head,
+// dequantized as the tiles are loaded; batches may have their own query and key lengths.
+//
+// Work: blocks of up to kRowBlock query rows are the thread tasks; in prefill a block's
+// rows share one kv head (position-major, GQA head minor, so every K/V tile loaded serves
+// all g query heads that use it), in decode a block spans the heads (see Geometry). When there are too few blocks to keep the threads busy (decode: one
 // query per sequence), the keys are split into chunks too, each task keeps its own
 // (O, m, l), and a second pass merges the chunks by log-sum-exp.
 // fp16 / bf16 inputs are converted to fp32 as tiles are loaded; everything
 // accumulates in fp32 and the output is rounded once.
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "kernels.h"
 #include "rows.h"
@@ -21,7 +25,7 @@ namespace lowbit::cpu::LOWBIT_ISA {
 namespace {
 
 constexpr int kKeyTile = 64;   // keys per tile: a multiple of every kW
-constexpr int kRowBlock = 32;  // query rows per task
+constexpr int kRowBlock = 64;  // query rows per task
 constexpr int kTileVecs = kKeyTile / kW;
 constexpr int64_t kMinKeysPerSplit = 256;
 #if LOWBIT_SIMD_AVX512
@@ -30,33 +34,86 @@ constexpr int kRT = 4;  // query rows per register tile (scores: 4 x 64 keys; P.
 constexpr int kRT = 1;
 #endif
 constexpr int kPV = 4;  // output vectors per P.V register tile (fewer at the end of a row)
+// Blocks of at most this many rows (decode: one query per sequence and kv head, or a few GQA
+// heads) skip the tile copies: each key / value row is used straight from the source (or
+// from one converted row) while it streams by, which is what a memory-bound decode wants.
+constexpr int kDirectRows = 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Shape of the work and the allowed key range of each query position.
+// Shape of the work, the allowed key range of each query position, and where rows live.
+//
+// Two ways to walk the work. Tiles (prefill): a block holds rows of one kv head (position
+// major, GQA head minor), K / V tiles are converted once into scratch and multiplied as small
+// matrices. Direct (decode-like: at most kDirectRows query rows per kv head): each key /
+// value row is used straight from the source while it streams by. When the heads of one key
+// lie closer together than consecutive keys (the paged layout [slot, head, dim], or a
+// [B, S, H, D] view), a direct block spans every head of its batch (position major, head
+// minor), so each slot is read contiguously instead of one slot stride apart per head.
 struct Geometry {
   const AttentionParams& p;
-  int64_t g;     // query heads per kv head
-  int64_t rows;  // query rows per (batch, kv head): g * L
-  int64_t Dvp;   // Dv rounded up to 16: the scratch row length of V and O
+  int64_t g;    // query heads per kv head
+  int64_t Dvp;  // Dv rounded up to 16: the scratch row length of V and O
+  bool direct, span_heads;
 
   explicit Geometry(const AttentionParams& prm)
-      : p(prm), g(prm.Hq / prm.Hkv), rows(prm.Hq / prm.Hkv * prm.L), Dvp((prm.Dv + 15) / 16 * 16) {}
+      : p(prm), g(prm.Hq / prm.Hkv), Dvp((prm.Dv + 15) / 16 * 16) {
+    int64_t max_l = 0;
+    for (int64_t b = 0; b < p.B; ++b) max_l = std::max(max_l, L(b));
+    direct = max_l * g <= kDirectRows;
+    span_heads = direct && p.k_stride[1] < p.k_stride[2] && p.v_stride[1] < p.v_stride[2];
+  }
 
-  int64_t head(int64_t kv, int64_t r) const { return kv * g + r % g; }
-  int64_t pos(int64_t r) const { return r / g; }
+  int64_t qbase(int64_t b) const { return p.q_start ? p.q_start[b] : 0; }
+  int64_t L(int64_t b) const { return p.q_start ? p.q_start[b + 1] - p.q_start[b] : p.L; }
+  int64_t S(int64_t b) const { return p.seq_lens ? p.seq_lens[b] : p.S; }
+  // Rows of a block of batch b (and kv head kv, in tile mode): how many, and row r's query
+  // head, position and kv head.
+  int64_t rows(int64_t b) const { return (span_heads ? p.Hq : g) * L(b); }
+  int64_t head(int64_t kv, int64_t r) const { return span_heads ? r % p.Hq : kv * g + r % g; }
+  int64_t pos(int64_t r) const { return span_heads ? r / p.Hq : r / g; }
+  int64_t kv_of(int64_t kv, int64_t r) const { return span_heads ? r % p.Hq / g : kv; }
 
-  // Keys [lo, hi) that query position i may attend (before the mask); empty when hi <= lo.
-  void key_range(int64_t i, int64_t& lo, int64_t& hi) const {
-    const int64_t at = i + p.offset;
+  // Keys [lo, hi) that query i of batch b may attend (before the mask); empty when hi <= lo.
+  void key_range(int64_t b, int64_t i, int64_t& lo, int64_t& hi) const {
+    const int64_t at = i + (p.bottom_right ? S(b) - L(b) : 0);
     lo = 0;
-    hi = p.S;
+    hi = S(b);
     if (p.causal) hi = std::min(hi, at + 1);
     if (p.window_right >= 0) hi = std::min(hi, at + p.window_right + 1);
     if (p.window_left >= 0) lo = std::max(lo, at - p.window_left);
   }
 
-  const char* row_ptr(const void* base, const int64_t* st, int64_t b, int64_t h, int64_t i) const {
-    return static_cast<const char*>(base) + (b * st[0] + h * st[1] + i * st[2]) * elem_size(p.dtype);
+  const char* q_row(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const char*>(p.q) +
+           (b * p.q_stride[0] + h * p.q_stride[1] + (qbase(b) + i) * p.q_stride[2]) * elem_size(p.dtype);
+  }
+  char* out_row(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<char*>(p.out) +
+           (b * p.out_stride[0] + h * p.out_stride[1] + (qbase(b) + i) * p.out_stride[2]) * elem_size(p.dtype);
+  }
+
+  // Row j of kv head kv of batch b (of k or v) as n fp32 values: dst, filled, or (fp32 data)
+  // the row itself.
+  const float* kv_row(const void* base, const int64_t* st, const float* scales, int64_t b, int64_t kv, int64_t j,
+                      int64_t n, float* dst) const {
+    int64_t at, slot = 0;
+    if (p.block_table) {
+      slot = int64_t(p.block_table[b * p.max_blocks + j / p.block_size]) * p.block_size + j % p.block_size;
+      at = slot * st[2] + kv * st[1];
+    } else {
+      at = b * st[0] + kv * st[1] + j * st[2];
+    }
+    if (p.kv_dtype == kF32) return static_cast<const float*>(base) + at;
+    if (p.kv_dtype != kI8) {
+      row_to_f32(static_cast<const char*>(base) + at * elem_size(p.kv_dtype), p.kv_dtype, n, dst);
+      return dst;
+    }
+    const int8_t* codes = static_cast<const int8_t*>(base) + at;
+    const VF sc = vf_set1(scales[slot * p.Hkv + kv]);
+    int64_t d = 0;
+    for (; d + kW <= n; d += kW) vf_store(dst + d, vf_mul(vf_load_i8(codes + d), sc));
+    for (; d < n; ++d) dst[d] = scales[slot * p.Hkv + kv] * float(codes[d]);
+    return dst;
   }
 };
 
@@ -83,6 +140,27 @@ struct BlockState {
   float* m;
   float* l;
 };
+
+// sum_d a[d] * b[d]
+inline float dot(const float* a, const float* b, int64_t n) {
+  VF acc = vf_set1(0.0f);
+  int64_t d = 0;
+  for (; d + kW <= n; d += kW) acc = vf_fma(vf_load(a + d), vf_load(b + d), acc);
+  float s = vf_hsum(acc);
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// y[0..n) += a * x[0..n)
+inline void axpy(float a, const float* x, int64_t n, float* y) {
+  int64_t d = 0;
+  for (; d + kW <= n; d += kW) vf_store(y + d, vf_fma(vf_set1(a), vf_load(x + d), vf_load(y + d)));
+  for (; d < n; ++d) y[d] += a * x[d];
+}
+
+inline void scale_row(float* y, float a, int64_t n) {
+  for (int64_t d = 0; d < n; d += kW) vf_store(y + d, vf_mul(vf_load(y + d), vf_set1(a)));
+}
 
 // S[r][0..64) = Q[r] . KT[:, 0..64) for RT rows (Q rows D apart, KT: D rows of 64 keys).
 template <int RT>
@@ -177,7 +255,8 @@ float softmax_row(const Geometry& G, float* s, int a, int e, const char* mask_ro
   return alpha;
 }
 
-// Rows [r0, r0 + nr) of (b, kv) against keys [s0, s1): accumulates into st (initialized by the caller).
+// Rows [r0, r0 + nr) of (b, kv) against keys [s0, s1) (Geometry: the two modes): accumulates
+// into st (initialized by the caller).
 void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, int64_t s0, int64_t s1,
                   const BlockState& st, float* scratch) {
   const AttentionParams& p = G.p;
@@ -186,15 +265,17 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
   float* KT = Q + kRowBlock * D;           // [D, kKeyTile]
   float* V = KT + D * kKeyTile;            // [kKeyTile, Dvp]
   float* S = V + kKeyTile * ldv;           // [kRowBlock, kKeyTile]
-  float* krow = S + kRowBlock * kKeyTile;  // [D]
+  float* krow = S + kRowBlock * kKeyTile;  // [max(D, Dv)]
+  const bool direct = G.direct;
   float alpha[kRowBlock];
-  int64_t lo[kRowBlock], hi[kRowBlock];
+  int64_t lo[kRowBlock], hi[kRowBlock], kvh[kRowBlock];
 
   int64_t blo = s1, bhi = s0;  // the keys any row of the block may attend
   for (int r = 0; r < nr; ++r) {
     const int64_t row = r0 + r;
-    row_to_f32(G.row_ptr(p.q, p.q_stride, b, G.head(kv, row), G.pos(row)), p.dtype, D, Q + r * D);
-    G.key_range(G.pos(row), lo[r], hi[r]);
+    row_to_f32(G.q_row(b, G.head(kv, row), G.pos(row)), p.dtype, D, Q + r * D);
+    kvh[r] = G.kv_of(kv, row);
+    G.key_range(b, G.pos(row), lo[r], hi[r]);
     lo[r] = std::max(lo[r], s0);
     hi[r] = std::min(hi[r], s1);
     if (lo[r] < hi[r]) {
@@ -204,17 +285,28 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
   }
   for (int64_t t0 = blo; t0 < bhi; t0 += kKeyTile) {
     const int n = static_cast<int>(std::min<int64_t>(kKeyTile, bhi - t0));
-    for (int j = 0; j < n; ++j) {  // K tile, transposed; V tile, rows padded to Dvp
-      row_to_f32(G.row_ptr(p.k, p.k_stride, b, kv, t0 + j), p.dtype, D, krow);
-      for (int64_t d = 0; d < D; ++d) KT[d * kKeyTile + j] = krow[d];
-      row_to_f32(G.row_ptr(p.v, p.v_stride, b, kv, t0 + j), p.dtype, Dv, V + j * ldv);
-      std::fill(V + j * ldv + Dv, V + (j + 1) * ldv, 0.0f);
-    }
-    for (int64_t d = 0; n < kKeyTile && d < D; ++d) std::fill(KT + d * kKeyTile + n, KT + (d + 1) * kKeyTile, 0.0f);
-
     int r = 0;
-    for (; r + kRT <= nr; r += kRT) qk_tile<kRT>(Q + r * D, D, KT, S + r * kKeyTile);
-    for (; r < nr; ++r) qk_tile<1>(Q + r * D, D, KT, S + r * kKeyTile);
+    if (direct) {  // dot each key row with the rows of its kv head as it streams by
+      for (int j = 0; j < n; ++j) {
+        const float* kr = nullptr;
+        for (r = 0; r < nr; ++r) {
+          if (r == 0 || kvh[r] != kvh[r - 1]) kr = G.kv_row(p.k, p.k_stride, p.k_scale, b, kvh[r], t0 + j, D, krow);
+          S[r * kKeyTile + j] = dot(Q + r * D, kr, D);
+        }
+      }
+    } else {  // K tile, transposed; V tile, rows padded to Dvp
+      for (int j = 0; j < n; ++j) {
+        const float* kr = G.kv_row(p.k, p.k_stride, p.k_scale, b, kv, t0 + j, D, krow);
+        for (int64_t d = 0; d < D; ++d) KT[d * kKeyTile + j] = kr[d];
+        float* vr = V + j * ldv;
+        const float* src = G.kv_row(p.v, p.v_stride, p.v_scale, b, kv, t0 + j, Dv, vr);
+        if (src != vr) std::copy(src, src + Dv, vr);
+        std::fill(vr + Dv, vr + ldv, 0.0f);
+      }
+      for (int64_t d = 0; n < kKeyTile && d < D; ++d) std::fill(KT + d * kKeyTile + n, KT + (d + 1) * kKeyTile, 0.0f);
+      for (; r + kRT <= nr; r += kRT) qk_tile<kRT>(Q + r * D, D, KT, S + r * kKeyTile);
+      for (; r < nr; ++r) qk_tile<1>(Q + r * D, D, KT, S + r * kKeyTile);
+    }
     for (r = 0; r < nr; ++r) {
       const int a = static_cast<int>(std::clamp<int64_t>(lo[r] - t0, 0, n));
       const int e = static_cast<int>(std::clamp<int64_t>(hi[r] - t0, 0, n));
@@ -225,6 +317,17 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
                    (b * p.mask_stride[0] + G.head(kv, row) * p.mask_stride[1] + G.pos(row) * p.mask_stride[2]) *
                        (p.mask_dtype == kBool ? 1 : elem_size(p.mask_dtype));
       alpha[r] = softmax_row(G, S + r * kKeyTile, a, std::max(a, e), mask_row, t0, st.m[r], st.l[r]);
+    }
+    if (direct) {
+      for (r = 0; r < nr; ++r) scale_row(st.O + r * ldv, alpha[r], ldv);
+      for (int j = 0; j < n; ++j) {
+        const float* vr = nullptr;
+        for (r = 0; r < nr; ++r) {
+          if (r == 0 || kvh[r] != kvh[r - 1]) vr = G.kv_row(p.v, p.v_stride, p.v_scale, b, kvh[r], t0 + j, Dv, krow);
+          if (S[r * kKeyTile + j] != 0.0f) axpy(S[r * kKeyTile + j], vr, Dv, st.O + r * ldv);
+        }
+      }
+      continue;
     }
     for (r = 0; r + kRT <= nr; r += kRT) pv_rows<kRT>(S + r * kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
     for (; r < nr; ++r) pv_rows<1>(S + r * kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
@@ -245,64 +348,81 @@ void store_rows(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, co
     const float inv = st.l[r] > 0.0f ? 1.0f / st.l[r] : 0.0f;
     for (int64_t c = 0; c < G.Dvp; c += kW) vf_store(o + c, vf_mul(vf_load(o + c), vf_set1(inv)));
     const int64_t row = r0 + r;
-    row_from_f32(o, p.dtype, p.Dv,
-                 const_cast<char*>(G.row_ptr(p.out, p.out_stride, b, G.head(kv, row), G.pos(row))));
+    row_from_f32(o, p.dtype, p.Dv, G.out_row(b, G.head(kv, row), G.pos(row)));
   }
 }
 
 int check(const AttentionParams& p) {
   if (!p.q || !p.k || !p.v || !p.out) return kInvalidArgument;
-  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.Hq % p.Hkv || p.L < 1 || p.S < 1 || p.D < 1 || p.Dv < 1)
+  if (p.B < 1 || p.Hq < 1 || p.Hkv < 1 || p.Hq % p.Hkv || p.L < 0 || p.S < 0 || p.D < 1 || p.Dv < 1)
     return kInvalidArgument;
   if (!valid_dtype(p.dtype) || (p.mask && p.mask_dtype != kBool && !valid_dtype(p.mask_dtype)))
     return kInvalidArgument;
+  if (p.kv_dtype == kI8 ? !(p.block_table && p.k_scale && p.v_scale) : !valid_dtype(p.kv_dtype))
+    return kInvalidArgument;
+  if (p.block_table && (p.block_size < 1 || p.max_blocks < 1 || !p.seq_lens)) return kInvalidArgument;
+  if (p.mask && (p.q_start || p.seq_lens)) return kInvalidArgument;
   return kOk;
 }
+
+// A block of query rows: rows [r0, r0 + nr) of (batch b, kv head kv; kv = 0 when blocks span heads).
+struct Task {
+  int64_t b, kv, r0;
+  int nr;
+};
 
 int attention(const AttentionParams& p) {
   if (int s = check(p)) return s;
   const Geometry G(p);
-  const int64_t nblocks = (G.rows + kRowBlock - 1) / kRowBlock;
-  const int64_t base = p.B * p.Hkv * nblocks;
+  std::vector<Task> blocks;
+  int64_t max_s = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    max_s = std::max(max_s, G.S(b));
+    for (int64_t kv = 0; kv < (G.span_heads ? 1 : p.Hkv); ++kv)
+      for (int64_t r0 = 0; r0 < G.rows(b); r0 += kRowBlock)
+        blocks.push_back({b, kv, r0, static_cast<int>(std::min<int64_t>(kRowBlock, G.rows(b) - r0))});
+  }
+  const int64_t base = static_cast<int64_t>(blocks.size());
   const int nthreads = std::max(1, p.nthreads);
   int64_t splits = 1;
   if (base < 2 * nthreads)
-    splits = std::max<int64_t>(1, std::min((2 * nthreads + base - 1) / base, p.S / kMinKeysPerSplit));
+    splits = std::max<int64_t>(1, std::min((2 * nthreads + base - 1) / std::max<int64_t>(base, 1),
+                                           max_s / kMinKeysPerSplit));
   const int64_t state_floats = kRowBlock * (G.Dvp + 2);
-  const int64_t scratch_floats = kRowBlock * p.D + p.D * kKeyTile + kKeyTile * G.Dvp + kRowBlock * kKeyTile + p.D;
+  const int64_t scratch_floats =
+      kRowBlock * p.D + p.D * kKeyTile + kKeyTile * G.Dvp + kRowBlock * kKeyTile + std::max(p.D, p.Dv);
+  auto state_at = [&](float* sp) {
+    return BlockState{sp, sp + kRowBlock * G.Dvp, sp + kRowBlock * G.Dvp + kRowBlock};
+  };
 
   // Split keys: every (block, chunk) keeps its own state here, merged afterwards.
   Buffer<float> partial;
   if (splits > 1 && !partial.allocate(base * splits * state_floats)) return kOutOfMemory;
   std::atomic<bool> oom{false};
   parallel_for(base * splits, nthreads, [&](int64_t t) {
-    const int64_t blk = t / splits, chunk = t % splits;
-    const int64_t b = blk / (p.Hkv * nblocks), kv = blk / nblocks % p.Hkv, r0 = blk % nblocks * kRowBlock;
-    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, G.rows - r0));
+    const Task& tk = blocks[t / splits];
+    const int64_t chunk = t % splits, S = G.S(tk.b);
     float* scratch = tls_scratch.get(scratch_floats + (splits > 1 ? 0 : state_floats));
     if (!scratch) {
       oom = true;
       return;
     }
-    float* sp = splits > 1 ? partial.p + t * state_floats : scratch + scratch_floats;
-    const BlockState st{sp, sp + kRowBlock * G.Dvp, sp + kRowBlock * G.Dvp + kRowBlock};
-    init_state(st, nr, G.Dvp);
-    attend_block(G, b, kv, r0, nr, chunk * p.S / splits, (chunk + 1) * p.S / splits, st, scratch);
-    if (splits == 1) store_rows(G, b, kv, r0, nr, st);
+    const BlockState st = state_at(splits > 1 ? partial.p + t * state_floats : scratch + scratch_floats);
+    init_state(st, tk.nr, G.Dvp);
+    attend_block(G, tk.b, tk.kv, tk.r0, tk.nr, chunk * S / splits, (chunk + 1) * S / splits, st, scratch);
+    if (splits == 1) store_rows(G, tk.b, tk.kv, tk.r0, tk.nr, st);
   });
   if (oom) return kOutOfMemory;
   if (splits == 1) return kOk;
 
   // Merge the chunks of each block: m = max m_c, l = sum l_c e^(m_c - m), O = sum O_c e^(m_c - m).
-  parallel_for(base, nthreads, [&](int64_t blk) {
-    const int64_t b = blk / (p.Hkv * nblocks), kv = blk / nblocks % p.Hkv, r0 = blk % nblocks * kRowBlock;
-    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, G.rows - r0));
-    float* first = partial.p + blk * splits * state_floats;
-    const BlockState acc{first, first + kRowBlock * G.Dvp, first + kRowBlock * G.Dvp + kRowBlock};
+  parallel_for(base, nthreads, [&](int64_t i) {
+    const Task& tk = blocks[i];
+    float* first = partial.p + i * splits * state_floats;
+    const BlockState acc = state_at(first);
     for (int64_t c = 1; c < splits; ++c) {
-      float* sp = first + c * state_floats;
-      const BlockState part{sp, sp + kRowBlock * G.Dvp, sp + kRowBlock * G.Dvp + kRowBlock};
-      for (int r = 0; r < nr; ++r) {
+      const BlockState part = state_at(first + c * state_floats);
+      for (int r = 0; r < tk.nr; ++r) {
         const float m = std::max(acc.m[r], part.m[r]);
         if (m == kNegInf) continue;
         const float wa = std::exp(acc.m[r] - m), wp = std::exp(part.m[r] - m);
@@ -314,7 +434,7 @@ int attention(const AttentionParams& p) {
         acc.m[r] = m;
       }
     }
-    store_rows(G, b, kv, r0, nr, acc);
+    store_rows(G, tk.b, tk.kv, tk.r0, tk.nr, acc);
   });
   return kOk;
 }

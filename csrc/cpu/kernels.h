@@ -7,29 +7,41 @@ namespace lowbit::cpu {
 
 enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kIsaCount = 4 };
 
-// Scaled dot-product attention (csrc/cpu/attention.cpp). query [B, Hq, L, D], key [B, Hkv, S, D],
-// value [B, Hkv, S, Dv], out [B, Hq, L, Dv], all of `dtype`; *_stride give the element strides of
-// dims batch, head, row (the last dim is contiguous). Query head h reads key/value head
-// h / (Hq / Hkv). Query i may attend key j when lo <= j < hi, with pos = i + offset:
-// hi = min(S, pos + 1 if causal, pos + window_right + 1 if window_right >= 0),
-// lo = max(0, pos - window_left if window_left >= 0); and then where the mask allows.
-// mask (optional) is boolean (mask_dtype kBool: nonzero = may attend) or additive (a float
-// dtype), indexed with mask_stride (batch, head, row, col; 0 = broadcast). A row that may
-// attend nothing gives zeros.
+// Scaled dot-product attention (csrc/cpu/attention.cpp), contiguous or paged.
+// Queries: row i of query head h in batch b is at q + b*q_stride[0] + h*q_stride[1] + (qbase + i)*q_stride[2]
+// elements (qbase = q_start[b] for variable-length batches, else 0); out likewise with out_stride.
+// b has L_b = q_start[b+1] - q_start[b] (or L) queries and S_b = seq_lens[b] (or S) keys.
+// Keys / values: key j of kv head h at k + b*k_stride[0] + h*k_stride[1] + j*k_stride[2] (contiguous), or,
+// with a block table, at k + (block_table[b][j / block_size] * block_size + j % block_size)*k_stride[2] +
+// h*k_stride[1] (the vLLM cache layout [num_blocks, block_size, heads, head_dim]); kv_dtype may be kI8
+// (an INT8 cache): then element d of that row is k_scale[slot * Hkv + h] * code (v likewise).
+// Query head h reads kv head h / (Hq / Hkv). Query i may attend key j when lo <= j < hi, with
+// pos = i + (bottom_right ? S_b - L_b : 0): hi = min(S_b, pos + 1 if causal, pos + window_right + 1
+// if window_right >= 0), lo = max(0, pos - window_left if window_left >= 0); and then where the mask
+// allows. mask (optional, contiguous batches only) is boolean (mask_dtype kBool: nonzero = may
+// attend) or additive (a float dtype), indexed with mask_stride (batch, head, row, col; 0 =
+// broadcast). A row that may attend nothing gives zeros.
 struct AttentionParams {
   const void* q;
   const void* k;
   const void* v;
   void* out;
-  int dtype;
+  int dtype;     // of q and out
+  int kv_dtype;  // of k and v: a float dtype or kI8
   int64_t B, Hq, Hkv, L, S, D, Dv;
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
+  const int32_t* q_start;   // [B + 1] or null
+  const int32_t* seq_lens;  // [B] or null
+  const int32_t* block_table;  // [B, max_blocks] or null
+  int64_t max_blocks, block_size;
+  const float* k_scale;  // INT8 caches: [num_blocks * block_size, Hkv]
+  const float* v_scale;
   const void* mask;
   int mask_dtype;
   int64_t mask_stride[4];
   float scale;
-  int causal;
-  int64_t offset, window_left, window_right;
+  int causal, bottom_right;
+  int64_t window_left, window_right;
   int nthreads;
 };
 

@@ -43,6 +43,7 @@ inline VF vf_load_bf16(const uint16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16))};
 }
 inline void vf_store(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
+inline VF vf_load_i8(const int8_t* p) { return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)))}; }
 inline VF vf_set1(float f) { return {_mm512_set1_ps(f)}; }
 inline VF vf_abs(VF a) { return {_mm512_abs_ps(a.v)}; }
 inline VF vf_max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
@@ -85,6 +86,7 @@ inline VF vf_load_bf16(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16))};
 }
 inline void vf_store(float* p, VF a) { _mm256_storeu_ps(p, a.v); }
+inline VF vf_load_i8(const int8_t* p) { return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)))}; }
 inline VF vf_set1(float f) { return {_mm256_set1_ps(f)}; }
 inline VF vf_abs(VF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 inline VF vf_max(VF a, VF b) { return {_mm256_max_ps(a.v, b.v)}; }
@@ -142,6 +144,7 @@ inline VF vf_load(const float* p) { return {*p}; }
 inline VF vf_load_f16(const uint16_t* p) { return {f16_to_f32(*p)}; }
 inline VF vf_load_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
 inline void vf_store(float* p, VF a) { *p = a.v; }
+inline VF vf_load_i8(const int8_t* p) { return {float(*p)}; }
 inline VF vf_set1(float f) { return {f}; }
 inline VF vf_abs(VF a) { return {std::fabs(a.v)}; }
 inline VF vf_max(VF a, VF b) { return {a.v > b.v ? a.v : b.v}; }

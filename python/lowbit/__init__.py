@@ -18,12 +18,14 @@ from ._native import (
     supported_cpu_isas,
 )
 from . import nn  # noqa: E402
+from .nn import PagedKVCache  # noqa: E402
 from .ops.attention import attention  # noqa: E402
 from .quantize import SCHEMES, quantize  # noqa: E402
 
 __all__ = [
     "quantize",
     "attention",
+    "PagedKVCache",
     "SCHEMES",
     "nn",
     "ops",

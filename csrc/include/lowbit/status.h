@@ -20,6 +20,7 @@ enum DType : int {
   kF16 = 1,
   kBF16 = 2,
   kBool = 3,  // one byte per element, nonzero = true (torch.bool)
+  kI8 = 4,    // int8 codes (INT8 KV caches)
 };
 
 }  // namespace lowbit

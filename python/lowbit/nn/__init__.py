@@ -1,4 +1,5 @@
-"""Drop-in modules: quantized Linear layers (attention and KV caches come later)."""
+"""Drop-in modules: quantized Linear layers and the paged KV cache."""
+from .kv_cache import PagedKVCache
 from .linear import Int4Linear, Int8Linear
 
-__all__ = ["Int8Linear", "Int4Linear"]
+__all__ = ["Int8Linear", "Int4Linear", "PagedKVCache"]

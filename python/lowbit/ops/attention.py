@@ -89,6 +89,15 @@ def validate(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_
     check_scalars(scale, window_left, window_right)
 
 
+def parse_window(window, op: str) -> tuple:
+    """None -> (-1, -1); a (left, right) pair as is (checked by check_scalars)."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"lowbit.{op}: window must be a (left, right) pair (-1 = unbounded), got {window!r}")
+    return window[0], window[1]
+
+
 def check_scalars(scale, window_left, window_right) -> None:
     """(Also run by the public wrapper: the dispatcher would turn a wrong type into a RuntimeError.)"""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
@@ -147,14 +156,18 @@ def attention_cpu(query, key, value, attn_mask, is_causal, scale, enable_gqa, bo
     if attn_mask is not None:
         m4 = _mask_4d(attn_mask, (*query.shape[:-1], S))
         mask_ptr, mask_dtype, mask_strides = m4.data_ptr(), _native.DTYPE_CODE[m4.dtype], tuple(m4.stride())
-    B, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
+    code = _native.DTYPE_CODE[query.dtype]
     st = _native._C.attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), _native.DTYPE_CODE[query.dtype], B, hq, hkv, L, S, D,
-        value.shape[-1], tuple(q.stride()[:3]), tuple(k.stride()[:3]), tuple(v.stride()[:3]), tuple(o.stride()[:3]),
-        mask_ptr, mask_dtype, mask_strides, 1.0 / math.sqrt(D) if scale is None else float(scale), int(is_causal),
-        S - L if bottom_right else 0, window_left, window_right, _native.get_num_threads())
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), code, code, q.shape[0], q.shape[1], k.shape[1], L, S,
+        D, value.shape[-1], tuple(q.stride()[:3]), tuple(k.stride()[:3]), tuple(v.stride()[:3]),
+        tuple(o.stride()[:3]), 0, 0, 0, 0, 0, 0, 0, mask_ptr, mask_dtype, mask_strides, resolve_scale(scale, D),
+        int(is_causal), int(bottom_right), window_left, window_right, _native.get_num_threads())
     _native.check(st, OP)
     return out
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 def _attention_cuda(*args):
@@ -175,12 +188,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         raise ValueError(f"lowbit.{OP}: dropout_p must be 0 (inference kernels), got {dropout_p!r}")
     if causal_alignment not in ALIGNMENTS:
         raise ValueError(f"lowbit.{OP}: causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
-    if window is None:
-        left = right = -1
-    else:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise ValueError(f"lowbit.{OP}: window must be a (left, right) pair (-1 = unbounded), got {window!r}")
-        left, right = window
+    left, right = parse_window(window, OP)
     for name, v in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
         if not isinstance(v, bool):
             raise TypeError(f"lowbit.{OP}: {name} must be a bool, got {type(v).__name__}")

@@ -1,0 +1,286 @@
+"""Paged KV-cache ops (vLLM / IPEX conventions, so users can move over).
+
+Cache tensors are ``[num_blocks, block_size, num_kv_heads, head_dim]`` for keys and values (the
+value head dim may differ). A token's *slot* is ``block * block_size + offset``. The cache
+dtype is the model's float dtype, or ``torch.int8`` with one fp32 scale per token and head
+(``k_scale`` / ``v_scale``: ``[num_blocks, block_size, num_kv_heads]``): values are quantized on
+write (symmetric, scale = amax / 127 over the head dim, round half to even: the rule of
+lowbit.ops.int8_quantize_per_token) and dequantized inside attention, as the tiles are loaded.
+
+* ``reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None)``:
+  key / value ``[num_tokens, num_kv_heads, head_dim]`` written to their slots (int64
+  ``slot_mapping [num_tokens]``; slot -1 = skip, e.g. padding).
+* ``paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=None, *,
+  query_start_loc=None, k_scale=None, v_scale=None, window=None)``: decode, query
+  ``[num_seqs, num_heads, head_dim]``; or chunked prefill, query ``[total_tokens, ...]`` with
+  ``query_start_loc`` (int32 ``[num_seqs + 1]``, cumulative): sequence s has the queries
+  ``query_start_loc[s] : query_start_loc[s + 1]``, the *last* positions of its ``seq_lens[s]``
+  keys, causal within the sequence (bottom-right aligned). ``block_tables`` int32
+  ``[num_seqs, max_blocks]``, ``seq_lens`` int32 ``[num_seqs]``. GQA when num_heads is a multiple
+  of num_kv_heads. Returns ``[tokens, num_heads, value_head_dim]`` in query's dtype; a sequence
+  with no keys (seq_lens 0) gives zeros.
+* ``copy_blocks(key_caches, value_caches, block_mapping, k_scales=None, v_scales=None)``:
+  copy-on-write; for every layer's caches, block dst becomes a copy of block src for each row
+  ``(src, dst)`` of int64 ``block_mapping [n, 2]``.
+* ``swap_blocks(src, dst, block_mapping)``: ``dst[d] = src[s]`` for each ``(s, d)`` row, between a
+  CPU cache and another (e.g. a GPU one), one tensor at a time.
+
+Every block id, slot and length is validated (ValueError naming the argument): nothing reads or
+writes outside the caches.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from . import _check as chk
+from .attention import check_scalars, parse_window, resolve_scale
+from .int8 import int8_quantize_per_token
+
+_lib = torch.library.Library("lowbit", "FRAGMENT")
+_lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+            "Tensor seq_lens, Tensor query_start_loc, float? scale, Tensor? k_scale, Tensor? v_scale, "
+            "int window_left, int window_right) -> Tensor")
+
+
+# ---------------------------------------------------------------- validation
+def check_caches(key_cache, value_cache, k_scale, v_scale, op: str) -> tuple:
+    """Validates a (key, value) cache pair (and scales for INT8); returns (num_blocks, block_size, heads)."""
+    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+        chk.tensor(c, name, op)
+        if c.dim() != 4:
+            raise ValueError(f"lowbit.{op}: {name} must be [num_blocks, block_size, num_kv_heads, head_dim], got "
+                             f"shape {tuple(c.shape)}")
+        if c.dtype not in chk.FLOAT_DTYPES and c.dtype != torch.int8:
+            raise TypeError(f"lowbit.{op}: {name} must be float32 / float16 / bfloat16 or int8, got {c.dtype}")
+        chk.contiguous(c, name, op)
+    if value_cache.dtype != key_cache.dtype:
+        raise TypeError(f"lowbit.{op}: value_cache is {value_cache.dtype} but key_cache is {key_cache.dtype}")
+    if value_cache.shape[:3] != key_cache.shape[:3]:
+        raise ValueError(f"lowbit.{op}: value_cache {tuple(value_cache.shape)} and key_cache {tuple(key_cache.shape)} "
+                         "must agree in num_blocks, block_size and num_kv_heads")
+    if value_cache.device != key_cache.device:
+        raise ValueError(f"lowbit.{op}: value_cache is on {value_cache.device} but key_cache is on {key_cache.device}")
+    nb, bs, h = key_cache.shape[:3]
+    if nb == 0 or bs == 0 or h == 0:
+        raise ValueError(f"lowbit.{op}: empty cache of shape {tuple(key_cache.shape)}")
+    int8 = key_cache.dtype == torch.int8
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not int8:
+            if s is not None:
+                raise ValueError(f"lowbit.{op}: {name} is only for INT8 caches (the cache is {key_cache.dtype})")
+            continue
+        if s is None:
+            raise ValueError(f"lowbit.{op}: an INT8 cache needs {name} (fp32 [num_blocks, block_size, num_kv_heads])")
+        chk.tensor(s, name, op)
+        chk.dtype(s, torch.float32, name, op)
+        chk.shape(s, (nb, bs, h), name, op)
+        chk.contiguous(s, name, op)
+        if s.device != key_cache.device:
+            raise ValueError(f"lowbit.{op}: {name} is on {s.device} but key_cache is on {key_cache.device}")
+    return nb, bs, h
+
+
+def _int_tensor(t, name: str, dtype: torch.dtype, dim: int, op: str, device) -> None:
+    chk.tensor(t, name, op)
+    chk.dtype(t, dtype, name, op)
+    if t.dim() != dim:
+        raise ValueError(f"lowbit.{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"lowbit.{op}: {name} is on {t.device} but the cache is on {device}")
+
+
+# ---------------------------------------------------------------- reshape_and_cache
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Writes key / value [num_tokens, num_kv_heads, head_dim] into their cache slots (see module docstring)."""
+    op = "reshape_and_cache"
+    nb, bs, h = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    for name, t, c in (("key", key, key_cache), ("value", value, value_cache)):
+        chk.float_tensor(t, name, op)
+        if t.dim() != 3 or t.shape[1:] != c.shape[2:]:
+            raise ValueError(f"lowbit.{op}: {name} must be [num_tokens, {c.shape[2]}, {c.shape[3]}] to fit its cache, "
+                             f"got shape {tuple(t.shape)}")
+        if t.device != c.device:
+            raise ValueError(f"lowbit.{op}: {name} is on {t.device} but its cache is on {c.device}")
+        if c.dtype != torch.int8 and t.dtype != c.dtype:
+            raise TypeError(f"lowbit.{op}: {name} is {t.dtype} but the cache is {c.dtype}")
+    if value.shape[0] != key.shape[0]:
+        raise ValueError(f"lowbit.{op}: value has {value.shape[0]} tokens, key {key.shape[0]}")
+    _int_tensor(slot_mapping, "slot_mapping", torch.int64, 1, op, key_cache.device)
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"lowbit.{op}: slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
+    if slot_mapping.numel() and bool(((slot_mapping < -1) | (slot_mapping >= nb * bs)).any()):
+        bad = slot_mapping[(slot_mapping < -1) | (slot_mapping >= nb * bs)][0]
+        raise ValueError(f"lowbit.{op}: slot_mapping holds {int(bad)}, outside [-1, {nb * bs}) (num_blocks * "
+                         "block_size; -1 = skip)")
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    if slots.numel() == 0:
+        return
+    for t, c, s in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
+        rows = t[keep]
+        flat = c.view(nb * bs, h, c.shape[3])
+        if c.dtype == torch.int8:
+            codes, scales = int8_quantize_per_token(rows.contiguous())
+            flat[slots] = codes
+            s.view(nb * bs, h)[slots] = scales
+        else:
+            flat[slots] = rows
+
+
+# ---------------------------------------------------------------- paged_attention
+def validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
+                   window_left, window_right, op: str = "paged_attention") -> None:
+    nb, bs, hkv = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    chk.float_tensor(query, "query", op)
+    if query.dim() != 3:
+        raise ValueError(f"lowbit.{op}: query must be [tokens, num_heads, head_dim], got shape {tuple(query.shape)}")
+    if query.device != key_cache.device:
+        raise ValueError(f"lowbit.{op}: query is on {query.device} but key_cache is on {key_cache.device}")
+    if key_cache.dtype != torch.int8 and key_cache.dtype != query.dtype:
+        raise TypeError(f"lowbit.{op}: key_cache is {key_cache.dtype} but query is {query.dtype} (or use an int8 cache)")
+    hq = query.shape[1]
+    if query.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"lowbit.{op}: query head_dim {query.shape[2]} differs from key_cache's {key_cache.shape[3]}")
+    if hq % hkv:
+        raise ValueError(f"lowbit.{op}: query heads ({hq}) must be a multiple of the cache's kv heads ({hkv})")
+    _int_tensor(block_tables, "block_tables", torch.int32, 2, op, key_cache.device)
+    _int_tensor(seq_lens, "seq_lens", torch.int32, 1, op, key_cache.device)
+    _int_tensor(query_start_loc, "query_start_loc", torch.int32, 1, op, key_cache.device)
+    n = seq_lens.shape[0]
+    if block_tables.shape[0] != n:
+        raise ValueError(f"lowbit.{op}: block_tables has {block_tables.shape[0]} rows for {n} sequences (seq_lens)")
+    if query_start_loc.shape[0] != n + 1:
+        raise ValueError(f"lowbit.{op}: query_start_loc must have num_seqs + 1 = {n + 1} entries, got "
+                         f"{query_start_loc.shape[0]}")
+    chk.contiguous(block_tables, "block_tables", op)
+    check_scalars(None, window_left, window_right)
+    if n == 0:
+        return
+    if bool((seq_lens < 0).any()):
+        raise ValueError(f"lowbit.{op}: seq_lens must be >= 0, got {int(seq_lens.min())}")
+    need = (seq_lens.to(torch.int64) + bs - 1) // bs
+    if bool((need > block_tables.shape[1]).any()):
+        raise ValueError(f"lowbit.{op}: seq_lens up to {int(seq_lens.max())} need {int(need.max())} blocks of "
+                         f"{bs}, but block_tables has {block_tables.shape[1]} columns")
+    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < need[:, None]
+    bad = used & ((block_tables < 0) | (block_tables >= nb))
+    if bool(bad.any()):
+        raise ValueError(f"lowbit.{op}: block_tables holds block {int(block_tables[bad][0])}, outside the cache's "
+                         f"[0, {nb}) blocks")
+    qsl = query_start_loc.to(torch.int64)
+    qlen = qsl[1:] - qsl[:-1]
+    if int(qsl[0]) != 0 or int(qsl[-1]) != query.shape[0] or bool((qlen < 0).any()):
+        raise ValueError(f"lowbit.{op}: query_start_loc must rise from 0 to the number of query tokens "
+                         f"({query.shape[0]}), got {query_start_loc.tolist() if n < 10 else '...'}")
+    if bool(((qlen > seq_lens.to(torch.int64)) & (seq_lens > 0)).any()):
+        raise ValueError(f"lowbit.{op}: a sequence has more queries (query_start_loc) than keys (seq_lens): the "
+                         "queries are the last positions of their sequence")
+
+
+@torch.library.register_fake("lowbit::paged_attention", lib=_lib)
+def _paged_fake(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                window_left, window_right):
+    return query.new_empty((query.shape[0], query.shape[1], value_cache.shape[3]))
+
+
+def paged_attention_cpu(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
+                        v_scale, window_left, window_right):
+    # The kernel reads these through raw pointers: dense copies of any strided views.
+    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+    validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
+                   window_left, window_right)
+    tokens, hq, d = query.shape
+    dv = value_cache.shape[3]
+    out = query.new_empty((tokens, hq, dv))
+    n = seq_lens.shape[0]
+    if tokens == 0 or n == 0:
+        return out
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    kvcode = _native.DTYPE_CODE.get(key_cache.dtype, 4)  # 4: int8 (lowbit/status.h, kI8)
+    nb, bs, hkv = key_cache.shape[:3]
+    st = _native._C.attention(
+        q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr(), _native.DTYPE_CODE[query.dtype],
+        kvcode, n, hq, hkv, 0, 0, d, dv, (0, q.stride(1), q.stride(0)), (0, d, hkv * d), (0, dv, hkv * dv),
+        (0, dv, hq * dv), query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], bs, 0 if k_scale is None else k_scale.data_ptr(),
+        0 if v_scale is None else v_scale.data_ptr(), 0, 0, (0, 0, 0, 0), resolve_scale(scale, d), 1, 1,
+        window_left, window_right, _native.get_num_threads())
+    _native.check(st, "paged_attention")
+    return out
+
+
+def _paged_cuda(*args):
+    raise NotImplementedError("lowbit.paged_attention: the attention kernels run on the CPU only for now")
+
+
+_lib.impl("paged_attention", paged_attention_cpu, "CPU")
+_lib.impl("paged_attention", _paged_cuda, "CUDA")
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=None, *, query_start_loc=None,
+                    k_scale=None, v_scale=None, window=None) -> torch.Tensor:
+    """Attention of query tokens against their sequences' paged caches (see module docstring)."""
+    op = "paged_attention"
+    chk.tensors(op, ("query_start_loc", "k_scale", "v_scale"), query=query, key_cache=key_cache,
+                value_cache=value_cache, block_tables=block_tables, seq_lens=seq_lens,
+                query_start_loc=query_start_loc, k_scale=k_scale, v_scale=v_scale)
+    if query_start_loc is None:  # decode: one query per sequence
+        if query.dim() >= 1 and query.shape[0] != seq_lens.shape[0]:
+            raise ValueError(f"lowbit.{op}: decode takes one query per sequence: query has {query.shape[0]} tokens "
+                             f"for {seq_lens.shape[0]} sequences (pass query_start_loc for chunked prefill)")
+        query_start_loc = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+    left, right = parse_window(window, op)
+    check_scalars(scale, left, right)
+    return torch.ops.lowbit.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                                            scale, k_scale, v_scale, left, right)
+
+
+# ---------------------------------------------------------------- block copies
+def _check_mapping(block_mapping, nb_src: int, nb_dst: int, op: str) -> tuple:
+    chk.tensor(block_mapping, "block_mapping", op)
+    chk.dtype(block_mapping, torch.int64, "block_mapping", op)
+    if block_mapping.dim() != 2 or block_mapping.shape[1] != 2:
+        raise ValueError(f"lowbit.{op}: block_mapping must be [n, 2] (src, dst) pairs, got {tuple(block_mapping.shape)}")
+    m = block_mapping.to("cpu")
+    src, dst = m[:, 0], m[:, 1]
+    for name, ids, nb in (("source", src, nb_src), ("destination", dst, nb_dst)):
+        if ids.numel() and bool(((ids < 0) | (ids >= nb)).any()):
+            raise ValueError(f"lowbit.{op}: block_mapping has a {name} block {int(ids[(ids < 0) | (ids >= nb)][0])} "
+                             f"outside [0, {nb})")
+    return src, dst
+
+
+def copy_blocks(key_caches, value_caches, block_mapping, k_scales=None, v_scales=None) -> None:
+    """For every layer, block dst of the key / value caches (and INT8 scales) becomes a copy of block src."""
+    op = "copy_blocks"
+    if not isinstance(key_caches, (list, tuple)) or not isinstance(value_caches, (list, tuple)):
+        raise TypeError(f"lowbit.{op}: key_caches and value_caches must be lists of per-layer cache tensors")
+    if len(key_caches) != len(value_caches):
+        raise ValueError(f"lowbit.{op}: {len(key_caches)} key caches but {len(value_caches)} value caches")
+    ks = k_scales if k_scales is not None else [None] * len(key_caches)
+    vs = v_scales if v_scales is not None else [None] * len(key_caches)
+    if len(ks) != len(key_caches) or len(vs) != len(key_caches):
+        raise ValueError(f"lowbit.{op}: k_scales / v_scales must have one entry per layer")
+    pairs = []  # every layer is checked before any is touched
+    for kc, vc, k_s, v_s in zip(key_caches, value_caches, ks, vs):
+        nb, _, _ = check_caches(kc, vc, k_s, v_s, op)
+        pairs.append(_check_mapping(block_mapping, nb, nb, op))
+    for (src, dst), *tensors in zip(pairs, key_caches, value_caches, ks, vs):
+        for t in tensors:
+            if t is not None:
+                t[dst.to(t.device)] = t[src.to(t.device)]
+
+
+def swap_blocks(src, dst, block_mapping) -> None:
+    """dst[d] = src[s] for each (s, d) row of block_mapping; src and dst may live on different devices."""
+    op = "swap_blocks"
+    for name, t in (("src", src), ("dst", dst)):
+        chk.tensor(t, name, op)
+        if t.dim() < 1:
+            raise ValueError(f"lowbit.{op}: {name} must have a leading num_blocks dim")
+    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
+        raise ValueError(f"lowbit.{op}: src {src.dtype} {tuple(src.shape)} and dst {dst.dtype} {tuple(dst.shape)} "
+                         "must agree in dtype and block shape")
+    s, d = _check_mapping(block_mapping, src.shape[0], dst.shape[0], op)
+    dst[d.to(dst.device)] = src[s.to(src.device)].to(dst.device)
