@@ -266,6 +266,7 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
   float* V = KT + D * kKeyTile;            // [kKeyTile, Dvp]
   float* S = V + kKeyTile * ldv;           // [kRowBlock, kKeyTile]
   float* krow = S + kRowBlock * kKeyTile;  // [max(D, Dv)]
+  float* Kstage = krow + std::max(D, Dv);   // [kKeyTile, D]: converted key rows (non-fp32 sources)
   const bool direct = G.direct;
   float alpha[kRowBlock];
   int64_t lo[kRowBlock], hi[kRowBlock], kvh[kRowBlock];
@@ -294,10 +295,19 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
           S[r * kKeyTile + j] = dot(Q + r * D, kr, D);
         }
       }
-    } else {  // K tile, transposed; V tile, rows padded to Dvp
+    } else {  // K tile, transposed (kW x kW blocks in registers); V tile, rows padded to Dvp
+      const float* krows[kKeyTile];
+      for (int j = 0; j < n; ++j) krows[j] = G.kv_row(p.k, p.k_stride, p.k_scale, b, kv, t0 + j, D, Kstage + j * D);
+      int j0 = 0;
+      for (; j0 + kW <= n; j0 += kW) {
+        int64_t d0 = 0;
+        for (; d0 + kW <= D; d0 += kW) transpose_kw(krows + j0, d0, KT + d0 * kKeyTile + j0, kKeyTile);
+        for (; d0 < D; ++d0)
+          for (int i = 0; i < kW; ++i) KT[d0 * kKeyTile + j0 + i] = krows[j0 + i][d0];
+      }
+      for (; j0 < n; ++j0)
+        for (int64_t d = 0; d < D; ++d) KT[d * kKeyTile + j0] = krows[j0][d];
       for (int j = 0; j < n; ++j) {
-        const float* kr = G.kv_row(p.k, p.k_stride, p.k_scale, b, kv, t0 + j, D, krow);
-        for (int64_t d = 0; d < D; ++d) KT[d * kKeyTile + j] = kr[d];
         float* vr = V + j * ldv;
         const float* src = G.kv_row(p.v, p.v_stride, p.v_scale, b, kv, t0 + j, Dv, vr);
         if (src != vr) std::copy(src, src + Dv, vr);
@@ -389,8 +399,8 @@ int attention(const AttentionParams& p) {
     splits = std::max<int64_t>(1, std::min((2 * nthreads + base - 1) / std::max<int64_t>(base, 1),
                                            max_s / kMinKeysPerSplit));
   const int64_t state_floats = kRowBlock * (G.Dvp + 2);
-  const int64_t scratch_floats =
-      kRowBlock * p.D + p.D * kKeyTile + kKeyTile * G.Dvp + kRowBlock * kKeyTile + std::max(p.D, p.Dv);
+  const int64_t scratch_floats = kRowBlock * p.D + p.D * kKeyTile + kKeyTile * G.Dvp + kRowBlock * kKeyTile +
+                                 std::max(p.D, p.Dv) + kKeyTile * p.D;
   auto state_at = [&](float* sp) {
     return BlockState{sp, sp + kRowBlock * G.Dvp, sp + kRowBlock * G.Dvp + kRowBlock};
   };

@@ -187,6 +187,60 @@ inline VF vf_exp(VF x) {
   return vf_zero_where_neg_inf(x, vf_pow2i(p, n));
 }
 
+// Transposes a kW x kW block: dst[c * ld + i] = rows[i][d0 + c] (i, c < kW).
+#if LOWBIT_SIMD_AVX512
+inline void transpose_kw(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + d0);
+  for (int i = 0; i < 8; ++i) {  // 32-bit pairs: lane L of t[2i] = (row 2i, 2i+1) x cols 4L, 4L+1
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 64-bit pairs: lane L of r[4i + k] = rows 4i..4i+3 at col 4L + k
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int k = 0; k < 4; ++k) {  // 128-bit lanes, twice: column c = 4L + k gathers its 4 row groups
+    t[k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    t[k + 4] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    t[k + 8] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    t[k + 12] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
+    r[k + 4] = _mm512_shuffle_f32x4(t[k + 4], t[k + 12], 0x88);
+    r[k + 12] = _mm512_shuffle_f32x4(t[k + 4], t[k + 12], 0xDD);
+  }
+  for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + c * ld, r[c]);
+}
+#elif LOWBIT_SIMD_AVX2
+inline void transpose_kw(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + d0);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // lane L of r[4i + k] = rows 4i..4i+3 at col 4L + k
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(dst + k * ld, _mm256_permute2f128_ps(r[k], r[4 + k], 0x20));
+    _mm256_storeu_ps(dst + (4 + k) * ld, _mm256_permute2f128_ps(r[k], r[4 + k], 0x31));
+  }
+}
+#else
+inline void transpose_kw(const float* const* rows, int64_t d0, float* dst, int64_t) { dst[0] = rows[0][d0]; }
+#endif
+
 // ---------------------------------------------------------------- panel ops
 // AccI32: 16 int32, one per row of a panel.  XI8: one activation quad, prepared.
 // kU8Activations: the dot product takes activations as u8 = x + 128 (the
