@@ -23,7 +23,7 @@ _STATUS_TEXT = {
 }
 
 # lowbit::DType
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.bool: 3}
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.bool: 3, torch.int8: 4}
 
 
 def check(status: int, op: str) -> None:

@@ -197,7 +197,7 @@ def paged_attention_cpu(query, key_cache, value_cache, block_tables, seq_lens, q
     if tokens == 0 or n == 0:
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
-    kvcode = _native.DTYPE_CODE.get(key_cache.dtype, 4)  # 4: int8 (lowbit/status.h, kI8)
+    kvcode = _native.DTYPE_CODE[key_cache.dtype]
     nb, bs, hkv = key_cache.shape[:3]
     st = _native._C.attention(
         q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr(), _native.DTYPE_CODE[query.dtype],
