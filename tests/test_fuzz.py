@@ -1,11 +1,12 @@
-"""Property-based fuzzing of the INT8 and INT4 ops with hypothesis (issue: reliability).
+"""Property-based fuzzing of the INT8, INT4 and attention ops with hypothesis (issue: reliability).
 
 Valid calls (random shapes, dtypes, ISA levels, strided / offset / 3-D activations,
 bias or not; for INT4 also group sizes, symmetric or not, fp16 / fp32 scales) must
 match the float64 reference, and the fp16 / bf16 results must be the fp32 result
 rounded once; invalid calls (one argument broken at a time) must raise ValueError /
 TypeError naming that argument. A crash fails the whole run.
-About 10,000 INT8 cases per run (FUZZ_EXAMPLES below) plus 1,600 INT4 cases (INT4_FUZZ_EXAMPLES).
+About 10,000 INT8 cases per run (FUZZ_EXAMPLES below), 1,600 INT4 cases (INT4_FUZZ_EXAMPLES) and
+600 attention cases (contiguous and paged, ATTN_FUZZ_EXAMPLES).
 """
 from __future__ import annotations
 
@@ -262,3 +263,95 @@ def test_fuzz_int4_linear_invalid(data, m, n, group, kk, sym, sdtype, scheme):
     args, pattern = _int4_breakage(data.draw, torch.randn(m, k), qw, ps, pm, n, torch.randn(n))
     with pytest.raises((TypeError, ValueError, NotImplementedError), match=pattern):
         OPS4[scheme](**args)
+
+
+# =====================================================================================
+# attention: contiguous (lowbit.attention) and paged (lowbit.ops.paged_attention)
+# =====================================================================================
+ATTN_FUZZ_EXAMPLES = 300  # per test below
+FUZZ_ATTN = settings(max_examples=ATTN_FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+ATTN_OUT_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _attn_close(y, exact, v, what):
+    """fp32 accumulation error (a few ulps of the value scale) plus one rounding to y's dtype."""
+    vmax = float(v.double().abs().max()) if v.numel() else 0.0
+    tol = 2e-6 * vmax + 2 * ATTN_OUT_EPS[y.dtype] * (exact.abs() + vmax * 1e-3)
+    err = (y.double() - exact).abs()
+    assert bool((err <= tol).all()), f"{what}: max error {float(err.max()):.3g}"
+
+
+@FUZZ_ATTN
+@given(st.data())
+def test_fuzz_attention_valid(data):
+    draw = data.draw
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    hkv, ratio = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3]))
+    b, L, S = draw(st.integers(1, 2)), draw(st.integers(1, 40)), draw(st.integers(1, 150))
+    d, dv = draw(st.sampled_from([8, 16, 32, 40, 64])), draw(st.sampled_from([8, 24, 64]))
+    dtype = draw(st.sampled_from(DTYPES))
+    q = (torch.randn(b, hkv * ratio, L, d, generator=gen) * draw(st.sampled_from([0.1, 1.0, 4.0]))).to(dtype)
+    k, v = torch.randn(b, hkv, S, d, generator=gen).to(dtype), torch.randn(b, hkv, S, dv, generator=gen).to(dtype)
+    causal = draw(st.booleans())
+    align = draw(st.sampled_from(["top_left", "bottom_right"]))
+    window = draw(st.sampled_from([None, (draw(st.integers(-1, 50)), draw(st.integers(-1, 50)))]))
+    mask = None
+    if not causal and draw(st.booleans()):
+        shape = draw(st.sampled_from([(L, S), (1, L, S), (hkv * ratio, 1, S)]))
+        mask = torch.rand(shape, generator=gen) > 0.3
+        if draw(st.booleans()):
+            mask = torch.zeros(shape).masked_fill(~mask, float("-inf")).to(dtype)
+    isa = draw(st.sampled_from(lowbit.supported_cpu_isas()))
+    y = _at_isa(isa, lambda: lowbit.attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=ratio > 1,
+                                              causal_alignment=align, window=window))
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    exact = lowbit.ref.attention.attention(q.double(), k.double(), v.double(), m64, causal, None, align, window)
+    _attn_close(y, exact, v, f"{isa} attention")
+
+
+@FUZZ_ATTN
+@given(st.data())
+def test_fuzz_paged_attention_valid(data):
+    draw = data.draw
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    hkv, ratio, d = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([8, 32, 48]))
+    bs, nseq = draw(st.sampled_from([1, 4, 16])), draw(st.integers(1, 4))
+    lens = [draw(st.integers(0, 90)) for _ in range(nseq)]
+    qlens = [min(draw(st.integers(0, 5)), n) for n in lens]
+    int8 = draw(st.booleans())
+    need = [(n + bs - 1) // bs for n in lens]
+    nb = sum(need) + draw(st.integers(0, 4)) + 1
+    perm = torch.randperm(nb, generator=gen)
+    kc, vc = (torch.full((nb, bs, hkv, d), float("nan")) for _ in range(2))  # unused slots poisoned
+    ks = vs = None
+    if int8:
+        kc, vc = (torch.randint(-127, 128, (nb, bs, hkv, d), generator=gen).to(torch.int8) for _ in range(2))
+        ks, vs = (torch.full((nb, bs, hkv), float("nan")) for _ in range(2))
+    tables = torch.randint(-5, 2 * nb, (nseq, max(need + [1])), generator=gen).to(torch.int32)  # junk past the end
+    ks_, vs_, used = [], [], 0
+    for s, n in enumerate(lens):
+        tables[s, : need[s]] = perm[used:used + need[s]].to(torch.int32)
+        used += need[s]
+        kk, vv = torch.randn(n, hkv, d, generator=gen), torch.randn(n, hkv, d, generator=gen)
+        pos = torch.arange(n)
+        slots = tables[s].to(torch.int64)[pos // bs] * bs + pos % bs
+        lowbit.ops.reshape_and_cache(kk, vv, kc, vc, slots, ks, vs)
+        ks_.append(kk)
+        vs_.append(vv)
+    qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), hkv * ratio, d, generator=gen)
+    isa = draw(st.sampled_from(lowbit.supported_cpu_isas()))
+    y = _at_isa(isa, lambda: lowbit.ops.paged_attention(q, kc, vc, tables, torch.tensor(lens, dtype=torch.int32),
+                                                        query_start_loc=qsl, k_scale=ks, v_scale=vs))
+    for s, n in enumerate(lens):
+        if qlens[s] == 0:
+            continue
+        kk, vv = ks_[s], vs_[s]
+        if int8:  # the reference sees the cache's dequantized values
+            qk, sk = ref.quantize_per_token(kk)
+            qv, sv = ref.quantize_per_token(vv)
+            kk, vv = qk.double() * sk.double()[..., None], qv.double() * sv.double()[..., None]
+        qq = q[qsl[s]:qsl[s + 1]].transpose(0, 1).double()
+        exact = lowbit.ref.attention.attention(qq, kk.transpose(0, 1).double(), vv.transpose(0, 1).double(),
+                                               is_causal=True, causal_alignment="bottom_right").transpose(0, 1)
+        _attn_close(y[qsl[s]:qsl[s + 1]], exact, vv, f"{isa} paged seq {s}")
