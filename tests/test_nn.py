@@ -1,6 +1,9 @@
 """lowbit.nn (Int8Linear) and lowbit.quantize."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -171,11 +174,16 @@ def test_replaced_buffers_are_validated(gen, scheme, case):
             mod(x)
 
 
+def assert_rejected_in_subprocess(code: str, tmp_path, name: str) -> None:
+    """Runs code in a fresh interpreter: it must survive and print 'rejected: <error naming name>'."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"the process died (exit code {r.returncode}): {r.stderr[-500:]}"
+    assert r.stdout.startswith("rejected:") and name in r.stdout, r.stdout
+
+
 def test_replaced_qweight_does_not_crash(tmp_path):
     """The same, at a size where reading past the buffer segfaults (so it runs in a subprocess)."""
-    import os
-    import subprocess
-    import sys
 
     code = """
 import torch, lowbit
@@ -189,10 +197,7 @@ except (ValueError, TypeError) as e:
 else:
     print("accepted")
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, f"the process died (exit code {r.returncode}): {r.stderr[-500:]}"
-    assert r.stdout.startswith("rejected:") and "qweight" in r.stdout, r.stdout
+    assert_rejected_in_subprocess(code, tmp_path, "qweight")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
@@ -1006,9 +1011,6 @@ def test_int4_replaced_buffers_are_validated(gen, scheme, case):
 
 def test_int4_replaced_qweight_does_not_crash(tmp_path):
     """The same, at a size where reading past the buffer segfaults (so it runs in a subprocess)."""
-    import os
-    import subprocess
-    import sys
 
     code = """
 import torch, lowbit
@@ -1023,10 +1025,7 @@ except (ValueError, TypeError) as e:
 else:
     print("accepted")
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, f"the process died (exit code {r.returncode}): {r.stderr[-500:]}"
-    assert r.stdout.startswith("rejected:") and "qweight" in r.stdout, r.stdout
+    assert_rejected_in_subprocess(code, tmp_path, "qweight")
 
 
 # ---------------------------------------------------------------- lowbit.quantize

@@ -35,31 +35,22 @@ Isa detect() {
   return vnni ? kAvx512Vnni : kAvx512;
 }
 
+// Every op family of one ISA copy fills its entries (a new family adds one line here).
+#define LOWBIT_REGISTER_ALL(isa) \
+  isa::register_int8(t);         \
+  isa::register_int4(t);         \
+  isa::register_attention(t)
+
 KernelTable make_table(Isa isa) {
   KernelTable t{};
   switch (isa) {
-    case kScalar:
-      scalar::register_int8(t);
-      scalar::register_int4(t);
-      scalar::register_attention(t);
-      break;
-    case kAvx2:
-      avx2::register_int8(t);
-      avx2::register_int4(t);
-      avx2::register_attention(t);
-      break;
-    case kAvx512:
-      avx512::register_int8(t);
-      avx512::register_int4(t);
-      avx512::register_attention(t);
-      break;
-    case kAvx512Vnni:
-      avx512_vnni::register_int8(t);
-      avx512_vnni::register_int4(t);
-      avx512_vnni::register_attention(t);
-      break;
+    case kScalar: LOWBIT_REGISTER_ALL(scalar); break;
+    case kAvx2: LOWBIT_REGISTER_ALL(avx2); break;
+    case kAvx512: LOWBIT_REGISTER_ALL(avx512); break;
+    case kAvx512Vnni: LOWBIT_REGISTER_ALL(avx512_vnni); break;
     default: break;
   }
+#undef LOWBIT_REGISTER_ALL
   return t;
 }
 

@@ -77,11 +77,10 @@ def validate(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_
             raise ValueError(f"lowbit.{OP}: attn_mask is on {attn_mask.device} but query is on {query.device}")
         full = (*query.shape[:-1], key.shape[-2])
         try:
-            torch.broadcast_shapes(attn_mask.shape, full)
+            fits = torch.broadcast_shapes(attn_mask.shape, full) == full
         except RuntimeError:
-            raise ValueError(f"lowbit.{OP}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"[..., Hq, L, S] = {full}") from None
-        if torch.broadcast_shapes(attn_mask.shape, full) != full:
+            fits = False
+        if not fits:
             raise ValueError(f"lowbit.{OP}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"[..., Hq, L, S] = {full}")
         if is_causal:

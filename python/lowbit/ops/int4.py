@@ -29,7 +29,7 @@ import torch
 from .. import _native
 from ..formats import int4 as fmt
 from . import _check as chk
-from .int8 import _bias_args, validate_x
+from .int8 import run_cpu_kernel, validate_x
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
 for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
@@ -104,14 +104,9 @@ for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
 # ---------------------------------------------------------------- CPU
 def run_linear_cpu(kernel, op, x, qweight, scales, mins, n, bias, k, g):
     """Runs a validated CPU INT4 linear (the modules call this directly on their eager hot path)."""
-    x2 = chk.rows(x)
-    m = x2.shape[0]
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    st = kernel(x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
-                scales.data_ptr(), 0 if mins is None else mins.data_ptr(), _native.DTYPE_CODE[scales.dtype], g, n,
-                *_bias_args(bias), y.data_ptr(), n, _native.get_num_threads())
-    _native.check(st, op)
-    return y
+    weights = (qweight.data_ptr(), scales.data_ptr(), 0 if mins is None else mins.data_ptr(),
+               _native.DTYPE_CODE[scales.dtype], g, n)
+    return run_cpu_kernel(kernel, op, x, k, weights, n, bias)
 
 
 def _cpu_impl(op):

@@ -129,15 +129,20 @@ def quantize_per_token_cpu(x):
     return q.view(x.shape), s.view(x.shape[:-1])
 
 
-def run_linear_cpu(kernel, op, x, qweight, scale, bias, n, k):
-    """Runs a validated CPU linear (the modules call this directly on their eager hot path)."""
+def run_cpu_kernel(kernel, op, x, k, weight_args: tuple, n, bias):
+    """Calls a CPU linear kernel of any family: (x rows, *weight_args, bias, y [..., n], threads).
+    Arguments are validated already; returns y."""
     x2 = chk.rows(x)
-    m = x2.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    st = kernel(x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
-                scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n, _native.get_num_threads())
+    st = kernel(x2.data_ptr(), _native.DTYPE_CODE[x.dtype], x2.shape[0], k, chk.row_stride(x2), *weight_args,
+                *_bias_args(bias), y.data_ptr(), n, _native.get_num_threads())
     _native.check(st, op)
     return y
+
+
+def run_linear_cpu(kernel, op, x, qweight, scale, bias, n, k):
+    """Runs a validated CPU linear (the modules call this directly on their eager hot path)."""
+    return run_cpu_kernel(kernel, op, x, k, (qweight.data_ptr(), scale.data_ptr(), n), n, bias)
 
 
 def linear_w8a16_cpu(x, qweight, scale, bias=None):
