@@ -78,8 +78,8 @@ def fill_caches(seqs, slots, nb, bs, cache_dtype, gen):
                 sc.view(-1, hkv)[slots[s]] = rs
                 stored[s][j] = (codes.double() * rs.double()[..., None]).transpose(0, 1)
             else:
-                c.view(-1, hkv, dim)[slots[s]] = rows
-                stored[s][j] = kv[j].double()
+                c.view(-1, hkv, dim)[slots[s]] = rows.to(cache_dtype)
+                stored[s][j] = kv[j].to(cache_dtype).double()  # as the cache holds it
         caches.append(c)
         scales.append(sc)
     return caches[0], caches[1], scales[0], scales[1], [tuple(x) for x in stored]
@@ -326,6 +326,29 @@ def test_int8_cache_matches_dequantized_reference(isa, gen, qdtype):
     check_paged(ops.paged_attention(q, **args, query_start_loc=qsl), q, stored, qsl, what=f"{isa} int8 prefill")
 
 
+@pytest.mark.parametrize("qdtype,cdtype", [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                            (torch.bfloat16, torch.float32)], ids=str)
+def test_float_cache_of_another_dtype(isa, gen, qdtype, cdtype):
+    """A float cache need not have the activations' dtype (fp32 activations over an fp16 cache is
+    llama.cpp's default): writes round to the cache dtype, attention reads what the cache holds."""
+    lens, qlens = PREFILL
+    args, _, stored = build(gen, lens, 2, 64, 64, qdtype, cache_dtype=cdtype)
+    dargs, dstored = drop_empty(args, stored)
+    q = randn((len(dstored), 6, 64), gen, qdtype)
+    check_paged(ops.paged_attention(q, **dargs), q, dstored, torch.arange(len(dstored) + 1),
+                what=f"{isa} {cdtype} cache decode")
+    qsl = qsl_of(qlens)
+    q = randn((sum(qlens), 6, 64), gen, qdtype)
+    check_paged(ops.paged_attention(q, **args, query_start_loc=qsl), q, stored, qsl, what=f"{isa} {cdtype} prefill")
+    key, value = randn((5, 2, 64), gen, qdtype), randn((5, 2, 64), gen, qdtype)
+    kc, vc = torch.full((4, BS, 2, 64), float("nan"), dtype=cdtype), torch.full((4, BS, 2, 64), float("nan"), dtype=cdtype)
+    slots = torch.tensor([3, 0, -1, 2 * BS + 1, 4 * BS - 1])
+    ops.reshape_and_cache(key, value, kc, vc, slots)
+    keep = slots >= 0
+    assert torch.equal(kc.view(-1, 2, 64)[slots[keep]], key[keep].to(cdtype))
+    assert torch.equal(vc.view(-1, 2, 64)[slots[keep]], value[keep].to(cdtype))
+
+
 def int8_error_bound(q, seqs, k_scale_rows, v_scale_rows, scale):
     """Worst-case |out_int8 - out_exact| per (query, head), for decode.
 
@@ -543,7 +566,6 @@ PAGED_BAD = {
     "scales_on_float_cache": (lambda a: a.update(k_scale=torch.ones(a["key_cache"].shape[:3]),
                                                  v_scale=torch.ones(a["key_cache"].shape[:3])), ValueError,
                               "k_scale"),
-    "query_dtype_vs_cache": (lambda a: a.update(query=a["query"].half()), TypeError, "key_cache"),
     "value_cache_dtype": (lambda a: a.update(value_cache=a["value_cache"].half()), TypeError, "value_cache"),
     "query_int": (_set("query", torch.ones(3, 4, 32, dtype=torch.int32)), TypeError, "query"),
     "query_2d": (_set("query", torch.randn(3, 32)), ValueError, "query"),
@@ -631,7 +653,6 @@ WRITE_BAD = {
     "key_heads": (_set("key", torch.randn(5, 3, 16)), ValueError, "key"),
     "value_head_dim": (_set("value", torch.randn(5, 2, 8)), ValueError, "value"),
     "value_tokens": (_set("value", torch.randn(4, 2, 16)), ValueError, "value"),
-    "key_dtype_vs_cache": (lambda a: a.update(key=a["key"].half()), TypeError, "key"),
     "key_int": (_set("key", torch.ones(5, 2, 16, dtype=torch.int32)), TypeError, "key"),
     "cache_dtype_pair": (lambda a: a.update(value_cache=a["value_cache"].half()), TypeError, "value_cache"),
     "int8_without_scales": (lambda a: _int8_args(a, False, False), ValueError, "k_scale"),

@@ -96,4 +96,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_linear_w4a16", &int4_linear<&KernelTable::int4_linear_w4a16>, nogil);
   m.def("int4_linear_w4a8", &int4_linear<&KernelTable::int4_linear_w4a8>, nogil);
   m.def("attention", &attention, nogil);
+  m.def("rms_norm", [](uintptr_t x, uintptr_t residual, uintptr_t weight, int w_dtype, uintptr_t out,
+                       uintptr_t sum_out, int dtype, int64_t M, int64_t K, float eps, int nthreads) {
+    return kernels().rms_norm(ptr<const void>(x), ptr<const void>(residual), ptr<const void>(weight), w_dtype,
+                              ptr<void>(out), ptr<void>(sum_out), dtype, M, K, eps, nthreads);
+  }, nogil);
+  m.def("silu_and_mul", [](uintptr_t x, uintptr_t out, int dtype, int64_t M, int64_t F, int nthreads) {
+    return kernels().silu_and_mul(ptr<const void>(x), ptr<void>(out), dtype, M, F, nthreads);
+  }, nogil);
+  m.def("rope", [](uintptr_t x, int dtype, int64_t T, int64_t H, int64_t ld_t, int64_t ld_h, uintptr_t cos,
+                   uintptr_t sin, int64_t R, int neox, int nthreads) {
+    return kernels().rope(ptr<void>(x), dtype, T, H, ld_t, ld_h, ptr<const float>(cos), ptr<const float>(sin), R,
+                          neox, nthreads);
+  }, nogil);
 }

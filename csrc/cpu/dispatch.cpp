@@ -39,7 +39,8 @@ Isa detect() {
 #define LOWBIT_REGISTER_ALL(isa) \
   isa::register_int8(t);         \
   isa::register_int4(t);         \
-  isa::register_attention(t)
+  isa::register_attention(t);    \
+  isa::register_fused(t)
 
 KernelTable make_table(Isa isa) {
   KernelTable t{};

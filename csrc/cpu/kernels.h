@@ -65,6 +65,15 @@ struct KernelTable {
                           const void* scales, const void* mins, int scale_dtype, int64_t group, int64_t N,
                           const void* bias, int bias_dtype, void* y, int64_t ldy, int nthreads);
   int (*attention)(const AttentionParams& p);
+  // fused family (csrc/cpu/fused.cpp): contiguous rows of dtype, fp32 arithmetic.
+  // rms_norm: s = x (+ residual, then stored to sum_out; null residual: no add), out = s * rsqrt(mean(s^2) + eps) * w.
+  int (*rms_norm)(const void* x, const void* residual, const void* weight, int w_dtype, void* out, void* sum_out,
+                  int dtype, int64_t M, int64_t K, float eps, int nthreads);
+  // silu_and_mul: x [M, 2F] (gate | up) -> out [M, F] = silu(gate) * up.
+  int (*silu_and_mul)(const void* x, void* out, int dtype, int64_t M, int64_t F, int nthreads);
+  // rope: x [T, H, >= 2R] (element strides ld_t, ld_h; unit inner), in place; cos / sin fp32 [T, R].
+  int (*rope)(void* x, int dtype, int64_t T, int64_t H, int64_t ld_t, int64_t ld_h, const float* cos,
+              const float* sin, int64_t R, int neox, int nthreads);
 };
 
 // Each ISA copy of a family registers its kernels into the table.
@@ -73,6 +82,7 @@ struct KernelTable {
   void register_int8(KernelTable& t); \
   void register_int4(KernelTable& t); \
   void register_attention(KernelTable& t); \
+  void register_fused(KernelTable& t); \
   }
 LOWBIT_DECLARE_ISA(scalar)
 LOWBIT_DECLARE_ISA(avx2)

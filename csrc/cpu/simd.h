@@ -64,6 +64,7 @@ inline float vf_hmax(VF a) { return _mm512_reduce_max_ps(a.v); }
 inline float vf_hsum(VF a) { return _mm512_reduce_add_ps(a.v); }
 inline bool vf_any_nan(VF a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) != 0; }
 inline VF vf_sub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VF vf_div(VF a, VF b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline VF vf_fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline VF vf_round(VF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline VF vf_pow2i(VF p, VF n) { return {_mm512_scalef_ps(p.v, n.v)}; }  // p * 2^n, n integral
@@ -118,6 +119,7 @@ inline float vf_hsum(VF a) {
 }
 inline bool vf_any_nan(VF a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
 inline VF vf_sub(VF a, VF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VF vf_div(VF a, VF b) { return {_mm256_div_ps(a.v, b.v)}; }
 inline VF vf_fma(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline VF vf_round(VF a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 // p * 2^n for integral n in [-126, 127]: n goes straight into an exponent field.
@@ -156,6 +158,7 @@ inline float vf_hmax(VF a) { return a.v; }
 inline float vf_hsum(VF a) { return a.v; }
 inline bool vf_any_nan(VF a) { return std::isnan(a.v); }
 inline VF vf_sub(VF a, VF b) { return {a.v - b.v}; }
+inline VF vf_div(VF a, VF b) { return {a.v / b.v}; }
 inline VF vf_fma(VF a, VF b, VF c) { return {std::fma(a.v, b.v, c.v)}; }
 inline VF vf_round(VF a) { return {std::nearbyint(a.v)}; }
 inline VF vf_pow2i(VF p, VF n) { return {std::ldexp(p.v, static_cast<int>(n.v))}; }

@@ -1,7 +1,7 @@
 """lowbit.PagedKVCache: paged key/value caches for a model's layers, with a block allocator.
 
     cache = lowbit.PagedKVCache(num_layers=32, num_blocks=512, block_size=16, num_kv_heads=8, head_dim=128,
-                                dtype=torch.bfloat16)            # cache_dtype=torch.int8 for an INT8 cache
+                                dtype=torch.bfloat16)            # cache_dtype=torch.int8: INT8 cache
     cache.add(seq)                                   # a new, empty sequence
     slots = cache.append(seq, n)                     # room for n more tokens: their slots (int64 [n])
     for layer in ...:
@@ -33,8 +33,9 @@ class PagedKVCache:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"PagedKVCache: dtype must be float32, float16 or bfloat16, got {dtype}")
         cache_dtype = dtype if cache_dtype is None else cache_dtype
-        if cache_dtype not in (dtype, torch.int8):
-            raise TypeError(f"PagedKVCache: cache_dtype must be the model dtype {dtype} or torch.int8, got {cache_dtype}")
+        if cache_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+            raise TypeError(f"PagedKVCache: cache_dtype must be float32, float16, bfloat16 or torch.int8, got "
+                            f"{cache_dtype}")
         dv = head_dim if value_head_dim is None else value_head_dim
         self.num_blocks, self.block_size, self.dtype, self.cache_dtype = num_blocks, block_size, dtype, cache_dtype
         shape_k = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -148,6 +149,16 @@ class PagedKVCache:
                                    k_scale=None if self.k_scales is None else self.k_scales[layer],
                                    v_scale=None if self.v_scales is None else self.v_scales[layer], window=window)
 
+    def step(self, seqs, slots: torch.Tensor, query_start_loc=None, window=None) -> "CacheStep":
+        """One forward pass of a model over seqs, whose token slots (from append) are slots:
+        the tables are built and validated once (lowbit.ops.PagedStep) and shared by all layers:
+        ``step.write(layer, key, value)``, ``step.attention(layer, query, scale)``."""
+        return CacheStep(self, ops.PagedStep(self.key_caches[0], self.value_caches[0],
+                                             None if self.k_scales is None else self.k_scales[0],
+                                             None if self.v_scales is None else self.v_scales[0],
+                                             self.block_tables(seqs), self.seq_lens(seqs), slots, query_start_loc,
+                                             window))
+
     def check_invariants(self) -> None:
         """AssertionError if the allocator's books are inconsistent (tests call it after every step)."""
         refs = [0] * self.num_blocks
@@ -157,3 +168,21 @@ class PagedKVCache:
                 refs[b] += 1
         assert refs == self._refs, "reference counts"
         assert sorted(self._free) == [b for b in range(self.num_blocks) if refs[b] == 0], "free list"
+
+
+class CacheStep:
+    """PagedKVCache.step's result: a lowbit.ops.PagedStep bound to the cache's layers."""
+
+    def __init__(self, cache: PagedKVCache, step):
+        self.cache, self.step = cache, step
+
+    def _layer(self, layer: int) -> tuple:
+        c = self.cache
+        return (c.key_caches[layer], c.value_caches[layer], None if c.k_scales is None else c.k_scales[layer],
+                None if c.v_scales is None else c.v_scales[layer])
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.step.write(key, value, *self._layer(layer))
+
+    def attention(self, layer: int, query: torch.Tensor, scale=None) -> torch.Tensor:
+        return self.step.attention(query, *self._layer(layer), scale)

@@ -19,12 +19,14 @@ from ..ops import int4 as int4_ops
 from ..ops import int8 as int8_ops
 from ..ops._check import FLOAT_DTYPES
 
-# scheme -> (op name, native CPU kernel, torch.library op)
+# scheme -> (op name = native CPU kernel name, torch.library op). The kernel is looked up in
+# lowbit._native._C at each call (cheap), so the benchmark can swap in no-op kernels to measure
+# the Python overhead of a model.
 _OPS = {
-    "w8a16": ("int8_linear_w8a16", _native._C.int8_linear_w8a16, torch.ops.lowbit.int8_linear_w8a16),
-    "w8a8": ("int8_linear_w8a8", _native._C.int8_linear_w8a8, torch.ops.lowbit.int8_linear_w8a8),
-    "w4a16": ("int4_linear_w4a16", _native._C.int4_linear_w4a16, torch.ops.lowbit.int4_linear_w4a16),
-    "w4a8": ("int4_linear_w4a8", _native._C.int4_linear_w4a8, torch.ops.lowbit.int4_linear_w4a8),
+    "w8a16": ("int8_linear_w8a16", torch.ops.lowbit.int8_linear_w8a16),
+    "w8a8": ("int8_linear_w8a8", torch.ops.lowbit.int8_linear_w8a8),
+    "w4a16": ("int4_linear_w4a16", torch.ops.lowbit.int4_linear_w4a16),
+    "w4a8": ("int4_linear_w4a8", torch.ops.lowbit.int4_linear_w4a8),
 }
 INT8_SCHEMES = ("w8a16", "w8a8")
 INT4_SCHEMES = ("w4a16", "w4a8")
@@ -198,13 +200,14 @@ class Int8Linear(_QuantizedLinear):
         return self.canonical_qweight().to(torch.float32) * self.scale[:, None]
 
     def _run_cpu(self, x):
-        name, kernel, _ = _OPS[self.scheme]
+        name = _OPS[self.scheme][0]
+        kernel = getattr(_native._C, name)
         int8_ops.validate_x(x, self.in_features, self.scale.device, name)
         return int8_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scale, self.bias, self.out_features,
                                        self.in_features)
 
     def _run_op(self, x):
-        return _OPS[self.scheme][2](x, self.qweight, self.scale, self.bias)
+        return _OPS[self.scheme][1](x, self.qweight, self.scale, self.bias)
 
     def _check_weights(self) -> None:
         int8_ops.validate_weights(self.qweight, self.scale, self.bias, self.in_features, "Int8Linear")
@@ -367,13 +370,14 @@ class Int4Linear(_QuantizedLinear):
 
     # ---- kernels
     def _run_cpu(self, x):
-        name, kernel, _ = _OPS[self.scheme]
+        name = _OPS[self.scheme][0]
+        kernel = getattr(_native._C, name)
         int8_ops.validate_x(x, self.in_features, self.scales.device, name)
         return int4_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scales, self.mins, self.out_features,
                                        self.bias, self.in_features, self.group_size)
 
     def _run_op(self, x):
-        return _OPS[self.scheme][2](x, self.qweight, self.scales, self.mins, self.out_features, self.bias)
+        return _OPS[self.scheme][1](x, self.qweight, self.scales, self.mins, self.out_features, self.bias)
 
     def _check_weights(self) -> None:
         if (self.mins is None) != self.symmetric:
@@ -388,3 +392,66 @@ class Int4Linear(_QuantizedLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme!r}, group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+class Int8BlockLinear(torch.nn.Module):
+    """nn.Linear with INT8 weights and one scale per block of 32 inputs: GGUF Q8_0,
+    w[n, k] = d[n, k // 32] * q[n, k], q int8 (inference only).
+
+    It runs on the INT4 kernels, exactly: with u = q + 128 in [0, 255] split into nibbles
+    hi = u >> 4 and lo = u & 15,  w = (16 d) * hi + (-128 d) + d * lo,  i.e. two asymmetric 4-bit
+    planes with the same groups. ``planes`` is one Int4Linear over 2K inputs (hi plane, then lo
+    plane) fed [x, x]: one kernel call, the bytes of Q8_0 (K bytes of codes per row), and no new
+    kernel family. scheme "w8a16" keeps activations in float (planes "w4a16"); "w8a8" quantizes
+    them per block of 32 (planes "w4a8"), which is llama.cpp's Q8_0 x Q8_0 product: both halves
+    of [x, x] get the same int8 blocks. Scales 16 d and mins -128 d are exact (powers of two).
+    """
+
+    _PLANES = {"w8a16": "w4a16", "w8a8": "w4a8"}
+
+    def __init__(self, planes: Int4Linear, scheme: str):
+        super().__init__()
+        self.planes, self.scheme = planes, scheme
+        self.in_features, self.out_features = planes.in_features // 2, planes.out_features
+
+    @classmethod
+    def from_int8(cls, codes, scales, bias=None, scheme: str = "w8a16") -> "Int8BlockLinear":
+        """codes int8 [N, K] (K a multiple of 32), scales float [N, K / 32] (lowbit.formats.gguf.from_gguf_q8_0)."""
+        if scheme not in cls._PLANES:
+            raise ValueError(f"Int8BlockLinear: scheme must be one of {tuple(cls._PLANES)}, got {scheme!r}")
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
+            raise TypeError("Int8BlockLinear: codes must be a 2-D torch.int8 tensor [N, K]")
+        n, k = codes.shape
+        if k % 32 or n == 0:
+            raise ValueError(f"Int8BlockLinear: codes shape {(n, k)}: K must be a positive multiple of 32")
+        if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n, k // 32):
+            raise ValueError(f"Int8BlockLinear: scales must have shape {(n, k // 32)}")
+        d = scales.detach().to(torch.float32)
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError("Int8BlockLinear: scales contain NaN or Inf")
+        u = codes.detach().to(torch.int16) + 128
+        planes = torch.cat([u >> 4, u & 15], dim=1).to(torch.uint8)
+        return cls(Int4Linear.from_int4(planes, torch.cat([16 * d, d], dim=1),
+                                        torch.cat([-128 * d, torch.zeros_like(d)], dim=1), bias,
+                                        cls._PLANES[scheme]), scheme)
+
+    def canonical(self) -> tuple:
+        """(codes int8 [N, K], scales fp32 [N, K / 32]): the Q8_0 weight, recovered exactly."""
+        codes, scales, _ = self.planes.canonical()
+        k = self.in_features
+        q = codes[:, :k].to(torch.int16) * 16 + codes[:, k:].to(torch.int16) - 128
+        return q.to(torch.int8), scales[:, k // 32:].contiguous()
+
+    @property
+    def bias(self):
+        return self.planes.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes, scales = self.canonical()
+        return codes.float() * scales.repeat_interleave(32, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.planes(torch.cat([x, x], dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme!r}"

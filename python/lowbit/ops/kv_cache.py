@@ -2,7 +2,9 @@
 
 Cache tensors are ``[num_blocks, block_size, num_kv_heads, head_dim]`` for keys and values (the
 value head dim may differ). A token's *slot* is ``block * block_size + offset``. The cache
-dtype is the model's float dtype, or ``torch.int8`` with one fp32 scale per token and head
+dtype is any float dtype (it need not be the model's: float32 activations with a float16 cache
+halve the bytes decode reads, as llama.cpp's default F16 cache does; writes round to it), or
+``torch.int8`` with one fp32 scale per token and head
 (``k_scale`` / ``v_scale``: ``[num_blocks, block_size, num_kv_heads]``): values are quantized on
 write (symmetric, scale = amax / 127 over the head dim, round half to even: the rule of
 lowbit.ops.int8_quantize_per_token) and dequantized inside attention, as the tiles are loaded.
@@ -91,10 +93,7 @@ def _int_tensor(t, name: str, dtype: torch.dtype, dim: int, op: str, device) -> 
 
 
 # ---------------------------------------------------------------- reshape_and_cache
-def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
-    """Writes key / value [num_tokens, num_kv_heads, head_dim] into their cache slots (see module docstring)."""
-    op = "reshape_and_cache"
-    nb, bs, h = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+def _check_kv(key, value, key_cache, value_cache, op: str) -> None:
     for name, t, c in (("key", key, key_cache), ("value", value, value_cache)):
         chk.float_tensor(t, name, op)
         if t.dim() != 3 or t.shape[1:] != c.shape[2:]:
@@ -102,51 +101,64 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=
                              f"got shape {tuple(t.shape)}")
         if t.device != c.device:
             raise ValueError(f"lowbit.{op}: {name} is on {t.device} but its cache is on {c.device}")
-        if c.dtype != torch.int8 and t.dtype != c.dtype:
-            raise TypeError(f"lowbit.{op}: {name} is {t.dtype} but the cache is {c.dtype}")
     if value.shape[0] != key.shape[0]:
         raise ValueError(f"lowbit.{op}: value has {value.shape[0]} tokens, key {key.shape[0]}")
-    _int_tensor(slot_mapping, "slot_mapping", torch.int64, 1, op, key_cache.device)
-    if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(f"lowbit.{op}: slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
+
+
+def _check_slots(slot_mapping, tokens: int, nb: int, bs: int, device, op: str) -> None:
+    _int_tensor(slot_mapping, "slot_mapping", torch.int64, 1, op, device)
+    if slot_mapping.shape[0] != tokens:
+        raise ValueError(f"lowbit.{op}: slot_mapping has {slot_mapping.shape[0]} entries for {tokens} tokens")
     if slot_mapping.numel() and bool(((slot_mapping < -1) | (slot_mapping >= nb * bs)).any()):
         bad = slot_mapping[(slot_mapping < -1) | (slot_mapping >= nb * bs)][0]
         raise ValueError(f"lowbit.{op}: slot_mapping holds {int(bad)}, outside [-1, {nb * bs}) (num_blocks * "
                          "block_size; -1 = skip)")
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    if slots.numel() == 0:
-        return
+
+
+def _write(key, value, key_cache, value_cache, k_scale, v_scale, keep, slots) -> None:
+    """Stores the rows keep (None: all) of key / value at the validated slots."""
     for t, c, s in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
-        rows = t[keep]
-        flat = c.view(nb * bs, h, c.shape[3])
+        rows = t if keep is None else t[keep]
+        flat = c.view(-1, c.shape[2], c.shape[3])
         if c.dtype == torch.int8:
             codes, scales = int8_quantize_per_token(rows.contiguous())
-            flat[slots] = codes
-            s.view(nb * bs, h)[slots] = scales
-        else:
-            flat[slots] = rows
+            flat.index_copy_(0, slots, codes)
+            s.view(-1, c.shape[2]).index_copy_(0, slots, scales)
+        else:  # a cache may be narrower than the model (an fp16 cache of fp32 activations, as llama.cpp's)
+            flat.index_copy_(0, slots, rows.to(c.dtype))
+
+
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Writes key / value [num_tokens, num_kv_heads, head_dim] into their cache slots (see module docstring)."""
+    op = "reshape_and_cache"
+    nb, bs, h = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    _check_kv(key, value, key_cache, value_cache, op)
+    _check_slots(slot_mapping, key.shape[0], nb, bs, key_cache.device, op)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    if slots.numel():
+        _write(key, value, key_cache, value_cache, k_scale, v_scale, keep, slots)
 
 
 # ---------------------------------------------------------------- paged_attention
-def validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
-                   window_left, window_right, op: str = "paged_attention") -> None:
-    nb, bs, hkv = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+def _check_query(query, key_cache, op: str) -> None:
     chk.float_tensor(query, "query", op)
     if query.dim() != 3:
         raise ValueError(f"lowbit.{op}: query must be [tokens, num_heads, head_dim], got shape {tuple(query.shape)}")
     if query.device != key_cache.device:
         raise ValueError(f"lowbit.{op}: query is on {query.device} but key_cache is on {key_cache.device}")
-    if key_cache.dtype != torch.int8 and key_cache.dtype != query.dtype:
-        raise TypeError(f"lowbit.{op}: key_cache is {key_cache.dtype} but query is {query.dtype} (or use an int8 cache)")
-    hq = query.shape[1]
     if query.shape[2] != key_cache.shape[3]:
         raise ValueError(f"lowbit.{op}: query head_dim {query.shape[2]} differs from key_cache's {key_cache.shape[3]}")
-    if hq % hkv:
-        raise ValueError(f"lowbit.{op}: query heads ({hq}) must be a multiple of the cache's kv heads ({hkv})")
-    _int_tensor(block_tables, "block_tables", torch.int32, 2, op, key_cache.device)
-    _int_tensor(seq_lens, "seq_lens", torch.int32, 1, op, key_cache.device)
-    _int_tensor(query_start_loc, "query_start_loc", torch.int32, 1, op, key_cache.device)
+    if query.shape[1] % key_cache.shape[2]:
+        raise ValueError(f"lowbit.{op}: query heads ({query.shape[1]}) must be a multiple of the cache's kv heads "
+                         f"({key_cache.shape[2]})")
+
+
+def _check_tables(block_tables, seq_lens, query_start_loc, tokens: int, nb: int, bs: int, device, op: str) -> None:
+    """The sequences' metadata: every block id used is in [0, nb), queries fit their sequences."""
+    _int_tensor(block_tables, "block_tables", torch.int32, 2, op, device)
+    _int_tensor(seq_lens, "seq_lens", torch.int32, 1, op, device)
+    _int_tensor(query_start_loc, "query_start_loc", torch.int32, 1, op, device)
     n = seq_lens.shape[0]
     if block_tables.shape[0] != n:
         raise ValueError(f"lowbit.{op}: block_tables has {block_tables.shape[0]} rows for {n} sequences (seq_lens)")
@@ -154,7 +166,6 @@ def validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_
         raise ValueError(f"lowbit.{op}: query_start_loc must have num_seqs + 1 = {n + 1} entries, got "
                          f"{query_start_loc.shape[0]}")
     chk.contiguous(block_tables, "block_tables", op)
-    check_scalars(None, window_left, window_right)
     if n == 0:
         return
     if bool((seq_lens < 0).any()):
@@ -170,12 +181,20 @@ def validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_
                          f"[0, {nb}) blocks")
     qsl = query_start_loc.to(torch.int64)
     qlen = qsl[1:] - qsl[:-1]
-    if int(qsl[0]) != 0 or int(qsl[-1]) != query.shape[0] or bool((qlen < 0).any()):
+    if int(qsl[0]) != 0 or int(qsl[-1]) != tokens or bool((qlen < 0).any()):
         raise ValueError(f"lowbit.{op}: query_start_loc must rise from 0 to the number of query tokens "
-                         f"({query.shape[0]}), got {query_start_loc.tolist() if n < 10 else '...'}")
+                         f"({tokens}), got {query_start_loc.tolist() if n < 10 else '...'}")
     if bool(((qlen > seq_lens.to(torch.int64)) & (seq_lens > 0)).any()):
         raise ValueError(f"lowbit.{op}: a sequence has more queries (query_start_loc) than keys (seq_lens): the "
                          "queries are the last positions of their sequence")
+
+
+def validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
+                   window_left, window_right, op: str = "paged_attention") -> None:
+    nb, bs, _ = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    _check_query(query, key_cache, op)
+    check_scalars(None, window_left, window_right)
+    _check_tables(block_tables, seq_lens, query_start_loc, query.shape[0], nb, bs, key_cache.device, op)
 
 
 @torch.library.register_fake("lowbit::paged_attention", lib=_lib)
@@ -184,12 +203,9 @@ def _paged_fake(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     return query.new_empty((query.shape[0], query.shape[1], value_cache.shape[3]))
 
 
-def paged_attention_cpu(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
-                        v_scale, window_left, window_right):
-    # The kernel reads these through raw pointers: dense copies of any strided views.
-    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
-    validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
-                   window_left, window_right)
+def _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
+               window_left, window_right) -> torch.Tensor:
+    """The CPU kernel on validated arguments (contiguous seq_lens / query_start_loc)."""
     tokens, hq, d = query.shape
     dv = value_cache.shape[3]
     out = query.new_empty((tokens, hq, dv))
@@ -197,17 +213,26 @@ def paged_attention_cpu(query, key_cache, value_cache, block_tables, seq_lens, q
     if tokens == 0 or n == 0:
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
-    kvcode = _native.DTYPE_CODE[key_cache.dtype]
     nb, bs, hkv = key_cache.shape[:3]
     st = _native._C.attention(
         q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr(), _native.DTYPE_CODE[query.dtype],
-        kvcode, n, hq, hkv, 0, 0, d, dv, (0, q.stride(1), q.stride(0)), (0, d, hkv * d), (0, dv, hkv * dv),
-        (0, dv, hq * dv), query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+        _native.DTYPE_CODE[key_cache.dtype], n, hq, hkv, 0, 0, d, dv, (0, q.stride(1), q.stride(0)), (0, d, hkv * d),
+        (0, dv, hkv * dv), (0, dv, hq * dv), query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
         block_tables.shape[1], bs, 0 if k_scale is None else k_scale.data_ptr(),
         0 if v_scale is None else v_scale.data_ptr(), 0, 0, (0, 0, 0, 0), resolve_scale(scale, d), 1, 1,
         window_left, window_right, _native.get_num_threads())
     _native.check(st, "paged_attention")
     return out
+
+
+def paged_attention_cpu(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
+                        v_scale, window_left, window_right):
+    # The kernel reads these through raw pointers: dense copies of any strided views.
+    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+    validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
+                   window_left, window_right)
+    return _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                      window_left, window_right)
 
 
 def _paged_cuda(*args):
@@ -234,6 +259,73 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale
     check_scalars(scale, left, right)
     return torch.ops.lowbit.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
                                             scale, k_scale, v_scale, left, right)
+
+
+class PagedStep:
+    """One model step over per-layer paged caches of one geometry (what lowbit.PagedKVCache holds):
+    the token slots and the sequences' block tables, lengths and query ranges are validated once
+    here, then every layer's write and attention only checks its own tensors (a model calls both
+    once per layer and token; re-validating the tables each time cost more than the kernels).
+
+        step = PagedStep(key_caches[0], value_caches[0], k_scales0, v_scales0, block_tables, seq_lens,
+                         slot_mapping, query_start_loc=None)   # None: decode, one query per sequence
+        step.write(key, value, key_caches[i], value_caches[i], k_scale_i, v_scale_i)  # reshape_and_cache
+        out = step.attention(query, key_caches[i], value_caches[i], k_scale_i, v_scale_i, scale)
+
+    The metadata tensors must not change while the step is used (they are read by the kernels).
+    """
+
+    def __init__(self, key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, slot_mapping,
+                 query_start_loc=None, window=None):
+        op = "PagedStep"
+        chk.tensors(op, ("query_start_loc", "k_scale", "v_scale"), key_cache=key_cache, value_cache=value_cache,
+                    block_tables=block_tables, seq_lens=seq_lens, slot_mapping=slot_mapping,
+                    query_start_loc=query_start_loc, k_scale=k_scale, v_scale=v_scale)
+        nb, bs, _ = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+        tokens = slot_mapping.shape[0] if slot_mapping.dim() == 1 else -1
+        if query_start_loc is None:
+            query_start_loc = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+        self.window = parse_window(window, op)
+        check_scalars(None, *self.window)
+        seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+        _check_tables(block_tables, seq_lens, query_start_loc, tokens, nb, bs, key_cache.device, op)
+        _check_slots(slot_mapping, tokens, nb, bs, key_cache.device, op)
+        keep = slot_mapping >= 0
+        self.keep = None if bool(keep.all()) else keep
+        self.slots = slot_mapping if self.keep is None else slot_mapping[keep]
+        self.tables = (block_tables, seq_lens, query_start_loc)
+        self.tokens = tokens
+        self.layout = (key_cache.shape, value_cache.shape, key_cache.dtype, key_cache.device)
+
+    def _check_caches(self, key_cache, value_cache, k_scale, v_scale, op: str) -> None:
+        if (key_cache.shape, value_cache.shape, key_cache.dtype, key_cache.device) != self.layout:
+            check_caches(key_cache, value_cache, k_scale, v_scale, op)  # names what is wrong, if anything
+            raise ValueError(f"lowbit.{op}: the caches differ in shape, dtype or device from the step's "
+                             f"{self.layout[:3]}")
+        if not (key_cache.is_contiguous() and value_cache.is_contiguous() and value_cache.dtype == key_cache.dtype):
+            check_caches(key_cache, value_cache, k_scale, v_scale, op)
+        if key_cache.dtype == torch.int8 or k_scale is not None or v_scale is not None:
+            check_caches(key_cache, value_cache, k_scale, v_scale, op)
+
+    def write(self, key, value, key_cache, value_cache, k_scale=None, v_scale=None) -> None:
+        """reshape_and_cache of this step's tokens into one layer's caches."""
+        op = "PagedStep.write"
+        self._check_caches(key_cache, value_cache, k_scale, v_scale, op)
+        _check_kv(key, value, key_cache, value_cache, op)
+        if key.shape[0] != self.tokens:
+            raise ValueError(f"lowbit.{op}: key has {key.shape[0]} tokens, the step {self.tokens}")
+        if self.slots.numel():
+            _write(key, value, key_cache, value_cache, k_scale, v_scale, self.keep, self.slots)
+
+    def attention(self, query, key_cache, value_cache, k_scale=None, v_scale=None, scale=None) -> torch.Tensor:
+        """paged_attention of this step's queries against one layer's caches."""
+        op = "PagedStep.attention"
+        self._check_caches(key_cache, value_cache, k_scale, v_scale, op)
+        _check_query(query, key_cache, op)
+        if query.shape[0] != self.tokens:
+            raise ValueError(f"lowbit.{op}: query has {query.shape[0]} tokens, the step {self.tokens}")
+        check_scalars(scale, *self.window)
+        return _run_paged(query, key_cache, value_cache, *self.tables, scale, k_scale, v_scale, *self.window)
 
 
 # ---------------------------------------------------------------- block copies

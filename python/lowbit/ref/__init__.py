@@ -1,2 +1,2 @@
 """Pure-torch reference implementations: the ground truth for tests. Clarity over speed."""
-from . import attention, int4, int8  # noqa: F401
+from . import attention, fused, int4, int8  # noqa: F401

@@ -1,0 +1,162 @@
+"""Fused row ops of a decoder layer (vLLM's names and meanings), one native call each.
+
+* ``rms_norm(x, weight, eps, residual=None)``: RMSNorm over the last dim,
+  ``x * rsqrt(mean(x^2) + eps) * weight``. With ``residual``: normalizes ``s = x + residual``
+  and returns ``(normed, s)`` (the pre-norm residual stream, as vLLM's fused_add_rms_norm).
+* ``silu_and_mul(x)``: ``x [..., 2F]`` (gate | up) -> ``silu(gate) * up [..., F]`` (SwiGLU).
+* ``rope_(x, cos, sin, neox)``: rotates, in place, the first ``2R`` dims of every head of
+  ``x [T, H, D]`` by the angles of ``cos`` / ``sin`` (float32 ``[T, R]``): NeoX pairs
+  ``(i, i + R)`` or adjacent pairs ``(2i, 2i + 1)`` (llama.cpp's "normal" RoPE of GGUF Llamas).
+
+fp32 / fp16 / bf16 tensors, arithmetic in fp32 (references: lowbit.ref.fused). Each is a
+torch.library op with a fake impl; the ``*_cpu`` functions are the eager fast path the model
+calls (same validation).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from . import _check as chk
+
+_lib = torch.library.Library("lowbit", "FRAGMENT")
+_lib.define("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual=None) -> (Tensor, Tensor)")
+_lib.define("silu_and_mul(Tensor x) -> Tensor")
+_lib.define("rope_(Tensor(a!) x, Tensor cos, Tensor sin, bool neox) -> ()")
+
+
+def _cpu_float(t, name: str, op: str) -> None:
+    chk.float_tensor(t, name, op)
+    if t.device.type != "cpu":
+        raise ValueError(f"lowbit.{op}: {name} is on {t.device}; this op runs on the CPU")
+
+
+def validate_rms_norm(x, weight, eps, residual, op: str = "rms_norm") -> None:
+    _cpu_float(x, "x", op)
+    _cpu_float(weight, "weight", op)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"lowbit.{op}: x must be [..., K] with K >= 1, got shape {tuple(x.shape)}")
+    chk.shape(weight, (x.shape[-1],), "weight", op)
+    chk.contiguous(weight, "weight", op)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"lowbit.{op}: eps must be a float >= 0, got {eps!r}")
+    if residual is not None:
+        _cpu_float(residual, "residual", op)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"lowbit.{op}: residual must match x ({x.dtype} {tuple(x.shape)}), got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
+
+
+def rms_norm_cpu(x, weight, eps, residual=None) -> tuple:
+    """(normed, s): s = x + residual (x itself when residual is None)."""
+    op = "rms_norm"
+    validate_rms_norm(x, weight, eps, residual, op)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    s = x if residual is None else torch.empty_like(x)
+    r = 0 if residual is None else residual.contiguous().data_ptr()
+    k = x.shape[-1]
+    st = _native._C.rms_norm(x.data_ptr(), r, weight.data_ptr(), _native.DTYPE_CODE[weight.dtype], out.data_ptr(),
+                             s.data_ptr(), _native.DTYPE_CODE[x.dtype], x.numel() // k, k, float(eps),
+                             _native.get_num_threads())
+    _native.check(st, op)
+    return out, s
+
+
+def validate_silu_and_mul(x, op: str = "silu_and_mul") -> None:
+    _cpu_float(x, "x", op)
+    if x.dim() < 1 or x.shape[-1] == 0 or x.shape[-1] % 2:
+        raise ValueError(f"lowbit.{op}: x must be [..., 2F] (gate | up) with F >= 1, got shape {tuple(x.shape)}")
+
+
+def silu_and_mul_cpu(x) -> torch.Tensor:
+    op = "silu_and_mul"
+    validate_silu_and_mul(x, op)
+    x = x.contiguous()
+    f = x.shape[-1] // 2
+    out = x.new_empty((*x.shape[:-1], f))
+    st = _native._C.silu_and_mul(x.data_ptr(), out.data_ptr(), _native.DTYPE_CODE[x.dtype], x.numel() // (2 * f), f,
+                                 _native.get_num_threads())
+    _native.check(st, op)
+    return out
+
+
+def validate_rope(x, cos, sin, neox, op: str = "rope_") -> None:
+    _cpu_float(x, "x", op)
+    if x.dim() != 3:
+        raise ValueError(f"lowbit.{op}: x must be [tokens, heads, head_dim], got shape {tuple(x.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        chk.tensor(t, name, op)
+        chk.dtype(t, torch.float32, name, op)
+        if t.dim() != 2 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"lowbit.{op}: {name} must be float32 [tokens={x.shape[0]}, R], got {tuple(t.shape)}")
+        chk.contiguous(t, name, op)
+        if t.device != x.device:
+            raise ValueError(f"lowbit.{op}: {name} is on {t.device} but x is on {x.device}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"lowbit.{op}: sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ")
+    if not 1 <= 2 * cos.shape[1] <= x.shape[2]:
+        raise ValueError(f"lowbit.{op}: 2R = {2 * cos.shape[1]} rotated dims must be in [2, head_dim = {x.shape[2]}]")
+    if x.numel() and (x.stride(2) != 1 or (x.shape[1] > 1 and x.stride(1) < x.shape[2])
+                      or (x.shape[0] > 1 and x.stride(0) < x.shape[1] * x.shape[2])):
+        raise ValueError(f"lowbit.{op}: x must have unit inner stride and non-overlapping heads and tokens, got "
+                         f"strides {tuple(x.stride())}")
+    if not isinstance(neox, bool):
+        raise TypeError(f"lowbit.{op}: neox must be a bool, got {type(neox).__name__}")
+
+
+def rope_cpu(x, cos, sin, neox) -> None:
+    op = "rope_"
+    validate_rope(x, cos, sin, neox, op)
+    if x.numel() == 0:
+        return
+    st = _native._C.rope(x.data_ptr(), _native.DTYPE_CODE[x.dtype], x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+                         cos.data_ptr(), sin.data_ptr(), cos.shape[1], int(neox), _native.get_num_threads())
+    _native.check(st, op)
+
+
+@torch.library.register_fake("lowbit::rms_norm", lib=_lib)
+def _rms_norm_fake(x, weight, eps, residual=None):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.register_fake("lowbit::silu_and_mul", lib=_lib)
+def _silu_and_mul_fake(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.register_fake("lowbit::rope_", lib=_lib)
+def _rope_fake(x, cos, sin, neox):
+    return None
+
+
+def _rms_norm_impl(x, weight, eps, residual=None):
+    out, s = rms_norm_cpu(x, weight, eps, residual)
+    return out, (s.clone() if residual is None else s)  # outputs of an op must not alias its inputs
+
+
+_lib.impl("rms_norm", _rms_norm_impl, "CPU")
+_lib.impl("silu_and_mul", silu_and_mul_cpu, "CPU")
+_lib.impl("rope_", rope_cpu, "CPU")
+
+
+def rms_norm(x, weight, eps: float = 1e-6, residual=None):
+    """normed, or (normed, x + residual) when residual is given (see module docstring)."""
+    chk.tensors("rms_norm", ("residual",), x=x, weight=weight, residual=residual)
+    validate_rms_norm(x, weight, eps, residual)
+    out, s = torch.ops.lowbit.rms_norm(x, weight, float(eps), residual)
+    return out if residual is None else (out, s)
+
+
+def silu_and_mul(x) -> torch.Tensor:
+    chk.tensors("silu_and_mul", x=x)
+    validate_silu_and_mul(x)
+    return torch.ops.lowbit.silu_and_mul(x)
+
+
+def rope_(x, cos, sin, neox: bool = False) -> torch.Tensor:
+    """Rotates x in place (see module docstring); returns x."""
+    chk.tensors("rope_", x=x, cos=cos, sin=sin)
+    validate_rope(x, cos, sin, neox)
+    torch.ops.lowbit.rope_(x, cos, sin, neox)
+    return x
