@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from ..nn.kv_cache import PagedKVCache
+from .replay import DecodeReplay
 
 BLOCK_SIZE = 16
 
@@ -81,13 +82,16 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 def generate(model, prompts, max_new_tokens: int = 128, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: Optional[int] = None, stop_tokens=None,
-             stream: Optional[Callable] = None, cache_dtype: Optional[torch.dtype] = None) -> GenerationResult:
+             stream: Optional[Callable] = None, cache_dtype: Optional[torch.dtype] = None,
+             replay: bool = True) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (token ids, a batch of them, or text).
 
     temperature 0: greedy; else sampling with top_k (0: all) and top_p (1: all), reproducible
     with seed. stop_tokens: ids that end a sequence (default: the file's eos token; [] never
     stops). stream(seq_index, token_id) is called as each token is produced. cache_dtype
-    torch.int8 keeps an INT8 KV cache. Timings: prefill = the batched prompt pass and its first
+    torch.int8 keeps an INT8 KV cache (torch.float16: llama.cpp's default cache; None: float32).
+    replay: run decode steps through lowbit.models.replay.DecodeReplay (bitwise the same
+    results, much less Python per token); False runs every step eagerly. Timings: prefill = the batched prompt pass and its first
     sampled tokens; decode = every later step.
     """
     cfg = model.config
@@ -108,6 +112,7 @@ def generate(model, prompts, max_new_tokens: int = 128, *, temperature: float = 
         raise ValueError(f"generate: a prompt plus max_new_tokens needs {longest} positions, more than the model's "
                          f"context length {cfg.context_length}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    use_replay = bool(replay) and next(model.parameters()).device.type == "cpu"
 
     blocks = sum(-(-(len(p) + max_new_tokens) // BLOCK_SIZE) for p in ids)
     cache = PagedKVCache(cfg.n_layers, blocks, BLOCK_SIZE, cfg.n_kv_heads, cfg.head_dim, torch.float32,
@@ -143,12 +148,18 @@ def generate(model, prompts, max_new_tokens: int = 128, *, temperature: float = 
     logits = model.forward_paged(torch.tensor(sum(ids, [])), positions, cache, list(range(n)), qsl, slots)
     alive = emit(list(range(n)), sample(logits, temperature, top_k, top_p, gen))
     t1 = time.perf_counter()
-    decoded = 0
+    decoded, replay = 0, None
+    max_blocks = max(-(-(len(p) + max_new_tokens) // BLOCK_SIZE) for p in ids)
     while alive:
         last = torch.tensor([out[s][-1] for s in alive])
         positions = torch.tensor([cache.seq_len(s) for s in alive])
         slots = torch.cat([cache.append(s, 1) for s in alive])
-        logits = model.forward_paged(last, positions, cache, alive, None, slots)
+        if use_replay:
+            if replay is None or replay.B != len(alive):  # (re)built when the batch shrinks
+                replay = DecodeReplay(model, cache, len(alive), max_blocks)
+            logits = replay.step(last, positions, slots, alive)
+        else:
+            logits = model.forward_paged(last, positions, cache, alive, None, slots)
         decoded += len(alive)
         alive = emit(alive, sample(logits, temperature, top_k, top_p, gen))
     t2 = time.perf_counter()

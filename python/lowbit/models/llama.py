@@ -64,6 +64,9 @@ def rope_angles(cfg: LlamaConfig, positions: torch.Tensor) -> tuple:
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
+_ROPE_TABLE_CHUNK = 1024
+
+
 class Attention(torch.nn.Module):
     def __init__(self, cfg: LlamaConfig, wqkv: torch.nn.Module, wo: torch.nn.Module):
         super().__init__()
@@ -133,6 +136,16 @@ class Llama(torch.nn.Module):
         self.gguf_path = None
         self.chat_template = None
         self._tokenizer = None
+        self._rope_table = None
+
+    def rope_cache(self, positions: torch.Tensor) -> tuple:
+        """rope_angles(config, positions), looked up in a table grown on demand (decode asks every step)."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if self._rope_table is None or self._rope_table[0].shape[0] < top:
+            n = -(-top // _ROPE_TABLE_CHUNK) * _ROPE_TABLE_CHUNK
+            self._rope_table = rope_angles(self.config, torch.arange(n))
+        cos, sin = self._rope_table
+        return cos[positions], sin[positions]
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
@@ -155,7 +168,7 @@ class Llama(torch.nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"Llama: input_ids must be [batch, seq] with seq >= 1, got {tuple(input_ids.shape)}")
         b, s = input_ids.shape
-        cos, sin = rope_angles(self.config, torch.arange(s).repeat(b))
+        cos, sin = self.rope_cache(torch.arange(s).repeat(b))
         h = self.hidden(input_ids.reshape(-1), Step(cos, sin, batch=b))
         return self.output(h).reshape(b, s, -1)
 
@@ -168,7 +181,7 @@ class Llama(torch.nn.Module):
         (query_start_loc None); prefill: query_start_loc int32 [len(seqs) + 1]. Returns logits of the
         last token of each sequence [len(seqs), vocab] (last_only) or of every token [T, vocab]."""
         self._check_ids(ids)
-        cos, sin = rope_angles(self.config, positions)
+        cos, sin = self.rope_cache(positions)
         step = Step(cos, sin, cache.step(seqs, slots, query_start_loc))
         h = self.hidden(ids, step)
         if last_only and query_start_loc is not None:

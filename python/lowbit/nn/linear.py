@@ -72,6 +72,37 @@ class _QuantizedLinear(torch.nn.Module):
             return self._run_cpu(x)
         return self._run_op(x)
 
+    def _run_cpu(self, x):
+        name = _OPS[self.scheme][0]
+        int8_ops.validate_x(x, self.in_features, self._weight_device(), name)
+        return int8_ops.run_cpu_kernel(getattr(_native._C, name), name, x, self.in_features, self._cpu_weight_args(),
+                                       self.out_features, self.bias)
+
+    def bind(self, x: torch.Tensor, y: torch.Tensor):
+        """A callable with no arguments that computes y = self(x) into y: everything is checked
+        and every pointer resolved now, once (lowbit.models.replay calls it every decode step).
+        x [M, K] and y [M, N]: contiguous CPU tensors of one float dtype; the callable keeps them
+        and the weights alive, and reads x's current values each call."""
+        if not self._weights_checked:
+            self._check_weights()
+        name = _OPS[self.scheme][0]
+        int8_ops.validate_x(x, self.in_features, self._weight_device(), name)
+        n = self.out_features
+        if x.dim() != 2 or not x.is_contiguous():
+            raise ValueError(f"{type(self).__name__}.bind: x must be a contiguous [M, K] tensor")
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0], n) or y.dtype != x.dtype or not y.is_contiguous():
+            raise ValueError(f"{type(self).__name__}.bind: y must be a contiguous {x.dtype} tensor of shape "
+                             f"{(x.shape[0], n)}")
+        kernel = getattr(_native._C, name)
+        args = (x.data_ptr(), _native.DTYPE_CODE[x.dtype], x.shape[0], self.in_features, self.in_features,
+                *self._cpu_weight_args(), *int8_ops._bias_args(self.bias), y.data_ptr(), n, _native.get_num_threads())
+        alive = (x, y, [getattr(self, w) for w in self._WEIGHTS], self.bias)
+
+        def run(alive=alive):
+            _native.check(kernel(*args), name)
+
+        return run
+
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in self._WEIGHTS or name == "bias":  # a replaced buffer is re-validated before use
@@ -199,12 +230,8 @@ class Int8Linear(_QuantizedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return self.canonical_qweight().to(torch.float32) * self.scale[:, None]
 
-    def _run_cpu(self, x):
-        name = _OPS[self.scheme][0]
-        kernel = getattr(_native._C, name)
-        int8_ops.validate_x(x, self.in_features, self.scale.device, name)
-        return int8_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scale, self.bias, self.out_features,
-                                       self.in_features)
+    def _cpu_weight_args(self) -> tuple:
+        return int8_ops.weight_args(self.qweight, self.scale, self.out_features)
 
     def _run_op(self, x):
         return _OPS[self.scheme][1](x, self.qweight, self.scale, self.bias)
@@ -369,12 +396,8 @@ class Int4Linear(_QuantizedLinear):
         return ref.int4.dequantize_int4(*self.canonical())
 
     # ---- kernels
-    def _run_cpu(self, x):
-        name = _OPS[self.scheme][0]
-        kernel = getattr(_native._C, name)
-        int8_ops.validate_x(x, self.in_features, self.scales.device, name)
-        return int4_ops.run_linear_cpu(kernel, name, x, self.qweight, self.scales, self.mins, self.out_features,
-                                       self.bias, self.in_features, self.group_size)
+    def _cpu_weight_args(self) -> tuple:
+        return int4_ops.weight_args(self.qweight, self.scales, self.mins, self.out_features, self.group_size)
 
     def _run_op(self, x):
         return _OPS[self.scheme][1](x, self.qweight, self.scales, self.mins, self.out_features, self.bias)
@@ -452,6 +475,19 @@ class Int8BlockLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.planes(torch.cat([x, x], dim=-1))
+
+    def bind(self, x: torch.Tensor, y: torch.Tensor):
+        """As Int4Linear.bind: a callable computing y = self(x) into y."""
+        xx = x.new_empty((x.shape[0], 2 * x.shape[1])) if x.dim() == 2 else x
+        run_planes = self.planes.bind(xx, y)
+        lo, hi = xx[:, : self.in_features], xx[:, self.in_features:]
+
+        def run():
+            lo.copy_(x)
+            hi.copy_(x)
+            run_planes()
+
+        return run
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme!r}"

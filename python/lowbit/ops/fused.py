@@ -47,20 +47,47 @@ def validate_rms_norm(x, weight, eps, residual, op: str = "rms_norm") -> None:
                              f"{residual.dtype} {tuple(residual.shape)}")
 
 
+def _rms_norm_args(x, weight, eps, residual, out, s) -> tuple:
+    k = x.shape[-1]
+    return (x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
+            _native.DTYPE_CODE[weight.dtype], out.data_ptr(), s.data_ptr(), _native.DTYPE_CODE[x.dtype],
+            x.numel() // k, k, float(eps), _native.get_num_threads())
+
+
 def rms_norm_cpu(x, weight, eps, residual=None) -> tuple:
     """(normed, s): s = x + residual (x itself when residual is None)."""
     op = "rms_norm"
     validate_rms_norm(x, weight, eps, residual, op)
     x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
     out = torch.empty_like(x)
     s = x if residual is None else torch.empty_like(x)
-    r = 0 if residual is None else residual.contiguous().data_ptr()
-    k = x.shape[-1]
-    st = _native._C.rms_norm(x.data_ptr(), r, weight.data_ptr(), _native.DTYPE_CODE[weight.dtype], out.data_ptr(),
-                             s.data_ptr(), _native.DTYPE_CODE[x.dtype], x.numel() // k, k, float(eps),
-                             _native.get_num_threads())
-    _native.check(st, op)
+    _native.check(_native._C.rms_norm(*_rms_norm_args(x, weight, eps, residual, out, s)), op)
     return out, s
+
+
+def _check_bound(op: str, like: torch.Tensor, **tensors) -> None:
+    """bind_*: every buffer contiguous, of like's dtype (and shape, for the names given)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        chk.tensor(t, name, op)
+        if t.dtype != like.dtype or not t.is_contiguous() or t.device != like.device:
+            raise ValueError(f"lowbit.{op}: {name} must be a contiguous {like.dtype} tensor on {like.device}")
+
+
+def bind_rms_norm(x, weight, eps, residual, out, sum_out):
+    """A callable doing rms_norm_cpu(x, weight, eps, residual) into out (and sum_out = x + residual,
+    which may be residual itself: rows are read before they are written), arguments checked now."""
+    op = "rms_norm"
+    validate_rms_norm(x, weight, eps, residual, op)
+    _check_bound(op, x, x=x, residual=residual, out=out, sum_out=sum_out)
+    for name, t in (("out", out), ("sum_out", sum_out)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"lowbit.{op}: {name} must have x's shape {tuple(x.shape)}")
+    args = _rms_norm_args(x, weight, eps, residual, out, x if sum_out is None else sum_out)
+    alive = (x, weight, residual, out, sum_out)
+    return lambda alive=alive: _native.check(_native._C.rms_norm(*args), op)
 
 
 def validate_silu_and_mul(x, op: str = "silu_and_mul") -> None:
@@ -69,16 +96,29 @@ def validate_silu_and_mul(x, op: str = "silu_and_mul") -> None:
         raise ValueError(f"lowbit.{op}: x must be [..., 2F] (gate | up) with F >= 1, got shape {tuple(x.shape)}")
 
 
+def _silu_args(x, out) -> tuple:
+    f = x.shape[-1] // 2
+    return x.data_ptr(), out.data_ptr(), _native.DTYPE_CODE[x.dtype], x.numel() // (2 * f), f, _native.get_num_threads()
+
+
 def silu_and_mul_cpu(x) -> torch.Tensor:
     op = "silu_and_mul"
     validate_silu_and_mul(x, op)
     x = x.contiguous()
-    f = x.shape[-1] // 2
-    out = x.new_empty((*x.shape[:-1], f))
-    st = _native._C.silu_and_mul(x.data_ptr(), out.data_ptr(), _native.DTYPE_CODE[x.dtype], x.numel() // (2 * f), f,
-                                 _native.get_num_threads())
-    _native.check(st, op)
+    out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+    _native.check(_native._C.silu_and_mul(*_silu_args(x, out)), op)
     return out
+
+
+def bind_silu_and_mul(x, out):
+    """A callable doing out = silu_and_mul_cpu(x), arguments checked now."""
+    op = "silu_and_mul"
+    validate_silu_and_mul(x, op)
+    _check_bound(op, x, x=x, out=out)
+    if out.shape != (*x.shape[:-1], x.shape[-1] // 2):
+        raise ValueError(f"lowbit.{op}: out must have shape {(*x.shape[:-1], x.shape[-1] // 2)}")
+    args = _silu_args(x, out)
+    return lambda alive=(x, out): _native.check(_native._C.silu_and_mul(*args), op)
 
 
 def validate_rope(x, cos, sin, neox, op: str = "rope_") -> None:
@@ -105,14 +145,26 @@ def validate_rope(x, cos, sin, neox, op: str = "rope_") -> None:
         raise TypeError(f"lowbit.{op}: neox must be a bool, got {type(neox).__name__}")
 
 
+def _rope_args(x, cos, sin, neox) -> tuple:
+    return (x.data_ptr(), _native.DTYPE_CODE[x.dtype], x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+            cos.data_ptr(), sin.data_ptr(), cos.shape[1], int(neox), _native.get_num_threads())
+
+
 def rope_cpu(x, cos, sin, neox) -> None:
     op = "rope_"
     validate_rope(x, cos, sin, neox, op)
-    if x.numel() == 0:
-        return
-    st = _native._C.rope(x.data_ptr(), _native.DTYPE_CODE[x.dtype], x.shape[0], x.shape[1], x.stride(0), x.stride(1),
-                         cos.data_ptr(), sin.data_ptr(), cos.shape[1], int(neox), _native.get_num_threads())
-    _native.check(st, op)
+    if x.numel():
+        _native.check(_native._C.rope(*_rope_args(x, cos, sin, neox)), op)
+
+
+def bind_rope(x, cos, sin, neox):
+    """A callable doing rope_cpu(x, cos, sin, neox) (cos / sin read at each call), checked now."""
+    op = "rope_"
+    validate_rope(x, cos, sin, neox, op)
+    if not x.numel():
+        raise ValueError(f"lowbit.{op}: x is empty")
+    args = _rope_args(x, cos, sin, neox)
+    return lambda alive=(x, cos, sin): _native.check(_native._C.rope(*args), op)
 
 
 @torch.library.register_fake("lowbit::rms_norm", lib=_lib)

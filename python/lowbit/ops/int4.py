@@ -102,11 +102,15 @@ for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
 
 
 # ---------------------------------------------------------------- CPU
+def weight_args(qweight, scales, mins, n, g) -> tuple:
+    """The INT4 weight arguments of a CPU linear kernel."""
+    return (qweight.data_ptr(), scales.data_ptr(), 0 if mins is None else mins.data_ptr(),
+            _native.DTYPE_CODE[scales.dtype], g, n)
+
+
 def run_linear_cpu(kernel, op, x, qweight, scales, mins, n, bias, k, g):
-    """Runs a validated CPU INT4 linear (the modules call this directly on their eager hot path)."""
-    weights = (qweight.data_ptr(), scales.data_ptr(), 0 if mins is None else mins.data_ptr(),
-               _native.DTYPE_CODE[scales.dtype], g, n)
-    return run_cpu_kernel(kernel, op, x, k, weights, n, bias)
+    """Runs a validated CPU INT4 linear."""
+    return run_cpu_kernel(kernel, op, x, k, weight_args(qweight, scales, mins, n, g), n, bias)
 
 
 def _cpu_impl(op):

@@ -140,9 +140,14 @@ def run_cpu_kernel(kernel, op, x, k, weight_args: tuple, n, bias):
     return y
 
 
+def weight_args(qweight, scale, n) -> tuple:
+    """The INT8 weight arguments of a CPU linear kernel."""
+    return qweight.data_ptr(), scale.data_ptr(), n
+
+
 def run_linear_cpu(kernel, op, x, qweight, scale, bias, n, k):
-    """Runs a validated CPU linear (the modules call this directly on their eager hot path)."""
-    return run_cpu_kernel(kernel, op, x, k, (qweight.data_ptr(), scale.data_ptr(), n), n, bias)
+    """Runs a validated CPU linear."""
+    return run_cpu_kernel(kernel, op, x, k, weight_args(qweight, scale, n), n, bias)
 
 
 def linear_w8a16_cpu(x, qweight, scale, bias=None):

@@ -203,25 +203,31 @@ def _paged_fake(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     return query.new_empty((query.shape[0], query.shape[1], value_cache.shape[3]))
 
 
+def _paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                window_left, window_right, out) -> tuple:
+    """Arguments of the CPU kernel (query with unit inner stride, out [tokens, hq, dv] contiguous)."""
+    tokens, hq, d = query.shape
+    dv = value_cache.shape[3]
+    nb, bs, hkv = key_cache.shape[:3]
+    return (query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr(),
+            _native.DTYPE_CODE[query.dtype], _native.DTYPE_CODE[key_cache.dtype], seq_lens.shape[0], hq, hkv, 0, 0, d,
+            dv, (0, query.stride(1), query.stride(0)), (0, d, hkv * d), (0, dv, hkv * dv), (0, dv, hq * dv),
+            query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], bs,
+            0 if k_scale is None else k_scale.data_ptr(), 0 if v_scale is None else v_scale.data_ptr(), 0, 0,
+            (0, 0, 0, 0), resolve_scale(scale, d), 1, 1, window_left, window_right, _native.get_num_threads())
+
+
 def _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
                window_left, window_right) -> torch.Tensor:
     """The CPU kernel on validated arguments (contiguous seq_lens / query_start_loc)."""
-    tokens, hq, d = query.shape
-    dv = value_cache.shape[3]
-    out = query.new_empty((tokens, hq, dv))
-    n = seq_lens.shape[0]
-    if tokens == 0 or n == 0:
+    tokens, hq, _ = query.shape
+    out = query.new_empty((tokens, hq, value_cache.shape[3]))
+    if tokens == 0 or seq_lens.shape[0] == 0:
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
-    nb, bs, hkv = key_cache.shape[:3]
-    st = _native._C.attention(
-        q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr(), _native.DTYPE_CODE[query.dtype],
-        _native.DTYPE_CODE[key_cache.dtype], n, hq, hkv, 0, 0, d, dv, (0, q.stride(1), q.stride(0)), (0, d, hkv * d),
-        (0, dv, hkv * dv), (0, dv, hq * dv), query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
-        block_tables.shape[1], bs, 0 if k_scale is None else k_scale.data_ptr(),
-        0 if v_scale is None else v_scale.data_ptr(), 0, 0, (0, 0, 0, 0), resolve_scale(scale, d), 1, 1,
-        window_left, window_right, _native.get_num_threads())
-    _native.check(st, "paged_attention")
+    _native.check(_native._C.attention(*_paged_args(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                                                    scale, k_scale, v_scale, window_left, window_right, out)),
+                  "paged_attention")
     return out
 
 
@@ -326,6 +332,64 @@ class PagedStep:
             raise ValueError(f"lowbit.{op}: query has {query.shape[0]} tokens, the step {self.tokens}")
         check_scalars(scale, *self.window)
         return _run_paged(query, key_cache, value_cache, *self.tables, scale, k_scale, v_scale, *self.window)
+
+
+def bind_step(key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, query_start_loc, slot_mapping,
+              window=None):
+    """For a replayed decode step (lowbit.models.replay): the metadata tensors a step reads, whose
+    contents change between calls (the callables bound below read them at each call). Checks what
+    cannot change now and returns check_contents(), which validates their current contents (call it
+    after each update, before the bound callables run: nothing then reads outside the caches)."""
+    op = "bind_step"
+    nb, bs, _ = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    tokens = slot_mapping.shape[0] if isinstance(slot_mapping, torch.Tensor) and slot_mapping.dim() == 1 else -1
+    left, right = parse_window(window, op)
+    check_scalars(None, left, right)
+    for name, t in (("seq_lens", seq_lens), ("query_start_loc", query_start_loc), ("slot_mapping", slot_mapping)):
+        chk.tensor(t, name, op)
+        chk.contiguous(t, name, op)
+
+    def check_contents():
+        _check_tables(block_tables, seq_lens, query_start_loc, tokens, nb, bs, key_cache.device, op)
+        _check_slots(slot_mapping, tokens, nb, bs, key_cache.device, op)
+        if bool((slot_mapping < 0).any()):
+            raise ValueError(f"lowbit.{op}: a replayed step writes every token: slot_mapping holds -1")
+
+    check_contents()
+    return check_contents
+
+
+def bind_write(key, value, key_cache, value_cache, k_scale, v_scale, slot_mapping):
+    """A callable doing reshape_and_cache(key, value, ...) with the current slot_mapping (whose
+    contents bind_step's check validates)."""
+    op = "reshape_and_cache"
+    check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    _check_kv(key, value, key_cache, value_cache, op)
+    _int_tensor(slot_mapping, "slot_mapping", torch.int64, 1, op, key_cache.device)
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"lowbit.{op}: slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
+    return lambda: _write(key, value, key_cache, value_cache, k_scale, v_scale, None, slot_mapping)
+
+
+def bind_attention(query, key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, query_start_loc, out,
+                   scale=None, window=None):
+    """A callable computing paged_attention into out [tokens, heads, value_head_dim] (contiguous),
+    reading the metadata tensors' contents at each call (validated by bind_step's check)."""
+    op = "paged_attention"
+    left, right = parse_window(window, op)
+    check_scalars(scale, left, right)
+    nb, bs, _ = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    _check_query(query, key_cache, op)
+    if query.stride(-1) != 1:
+        raise ValueError(f"lowbit.{op}: a bound query must have unit inner stride")
+    want = (query.shape[0], query.shape[1], value_cache.shape[3])
+    if not isinstance(out, torch.Tensor) or out.shape != want or out.dtype != query.dtype or not out.is_contiguous():
+        raise ValueError(f"lowbit.{op}: out must be a contiguous {query.dtype} tensor of shape {want}")
+    _check_tables(block_tables, seq_lens, query_start_loc, query.shape[0], nb, bs, key_cache.device, op)
+    args = _paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                       left, right, out)
+    alive = (query, key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, query_start_loc, out)
+    return lambda alive=alive: _native.check(_native._C.attention(*args), op)
 
 
 # ---------------------------------------------------------------- block copies
