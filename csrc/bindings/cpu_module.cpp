@@ -96,6 +96,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_linear_w4a16", &int4_linear<&KernelTable::int4_linear_w4a16>, nogil);
   m.def("int4_linear_w4a8", &int4_linear<&KernelTable::int4_linear_w4a8>, nogil);
   m.def("attention", &attention, nogil);
+  m.def("kv_cache_write", [](uintptr_t src, int src_dtype, int64_t T, int64_t H, int64_t D, int64_t ld_t,
+                             int64_t ld_h, uintptr_t slots, uintptr_t cache, int cache_dtype, uintptr_t scales,
+                             int nthreads) {
+    return kernels().kv_cache_write(ptr<const void>(src), src_dtype, T, H, D, ld_t, ld_h, ptr<const int64_t>(slots),
+                                    ptr<void>(cache), cache_dtype, ptr<float>(scales), nthreads);
+  }, nogil);
   m.def("rms_norm", [](uintptr_t x, uintptr_t residual, uintptr_t weight, int w_dtype, uintptr_t out,
                        uintptr_t sum_out, int dtype, int64_t M, int64_t K, float eps, int nthreads) {
     return kernels().rms_norm(ptr<const void>(x), ptr<const void>(residual), ptr<const void>(weight), w_dtype,

@@ -449,8 +449,43 @@ int attention(const AttentionParams& p) {
   return kOk;
 }
 
+// reshape_and_cache: row (t, h) of src -> cache slot slots[t] (-1: skipped), converted to the cache's
+// float dtype, or for INT8 caches quantized per (token, head) by quantize_row (the int8_quantize_per_token
+// rule) with its scale stored at scales[slot * H + h]. Slots were validated by the caller.
+int kv_cache_write(const void* src, int src_dtype, int64_t T, int64_t H, int64_t D, int64_t ld_t, int64_t ld_h,
+                   const int64_t* slots, void* cache, int cache_dtype, float* scales, int nthreads) {
+  if (!valid_dtype(src_dtype) || (cache_dtype != kI8 && !valid_dtype(cache_dtype)) || (cache_dtype == kI8 && !scales) ||
+      T < 0 || H <= 0 || D <= 0)
+    return kInvalidArgument;
+  constexpr int64_t kTokensPerTask = 16;
+  std::atomic<bool> oom{false};
+  const int64_t tasks = (T + kTokensPerTask - 1) / kTokensPerTask;
+  parallel_for(tasks, tasks > 1 ? nthreads : 1, [&](int64_t task) {
+    Buffer<float> row;
+    if (!row.allocate(D)) {
+      oom = true;
+      return;
+    }
+    for (int64_t t = task * kTokensPerTask; t < std::min(T, (task + 1) * kTokensPerTask); ++t) {
+      if (slots[t] < 0) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        row_to_f32(static_cast<const char*>(src) + (t * ld_t + h * ld_h) * elem_size(src_dtype), src_dtype, D, row.p);
+        const int64_t at = (slots[t] * H + h) * D;
+        if (cache_dtype == kI8)
+          scales[slots[t] * H + h] = quantize_row(row.p, D, static_cast<int8_t*>(cache) + at);
+        else
+          row_from_f32(row.p, cache_dtype, D, static_cast<char*>(cache) + at * elem_size(cache_dtype));
+      }
+    }
+  });
+  return oom ? kOutOfMemory : kOk;
+}
+
 }  // namespace
 
-void register_attention(KernelTable& t) { t.attention = attention; }
+void register_attention(KernelTable& t) {
+  t.attention = attention;
+  t.kv_cache_write = kv_cache_write;
+}
 
 }  // namespace lowbit::cpu::LOWBIT_ISA

@@ -65,6 +65,10 @@ struct KernelTable {
                           const void* scales, const void* mins, int scale_dtype, int64_t group, int64_t N,
                           const void* bias, int bias_dtype, void* y, int64_t ldy, int nthreads);
   int (*attention)(const AttentionParams& p);
+  // reshape_and_cache of one tensor: src [T, H, D] (element strides ld_t, ld_h; unit inner) -> cache rows
+  // [slots[t], h] of a [num_slots, H, D] cache (float: converted; kI8: quantized, scale -> scales[slot * H + h]).
+  int (*kv_cache_write)(const void* src, int src_dtype, int64_t T, int64_t H, int64_t D, int64_t ld_t, int64_t ld_h,
+                        const int64_t* slots, void* cache, int cache_dtype, float* scales, int nthreads);
   // fused family (csrc/cpu/fused.cpp): contiguous rows of dtype, fp32 arithmetic.
   // rms_norm: s = x (+ residual, then stored to sum_out; null residual: no add), out = s * rsqrt(mean(s^2) + eps) * w.
   int (*rms_norm)(const void* x, const void* residual, const void* weight, int w_dtype, void* out, void* sum_out,

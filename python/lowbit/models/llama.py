@@ -48,12 +48,15 @@ class Embedding(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.kind in ("f32", "f16", "bf16"):
             return F.embedding(ids, self.weight)
-        q, d = self.codes[ids].float(), self.scales[ids].repeat_interleave(32, dim=-1)
+        q = self.codes[ids].float().unflatten(-1, (-1, 32))  # [..., blocks, 32]
+        d = self.scales[ids].unsqueeze(-1)
         if self.kind == "q4_0":
-            return (q - 8) * d
-        if self.kind == "q4_1":
-            return q * d + self.mins[ids].repeat_interleave(32, dim=-1)
-        return q * d
+            w = (q - 8) * d
+        elif self.kind == "q4_1":
+            w = q * d + self.mins[ids].unsqueeze(-1)
+        else:
+            w = q * d
+        return w.flatten(-2)
 
 
 def rope_angles(cfg: LlamaConfig, positions: torch.Tensor) -> tuple:

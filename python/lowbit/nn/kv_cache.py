@@ -18,9 +18,21 @@ v_scales) follow lowbit.ops.kv_cache's layout, so the ops can also be used direc
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..ops import kv_cache as ops
+
+
+_NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.int8: np.int8}
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """Zero-filled cache memory. On the CPU from calloc (numpy.zeros): the OS maps zero pages lazily, so a
+    cache costs nothing until it is written; torch.zeros would write every byte, with threads."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_OF[dtype])).view(dtype)
 
 
 class PagedKVCache:
@@ -40,11 +52,11 @@ class PagedKVCache:
         self.num_blocks, self.block_size, self.dtype, self.cache_dtype = num_blocks, block_size, dtype, cache_dtype
         shape_k = (num_blocks, block_size, num_kv_heads, head_dim)
         shape_v = (num_blocks, block_size, num_kv_heads, dv)
-        self.key_caches = [torch.zeros(shape_k, dtype=cache_dtype, device=device) for _ in range(num_layers)]
-        self.value_caches = [torch.zeros(shape_v, dtype=cache_dtype, device=device) for _ in range(num_layers)]
+        self.key_caches = [_zeros(shape_k, cache_dtype, device) for _ in range(num_layers)]
+        self.value_caches = [_zeros(shape_v, cache_dtype, device) for _ in range(num_layers)]
         int8 = cache_dtype == torch.int8
-        self.k_scales = [torch.zeros(shape_k[:3], device=device) for _ in range(num_layers)] if int8 else None
-        self.v_scales = [torch.zeros(shape_k[:3], device=device) for _ in range(num_layers)] if int8 else None
+        self.k_scales = [_zeros(shape_k[:3], torch.float32, device) for _ in range(num_layers)] if int8 else None
+        self.v_scales = [_zeros(shape_k[:3], torch.float32, device) for _ in range(num_layers)] if int8 else None
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id first
         self._refs = [0] * num_blocks
         self._tables: dict = {}   # seq id -> list of block ids

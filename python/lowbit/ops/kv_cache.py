@@ -37,7 +37,6 @@ import torch
 from .. import _native
 from . import _check as chk
 from .attention import check_scalars, parse_window, resolve_scale
-from .int8 import int8_quantize_per_token
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
 _lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
@@ -115,17 +114,18 @@ def _check_slots(slot_mapping, tokens: int, nb: int, bs: int, device, op: str) -
                          "block_size; -1 = skip)")
 
 
-def _write(key, value, key_cache, value_cache, k_scale, v_scale, keep, slots) -> None:
-    """Stores the rows keep (None: all) of key / value at the validated slots."""
+def _write_args(t, cache, scale, slots) -> tuple:
+    """Native kv_cache_write arguments for one of key / value (unit inner stride)."""
+    return (t.data_ptr(), _native.DTYPE_CODE[t.dtype], t.shape[0], t.shape[1], t.shape[2], t.stride(0), t.stride(1),
+            slots.data_ptr(), cache.data_ptr(), _native.DTYPE_CODE[cache.dtype], 0 if scale is None else scale.data_ptr(),
+            _native.get_num_threads())
+
+
+def _write(key, value, key_cache, value_cache, k_scale, v_scale, slots) -> None:
+    """Stores key / value at the validated slots (-1: skipped)."""
     for t, c, s in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
-        rows = t if keep is None else t[keep]
-        flat = c.view(-1, c.shape[2], c.shape[3])
-        if c.dtype == torch.int8:
-            codes, scales = int8_quantize_per_token(rows.contiguous())
-            flat.index_copy_(0, slots, codes)
-            s.view(-1, c.shape[2]).index_copy_(0, slots, scales)
-        else:  # a cache may be narrower than the model (an fp16 cache of fp32 activations, as llama.cpp's)
-            flat.index_copy_(0, slots, rows.to(c.dtype))
+        t = t if t.stride(-1) == 1 else t.contiguous()
+        _native.check(_native._C.kv_cache_write(*_write_args(t, c, s, slots)), "reshape_and_cache")
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
@@ -134,10 +134,8 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=
     nb, bs, h = check_caches(key_cache, value_cache, k_scale, v_scale, op)
     _check_kv(key, value, key_cache, value_cache, op)
     _check_slots(slot_mapping, key.shape[0], nb, bs, key_cache.device, op)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    if slots.numel():
-        _write(key, value, key_cache, value_cache, k_scale, v_scale, keep, slots)
+    if key.shape[0]:
+        _write(key, value, key_cache, value_cache, k_scale, v_scale, slot_mapping.contiguous())
 
 
 # ---------------------------------------------------------------- paged_attention
@@ -296,9 +294,7 @@ class PagedStep:
         seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
         _check_tables(block_tables, seq_lens, query_start_loc, tokens, nb, bs, key_cache.device, op)
         _check_slots(slot_mapping, tokens, nb, bs, key_cache.device, op)
-        keep = slot_mapping >= 0
-        self.keep = None if bool(keep.all()) else keep
-        self.slots = slot_mapping if self.keep is None else slot_mapping[keep]
+        self.slots = slot_mapping.contiguous()
         self.tables = (block_tables, seq_lens, query_start_loc)
         self.tokens = tokens
         self.layout = (key_cache.shape, value_cache.shape, key_cache.dtype, key_cache.device)
@@ -320,8 +316,8 @@ class PagedStep:
         _check_kv(key, value, key_cache, value_cache, op)
         if key.shape[0] != self.tokens:
             raise ValueError(f"lowbit.{op}: key has {key.shape[0]} tokens, the step {self.tokens}")
-        if self.slots.numel():
-            _write(key, value, key_cache, value_cache, k_scale, v_scale, self.keep, self.slots)
+        if self.tokens:
+            _write(key, value, key_cache, value_cache, k_scale, v_scale, self.slots)
 
     def attention(self, query, key_cache, value_cache, k_scale=None, v_scale=None, scale=None) -> torch.Tensor:
         """paged_attention of this step's queries against one layer's caches."""
@@ -352,8 +348,6 @@ def bind_step(key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, 
     def check_contents():
         _check_tables(block_tables, seq_lens, query_start_loc, tokens, nb, bs, key_cache.device, op)
         _check_slots(slot_mapping, tokens, nb, bs, key_cache.device, op)
-        if bool((slot_mapping < 0).any()):
-            raise ValueError(f"lowbit.{op}: a replayed step writes every token: slot_mapping holds -1")
 
     check_contents()
     return check_contents
@@ -368,7 +362,16 @@ def bind_write(key, value, key_cache, value_cache, k_scale, v_scale, slot_mappin
     _int_tensor(slot_mapping, "slot_mapping", torch.int64, 1, op, key_cache.device)
     if slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(f"lowbit.{op}: slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
-    return lambda: _write(key, value, key_cache, value_cache, k_scale, v_scale, None, slot_mapping)
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or not slot_mapping.is_contiguous():
+        raise ValueError(f"lowbit.{op}: bound key / value need unit inner stride, slot_mapping contiguous")
+    args = [_write_args(key, key_cache, k_scale, slot_mapping), _write_args(value, value_cache, v_scale, slot_mapping)]
+    alive = (key, value, key_cache, value_cache, k_scale, v_scale, slot_mapping)
+
+    def run(alive=alive):
+        for a in args:
+            _native.check(_native._C.kv_cache_write(*a), op)
+
+    return run
 
 
 def bind_attention(query, key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, query_start_loc, out,
