@@ -1,4 +1,4 @@
-"""lowbit microbenchmarks: ``python -m bench [--quick] [--threads N] [--out DIR] [--only PATTERN]``.
+"""lowbit microbenchmarks: ``python -m bench [--quick] [--threads N] [--out DIR] [--only PATTERN] [--gguf FILE]``.
 
 Run from a checkout with lowbit installed. Methodology:
 
@@ -32,9 +32,14 @@ Run from a checkout with lowbit installed. Methodology:
    roofline, git commit, lowbit.info.report()), DIR/ratios.png and DIR/roofline.png, and a
    Targets block with pass / miss from this run's ratios.
 
+8. End to end (bench/e2e.py documents it): prefill and decode tok/s of a whole GGUF model
+   (SmolLM2-135M shapes, or ``--gguf FILE``) on lowbit W4A8 / W4A16, torch fp32 and llama.cpp,
+   and lowbit's per-token Python overhead (no-op kernels).
+
 ``--only PATTERN`` keeps the table rows whose name matches the regular expression (e.g.
 ``--only 'w8a8 11008x4096'``); baselines of a kept group always run. The accuracy section runs
-unless --only is given without matching the word "accuracy".
+unless --only is given without matching the word "accuracy"; the end-to-end rows are named
+"e2e lowbit W4A8" and "e2e lowbit W4A16" (``--only e2e`` runs only them).
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ import torch
 import lowbit
 import lowbit.info
 
-from . import attention, harness, int4, int8, machine
+from . import attention, e2e, harness, int4, int8, machine
 from .harness import Config, OtherLoad, log
 
 SUITES = [int8, int4, attention]  # each: groups(cfg), accuracy(cfg), TARGETS
@@ -78,13 +83,14 @@ def accuracy_text(acc: dict) -> str:
 
 
 def measure(cfg: Config) -> tuple:
-    """Roofline, every group, accuracy; returns (roofline, groups, accuracy, other processes' CPU share)."""
+    """Roofline, every group, accuracy, end to end; returns (roofline, groups, accuracy, e2e, other processes'
+    CPU share)."""
     with torch.inference_mode(), OtherLoad() as run_load:
         with OtherLoad() as roof_load:
             roof = machine.measure(cfg)
         cfg.rotate_bytes = 3 * roof.llc_bytes
         todo = [g for suite in SUITES for g in suite.groups(cfg)]
-        if not todo:
+        if not todo and not e2e.wanted(cfg):
             log(f"no benchmark row matches --only {cfg.only!r}")
         groups = harness.run_groups(todo, cfg)
 
@@ -104,10 +110,11 @@ def measure(cfg: Config) -> tuple:
         if cfg.wants("accuracy"):
             log("accuracy ...")
             acc = {suite.__name__.split(".")[-1]: suite.accuracy(cfg) for suite in SUITES}
-    return roof, groups, acc, run_load.share
+        e2e_res = e2e.run(cfg)
+    return roof, groups, acc, e2e_res, run_load.share
 
 
-def markdown(cfg: Config, roof, groups: list, acc: dict, targets: list, git: dict, load, wall: float) -> str:
+def markdown(cfg: Config, roof, groups: list, acc: dict, e2e_res, targets: list, git: dict, load, wall: float) -> str:
     sections = [
         f"# lowbit benchmarks ({'quick' if cfg.quick else 'full'} run, {cfg.threads} thread(s))",
         f"{machine.machine_info().get('cpu', '?')}; lowbit {lowbit.__version__} ({lowbit.cpu_isa()}), "
@@ -126,6 +133,7 @@ def markdown(cfg: Config, roof, groups: list, acc: dict, targets: list, git: dic
         "Baselines:\n\n" + harness.baseline_notes(groups),
         harness.baselines_table(groups),
         *(accuracy_text(a) for a in acc.values()),
+        e2e.markdown(e2e_res),
         "```\n" + harness.targets_block(targets, cfg) + "\n```",
         f"Wall time: {wall:.0f} s",
     ]
@@ -140,6 +148,9 @@ def main(argv=None) -> int:
                     help="threads for torch and lowbit (default: torch.get_num_threads() = %(default)s)")
     ap.add_argument("--out", default="bench_out", help="output folder (default: %(default)s)")
     ap.add_argument("--only", metavar="PATTERN", help="run only rows whose name matches this regex")
+    ap.add_argument("--gguf", metavar="FILE", default=os.environ.get("LOWBIT_BENCH_GGUF"),
+                    help="GGUF model of the end-to-end rows (default: $LOWBIT_BENCH_GGUF, else a synthetic "
+                         "SmolLM2-135M-shaped file written to the output folder)")
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error("--threads must be >= 1")
@@ -153,19 +164,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     lowbit.set_num_threads(args.threads)
     cfg = Config.preset(args.quick, threads=args.threads, out=args.out, only=args.only)
+    cfg.gguf = args.gguf  # read by bench/e2e.py
     os.makedirs(cfg.out, exist_ok=True)
     log(f"lowbit {lowbit.__version__} ({lowbit.cpu_isa()}), torch {torch.__version__}, {cfg.threads} thread(s), "
         f"{'quick' if cfg.quick else 'full'} run -> {cfg.out}/")
 
-    roof, groups, acc, load = measure(cfg)
-    targets = harness.check_targets([t for suite in SUITES for t in suite.TARGETS], groups)
+    roof, groups, acc, e2e_res, load = measure(cfg)
+    targets = harness.check_targets([t for suite in SUITES for t in suite.TARGETS], groups) + e2e.check_targets(e2e_res)
     wall, git = time.time() - t_start, git_commit()
-    md = markdown(cfg, roof, groups, acc, targets, git, load, wall)
+    md = markdown(cfg, roof, groups, acc, e2e_res, targets, git, load, wall)
     report = {
         "argv": sys.argv, "config": vars(cfg), "time": datetime.datetime.now().isoformat(), "wall_s": wall,
         "other_load": load, "git": git, "lowbit_path": lowbit.__file__, "python": platform.python_version(), "machine": machine.machine_info(),
         "roofline": roof.to_json(), "lowbit_info": lowbit.info.report(), "groups": groups, "accuracy": acc,
-        "targets": targets,
+        "e2e": e2e_res, "targets": targets,
     }
     with open(os.path.join(cfg.out, "bench.md"), "w") as f:
         f.write(md)
