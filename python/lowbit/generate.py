@@ -27,7 +27,8 @@ def main(argv=None) -> int:
                    help="int8: quantize activations per block of 32 (W4A8 / W8A8 kernels)")
     p.add_argument("--scheme", choices=("w8a16", "w8a8", "w4a16", "w4a8"), default=None,
                    help="quantize the file's float matmul weights")
-    p.add_argument("--int8-cache", action="store_true", help="keep the KV cache in INT8")
+    p.add_argument("--kv-cache", choices=("float32", "float16", "int8"), default="float16",
+                   help="KV cache dtype (default float16, as llama.cpp)")
     args = p.parse_args(argv)
 
     import lowbit
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         sys.stdout.write(args.prompt)
     res = model.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop_tokens=stops, stream=stream,
-                         cache_dtype=torch.int8 if args.int8_cache else None)
+                         cache_dtype=getattr(torch, args.kv_cache))
     sys.stdout.write("\n")
     print(f"prefill: {res.prefill_tokens} tokens, {res.prefill_tok_s:.1f} tok/s | decode: {res.decode_tokens} tokens, "
           f"{res.decode_tok_s:.1f} tok/s | threads {lowbit.get_num_threads()}, {lowbit.cpu_isa()}", file=sys.stderr)

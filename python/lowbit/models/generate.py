@@ -22,7 +22,7 @@ class GenerationResult:
     decode_tokens: int
     prefill_seconds: float
     decode_seconds: float
-    text: Optional[list] = field(default=None)
+    text: Optional[list] = field(default=None)  # decoded new tokens, when the prompts were text
 
     @property
     def prefill_tok_s(self) -> float:
@@ -163,7 +163,5 @@ def generate(model, prompts, max_new_tokens: int = 128, *, temperature: float = 
         decoded += len(alive)
         alive = emit(alive, sample(logits, temperature, top_k, top_p, gen))
     t2 = time.perf_counter()
-    text = None
-    if is_text or model._tokenizer is not None:
-        text = [model.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+    text = [model.tokenizer.decode(o, skip_special_tokens=True) for o in out] if is_text else None
     return GenerationResult(out, reasons, int(lens.sum()), decoded, t1 - t0, t2 - t1, text)

@@ -86,8 +86,9 @@ def read_gguf(path) -> tuple:
         raise FileNotFoundError(f"load_gguf: no such file: {path}")
     try:
         reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises ValueError / struct / numpy errors on bad headers
-        raise ValueError(f"load_gguf: {path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
+    except Exception as e:  # gguf-py raises ValueError / struct / numpy errors on bad headers or short data
+        raise ValueError(f"load_gguf: {path} is not a readable GGUF file (malformed, or truncated at "
+                         f"{os.path.getsize(path)} bytes): {type(e).__name__}: {e}") from None
     meta = {}
     for key, field in reader.fields.items():
         if field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
@@ -178,7 +179,8 @@ def load_gguf(path, device="cpu", scheme=None, activations: str = "float", progr
     "w4a16" / "w4a8" quantizes them with lowbit.quantize (quantized tensors of the file are
     always imported as they are). activations: "float" (W4A16 / W8A16 kernels: fp32
     activations) or "int8" (W4A8 / W8A8: activations quantized to int8 per block of 32, as
-    llama.cpp's CPU backend does). progress: a bar on stderr (default: when stderr is a terminal).
+    llama.cpp's CPU backend does; lowbit keeps the block scales in fp32 where llama.cpp rounds them to
+    fp16, so the two differ by that rounding). progress: a bar on stderr (default: when stderr is a terminal).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"load_gguf: scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -236,4 +238,6 @@ def load_gguf(path, device="cpu", scheme=None, activations: str = "float", progr
     if scheme is not None:  # the float matmul weights (quantized ones are lowbit modules already)
         quantize(model, scheme, progress=False)
     bar.step("output")
-    return model.to(device).eval()
+    if torch.device(device).type != "cpu":  # (a move re-lays the weights out: skip the no-op one)
+        model = model.to(device)
+    return model.eval()
