@@ -29,4 +29,5 @@ export PYTHONPATH="$(cd "$PKG" && pwd)"
 python3 -c "import lowbit, sys; sys.exit(0 if lowbit.__file__.startswith('$PYTHONPATH/') else 'not the sanitized build: ' + lowbit.__file__)"
 python3 -m pytest -q -p no:cacheprovider \
   tests/test_int8.py tests/test_int4.py tests/test_formats_int4.py tests/test_half.py tests/test_nn.py \
-  tests/test_attention.py tests/test_kv_cache.py tests/test_info.py tests/test_fuzz.py "$@"
+  tests/test_attention.py tests/test_kv_cache.py tests/test_info.py tests/test_fuzz.py tests/test_fused.py \
+  tests/test_replay.py tests/test_models.py "$@"

@@ -5,8 +5,9 @@ bias or not; for INT4 also group sizes, symmetric or not, fp16 / fp32 scales) mu
 match the float64 reference, and the fp16 / bf16 results must be the fp32 result
 rounded once; invalid calls (one argument broken at a time) must raise ValueError /
 TypeError naming that argument. A crash fails the whole run.
-About 10,000 INT8 cases per run (FUZZ_EXAMPLES below), 1,600 INT4 cases (INT4_FUZZ_EXAMPLES) and
-600 attention cases (contiguous and paged, ATTN_FUZZ_EXAMPLES).
+About 10,000 INT8 cases per run (FUZZ_EXAMPLES below), 1,600 INT4 cases (INT4_FUZZ_EXAMPLES),
+600 attention cases (contiguous and paged, ATTN_FUZZ_EXAMPLES), 800 fused row-op cases and 200
+corrupted or truncated GGUF files.
 """
 from __future__ import annotations
 
@@ -355,3 +356,112 @@ def test_fuzz_paged_attention_valid(data):
         exact = lowbit.ref.attention.attention(qq, kk.transpose(0, 1).double(), vv.transpose(0, 1).double(),
                                                is_causal=True, causal_alignment="bottom_right").transpose(0, 1)
         _attn_close(y[qsl[s]:qsl[s + 1]], exact, vv, f"{isa} paged seq {s}")
+
+
+# ---------------------------------------------------------------- fused row ops and GGUF files
+FUSED_FUZZ_EXAMPLES = 400  # per test below; 2 tests
+GGUF_FUZZ_EXAMPLES = 200
+FUZZ_FUSED = settings(max_examples=FUSED_FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ_FUSED
+@given(data=st.data())
+def test_fuzz_fused_valid(data):
+    """rms_norm (with / without residual), silu_and_mul and rope_ on random shapes, dtypes and
+    ISA levels against lowbit.ref.fused (poisoned outputs: the ops allocate, rope_ rotates a
+    strided head slice of a NaN-bordered buffer)."""
+    from lowbit.ops import fused as fops
+    from lowbit.ref import fused as fref
+
+    dtype = data.draw(st.sampled_from(DTYPES))
+    tol = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    m, k = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 300))
+
+    def rel(got, want):
+        return float(((got.double() - want.double()).abs() / want.double().abs().amax().clamp_min(1e-30)).max())
+
+    def run():
+        x = (torch.randn(m, k, generator=gen) * 5).to(dtype)
+        w = torch.randn(k, generator=gen)
+        r = (torch.randn(m, k, generator=gen)).to(dtype) if data.draw(st.booleans()) else None
+        out, s = fops.rms_norm_cpu(x, w, 1e-5, r)
+        want = fref.rms_norm(x, w, 1e-5, r)
+        assert rel(out, want if r is None else want[0]) <= tol
+        g = (torch.randn(m, 2 * k, generator=gen) * 6).to(dtype)
+        assert rel(fops.silu_and_mul_cpu(g), fref.silu_and_mul(g)) <= 2 * tol
+        h, d = data.draw(st.integers(1, 9)), 2 * data.draw(st.integers(1, 64))
+        r2 = data.draw(st.integers(1, d // 2))
+        buf = torch.full((m, h + 2, d), float("nan"), dtype=dtype)
+        buf[:, 1:h + 1] = torch.randn(m, h, d, generator=gen).to(dtype)
+        before = buf.clone()
+        cos, sin = torch.randn(m, r2, generator=gen), torch.randn(m, r2, generator=gen)
+        neox = data.draw(st.booleans())
+        fops.rope_cpu(buf[:, 1:h + 1], cos, sin, neox)
+        assert rel(buf[:, 1:h + 1], fref.rope(before[:, 1:h + 1], cos, sin, neox)) <= tol
+        assert torch.equal(buf[:, 0].isnan(), before[:, 0].isnan()) and torch.equal(buf[:, -1].isnan(),
+                                                                                     before[:, -1].isnan())
+
+    _at_isa(data.draw(st.sampled_from(lowbit.supported_cpu_isas())), run)
+
+
+@FUZZ_FUSED
+@given(data=st.data())
+def test_fuzz_fused_invalid(data):
+    """One argument broken at a time -> TypeError / ValueError naming it."""
+    from lowbit import ops
+
+    m, k = data.draw(st.integers(1, 8)), 2 * data.draw(st.integers(1, 16))
+    x, w = torch.randn(m, k), torch.randn(k)
+    case = data.draw(st.sampled_from(["x_dtype", "w_shape", "res_shape", "eps", "silu_odd", "rope_rank",
+                                      "rope_cos_rows", "rope_wide", "rope_dtype"]))
+    calls = {
+        "x_dtype": (lambda: ops.rms_norm(x.to(torch.int32), w), "x"),
+        "w_shape": (lambda: ops.rms_norm(x, torch.randn(k + 1)), "weight"),
+        "res_shape": (lambda: ops.rms_norm(x, w, 1e-5, torch.randn(m + 1, k)), "residual"),
+        "eps": (lambda: ops.rms_norm(x, w, float("nan")), "eps"),
+        "silu_odd": (lambda: ops.silu_and_mul(torch.randn(m, k + 1)), "x"),
+        "rope_rank": (lambda: ops.rope_(x, torch.randn(m, 1), torch.randn(m, 1)), "x"),
+        "rope_cos_rows": (lambda: ops.rope_(x.view(m, 1, k), torch.randn(m + 1, 1), torch.randn(m + 1, 1)), "cos"),
+        "rope_wide": (lambda: ops.rope_(x.view(m, 1, k), torch.randn(m, k), torch.randn(m, k)), "2R"),
+        "rope_dtype": (lambda: ops.rope_(x.view(m, 1, k), torch.randn(m, 1).half(), torch.randn(m, 1)), "cos"),
+    }
+    call, word = calls[case]
+    with pytest.raises((TypeError, ValueError), match=word):
+        call()
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    from lowbit.models.synthetic import write_synthetic_gguf
+
+    path = tmp_path_factory.mktemp("fuzz_gguf") / "small.gguf"
+    write_synthetic_gguf(path, vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                         tensor_type="q4_1", embedding_type="q8_0")
+    return path.read_bytes()
+
+
+@settings(max_examples=GGUF_FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_gguf_corrupted_file(small_gguf, data, tmp_path_factory):
+    """A GGUF file with random bytes overwritten, or cut short, either loads (the corruption hit
+    weight bytes or unused metadata; the model then runs a forward pass) or raises ValueError:
+    never another exception, a crash or a hang."""
+    from lowbit.models import load_gguf
+
+    blob = bytearray(small_gguf)
+    if data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 8))):
+            pos = data.draw(st.integers(0, len(blob) - 1))
+            blob[pos] = data.draw(st.integers(0, 255))
+    else:
+        del blob[data.draw(st.integers(1, len(blob) - 1)):]
+    path = tmp_path_factory.mktemp("corrupt") / "f.gguf"
+    path.write_bytes(bytes(blob))
+    try:
+        model = load_gguf(path)
+    except ValueError:
+        return
+    logits = model(torch.randint(0, model.config.vocab_size, (1, 3)))
+    assert logits.shape == (1, 3, model.config.vocab_size)
