@@ -105,3 +105,26 @@ def test_bind_checks_buffers():
     y = torch.full((2, 32), float("nan"))
     lin.bind(x, y)()
     torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
+
+
+def test_concurrent_generation_matches_serial(files, restore_threads):
+    """8 Python threads generating on one shared model (each call has its own cache and replay;
+    kernels release the GIL) give the serial results; lowbit.set_num_threads changing meanwhile is
+    safe (the split of decode attention across threads follows the count, so only validity is
+    checked then)."""
+    from conftest import run_concurrently
+
+    model = load_gguf(files["q4_1"])
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 384, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (16,), generator=gen)]
+    serial = [model.generate([p], 12, stop_tokens=[]).tokens[0] for p in prompts]
+
+    assert run_concurrently(lambda i: model.generate([prompts[i]], 12, stop_tokens=[]).tokens[0],
+                            list(range(len(prompts))), 8) == serial
+
+    def changing(i):
+        lowbit.set_num_threads(1 + i % 2)
+        return model.generate([prompts[i]], 12, stop_tokens=[]).tokens[0]
+
+    for toks in run_concurrently(changing, list(range(len(prompts))), 8):
+        assert len(toks) == 12 and all(0 <= t < 384 for t in toks)

@@ -454,7 +454,8 @@ int attention(const AttentionParams& p) {
 // rule) with its scale stored at scales[slot * H + h]. Slots were validated by the caller.
 int kv_cache_write(const void* src, int src_dtype, int64_t T, int64_t H, int64_t D, int64_t ld_t, int64_t ld_h,
                    const int64_t* slots, void* cache, int cache_dtype, float* scales, int nthreads) {
-  if (!valid_dtype(src_dtype) || (cache_dtype != kI8 && !valid_dtype(cache_dtype)) || (cache_dtype == kI8 && !scales) ||
+  if (!src || !slots || !cache || !valid_dtype(src_dtype) || (cache_dtype != kI8 && !valid_dtype(cache_dtype)) ||
+      (cache_dtype == kI8 && !scales) ||
       T < 0 || H <= 0 || D <= 0)
     return kInvalidArgument;
   constexpr int64_t kTokensPerTask = 16;

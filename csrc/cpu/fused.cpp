@@ -22,7 +22,9 @@ void rows_parallel(int64_t M, int nthreads, F&& f) {
 
 int rms_norm(const void* x, const void* residual, const void* weight, int w_dtype, void* out, void* sum_out,
              int dtype, int64_t M, int64_t K, float eps, int nthreads) {
-  if (!valid_dtype(dtype) || !valid_dtype(w_dtype) || M < 0 || K <= 0) return kInvalidArgument;
+  if (!x || !weight || !out || (residual && !sum_out) || !valid_dtype(dtype) || !valid_dtype(w_dtype) || M < 0 ||
+      K <= 0)
+    return kInvalidArgument;
   std::atomic<bool> oom{false};
   const size_t es = elem_size(dtype);
   rows_parallel(M, nthreads, [&](int64_t m) {
@@ -56,7 +58,7 @@ int rms_norm(const void* x, const void* residual, const void* weight, int w_dtyp
 inline float silu(float g) { return g / (1.0f + std::exp(-std::max(g, -88.0f))); }
 
 int silu_and_mul(const void* x, void* out, int dtype, int64_t M, int64_t F, int nthreads) {
-  if (!valid_dtype(dtype) || M < 0 || F <= 0) return kInvalidArgument;
+  if (!x || !out || !valid_dtype(dtype) || M < 0 || F <= 0) return kInvalidArgument;
   const size_t es = elem_size(dtype);
   rows_parallel(M, nthreads, [&](int64_t m) {
     const char* g = static_cast<const char*>(x) + m * 2 * F * es;
@@ -77,7 +79,7 @@ int silu_and_mul(const void* x, void* out, int dtype, int64_t M, int64_t F, int 
 
 int rope(void* x, int dtype, int64_t T, int64_t H, int64_t ld_t, int64_t ld_h, const float* cos, const float* sin,
          int64_t R, int neox, int nthreads) {
-  if (!valid_dtype(dtype) || T < 0 || H <= 0 || R <= 0) return kInvalidArgument;
+  if (!x || !cos || !sin || !valid_dtype(dtype) || T < 0 || H <= 0 || R <= 0) return kInvalidArgument;
   const size_t es = elem_size(dtype);
   rows_parallel(T, nthreads, [&](int64_t t) {
     const float* c = cos + t * R;
