@@ -465,3 +465,19 @@ def test_fuzz_gguf_corrupted_file(small_gguf, data, tmp_path_factory):
         return
     logits = model(torch.randint(0, model.config.vocab_size, (1, 3)))
     assert logits.shape == (1, 3, model.config.vocab_size)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@given(exp=st.integers(41, 60), which=st.sampled_from(["int8", "int4", "cache"]))
+def test_huge_sizes_refused_before_allocating(exp, which):
+    """Sizes past the machine's memory (2^41 .. 2^60 bytes) raise ValueError naming the size at
+    construction, instead of an allocator failure (or an attempt to fill terabytes)."""
+    n = 2 ** (exp // 2)
+    k = 2 ** (exp - exp // 2)
+    with pytest.raises(ValueError, match="GiB"):
+        if which == "int8":
+            lowbit.nn.Int8Linear(k, n)
+        elif which == "int4":
+            lowbit.nn.Int4Linear(k, n, group_size=k)
+        else:
+            lowbit.PagedKVCache(num_layers=1, num_blocks=n, block_size=16, num_kv_heads=1, head_dim=k // 16 or 1)

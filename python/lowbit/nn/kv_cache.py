@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..ops import _check as chk
 from ..ops import kv_cache as ops
 
 
@@ -49,6 +50,13 @@ class PagedKVCache:
             raise TypeError(f"PagedKVCache: cache_dtype must be float32, float16, bfloat16 or torch.int8, got "
                             f"{cache_dtype}")
         dv = head_dim if value_head_dim is None else value_head_dim
+        if not isinstance(dv, int) or isinstance(dv, bool) or dv < 1:
+            raise ValueError(f"PagedKVCache: value_head_dim must be a positive int, got {value_head_dim!r}")
+        elem = torch.empty(0, dtype=cache_dtype).element_size()
+        per_token = num_kv_heads * ((head_dim + dv) * elem + (8 if cache_dtype == torch.int8 else 0))
+        chk.allocation(num_layers * num_blocks * block_size * per_token,
+                       f"{num_layers} layers x {num_blocks} blocks x {block_size} tokens of cache", "PagedKVCache",
+                       device)
         self.num_blocks, self.block_size, self.dtype, self.cache_dtype = num_blocks, block_size, dtype, cache_dtype
         shape_k = (num_blocks, block_size, num_kv_heads, head_dim)
         shape_v = (num_blocks, block_size, num_kv_heads, dv)

@@ -17,6 +17,7 @@ from ..formats import int4 as fmt4
 from ..formats import int8 as fmt8
 from ..ops import int4 as int4_ops
 from ..ops import int8 as int8_ops
+from ..ops import _check as chk
 from ..ops._check import FLOAT_DTYPES
 
 # scheme -> (op name = native CPU kernel name, torch.library op). The kernel is looked up in
@@ -47,6 +48,7 @@ class _QuantizedLinear(torch.nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        chk.allocation(in_features * out_features, f"a {out_features} x {in_features} weight", name)
 
     def _init_bias(self, bias: bool, device, dtype):
         if bias:

@@ -1,6 +1,8 @@
 """Input validation shared by the ops: cheap, and every message names the argument."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,3 +77,25 @@ def rows(x: torch.Tensor) -> torch.Tensor:
 
 def row_stride(x2: torch.Tensor) -> int:
     return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit known
+        return 1 << 62
+
+
+def allocation(nbytes: int, what: str, op: str, device="cpu") -> None:
+    """ValueError, before anything is allocated, for a size this machine cannot hold (more bytes than
+    its physical memory; on CUDA, than the device's): a clear error instead of an allocator failure."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        limit, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev}'s"
+    elif dev.type == "meta":
+        return
+    else:
+        limit, where = _physical_memory(), "this machine's"
+    if nbytes > limit:
+        raise ValueError(f"{op}: {what} would need {nbytes / 2**30:.1f} GiB, more than {where} "
+                         f"{limit / 2**30:.1f} GiB of memory")
