@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <string>
 
+#include "int4.h"
 #include "int8.h"
 #include "lowbit/status.h"
 
@@ -107,6 +108,31 @@ int int8_linear_w8a8(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx
                                 ptr<int8_t>(qx), ptr<float>(sx), stream_ptr(stream));
 }
 
+py::tuple int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count) {
+  int splits = 1;
+  int64_t counters = 0;
+  cuda::int4_w4a16_plan(M, K, N, sm_count, &splits, &counters);
+  return py::make_tuple(splits, counters);
+}
+
+int int4_linear_w4a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t qweight,
+                      uintptr_t scales, int scales_dtype, int64_t groups, int64_t N, uintptr_t bias, int bias_dtype,
+                      uintptr_t y, int64_t ldy, int splits, uintptr_t partial, uintptr_t counters, int device,
+                      uintptr_t stream) {
+  if (int st = cuda::check_w4a16_args(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const void>(qweight),
+                                      ptr<const void>(scales), scales_dtype, groups, N, ptr<const void>(bias),
+                                      bias_dtype, ptr<const void>(y), ldy, splits))
+    return st;
+  if (M == 0) return kOk;
+  if (device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::int4_linear_w4a16(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const uint32_t>(qweight),
+                                 ptr<const void>(scales), scales_dtype, groups, N, ptr<const void>(bias), bias_dtype,
+                                 ptr<void>(y), ldy, splits, ptr<float>(partial), ptr<int>(counters),
+                                 stream_ptr(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -135,4 +161,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("int8_linear_w8a8", &int8_linear_w8a8, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("ldx"), py::arg("qweight"), py::arg("wscale"), py::arg("N"), py::arg("bias"), py::arg("bias_dtype"),
         py::arg("y"), py::arg("ldy"), py::arg("qx"), py::arg("sx"), py::arg("device"), py::arg("stream"));
+  m.def("int4_w4a16_plan", &int4_w4a16_plan, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("sm_count"),
+        "(splits, counters): how int4_linear_w4a16 runs this shape (host-only arithmetic).");
+  m.def("int4_linear_w4a16", &int4_linear_w4a16, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
+        py::arg("ldx"), py::arg("qweight"), py::arg("scales"), py::arg("scales_dtype"), py::arg("groups"),
+        py::arg("N"), py::arg("bias"), py::arg("bias_dtype"), py::arg("y"), py::arg("ldy"), py::arg("splits"),
+        py::arg("partial"), py::arg("counters"), py::arg("device"), py::arg("stream"));
 }

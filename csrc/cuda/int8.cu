@@ -397,13 +397,6 @@ void launch_w8a8(bool vec, const int8_t* qx, const float* sx, int64_t M, int64_t
   }
 }
 
-int launch_status(const char* where) {
-  const cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) return kOk;
-  record_cuda_error(where, cudaGetErrorName(e), cudaGetErrorString(e));
-  return kCudaError;
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- entry points

@@ -14,28 +14,13 @@
 // The launchers run on the caller's current device; the bindings select it.
 #pragma once
 #include <cstdint>
-#include <string>
 
-#include "lowbit/status.h"
+#include "common.h"
 
 namespace lowbit::cuda {
 
-// The last CUDA error an entry point of lowbit._cuda met on this thread ("" if
-// none), for lowbit._cuda.last_error(): a status code alone cannot say which
-// error it was. (Moves to a common header when a second op family arrives.)
-inline std::string& last_cuda_error() {
-  static thread_local std::string s;
-  return s;
-}
-
-inline void record_cuda_error(const char* where, const char* name, const char* text) {
-  last_cuda_error() = std::string(where) + ": " + name + " (" + text + ")";
-}
-
 // Argument checks, shared by the bindings (which run them before touching the
 // device, so a bad call never needs a GPU) and the launchers.
-inline bool valid_dtype_code(int code) { return code == kF32 || code == kF16 || code == kBF16; }
-
 inline int check_quantize_args(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void* q,
                                const void* scale) {
   if (M < 0 || K < 1 || ldx < K || !valid_dtype_code(x_dtype)) return kInvalidArgument;

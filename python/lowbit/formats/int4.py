@@ -186,3 +186,55 @@ def unpack_cpu(qweight: torch.Tensor, scales: torch.Tensor, mins, n: int, k: int
         return None if t is None else t.transpose(1, 2).reshape(-1, t.shape[1])[:n].to(torch.float32).contiguous()
 
     return codes, rows(scales), rows(mins)
+
+
+# ---------------------------------------------------------------- CUDA layout
+# csrc/cuda/int4.cu's comment explains why: one 16-byte load per lane per (16 columns x 64 k)
+# tile, the words in the order of mma.sync m16n8k16 B fragments, K permuted per lane so that a
+# lane's 16 activations are contiguous.
+CUDA_TILE_N = 16
+CUDA_TILE_K = 64
+# nibble of (sub, e) in a word: sub = which 8 columns, e = k offset in the lane's 4-k step
+_CUDA_NIBBLE = torch.tensor([[0, 4, 1, 5], [2, 6, 3, 7]])
+
+
+def packed_cuda_shape(n: int, k: int) -> tuple:
+    """Shape of the CUDA qweight (int32) for N outputs and K inputs."""
+    return (_round_up(n, CUDA_TILE_N) // CUDA_TILE_N, _round_up(k, CUDA_TILE_K) // CUDA_TILE_K, 32, 4)
+
+
+def packed_cuda_scales_shape(n: int, groups: int) -> tuple:
+    return (groups, _round_up(n, CUDA_TILE_N), 2)
+
+
+def pack_cuda(codes: torch.Tensor, scales: torch.Tensor, mins=None) -> tuple:
+    """Canonical (codes [N, K], scales [N, K/g], mins or None) -> (qweight int32 [Np/16, Kp/64, 32, 4],
+    scales [K/g, Np, 2]) in the CUDA layout, on the codes' device. The scales tensor holds (d, m)
+    pairs (m = -8 d when symmetric) in float16 when lossless, else float32; columns past N and
+    codes past K are 0. Lossless: unpack_cuda gives back (codes, scales, mins)."""
+    check_canonical(codes, scales, mins)
+    n, k = codes.shape
+    np_, kp = _round_up(n, CUDA_TILE_N), _round_up(k, CUDA_TILE_K)
+    q = torch.zeros(np_, kp, dtype=torch.int32, device=codes.device)
+    q[:n, :k] = codes
+    # n = 16 p + 8 sub + gid, k = 64 t + 16 tig + 4 j + e  ->  [p, t, gid, tig, j, sub, e]
+    q = q.view(np_ // 16, 2, 8, kp // 64, 4, 4, 4).permute(0, 3, 2, 4, 5, 1, 6)
+    shifts = (4 * _CUDA_NIBBLE).to(device=codes.device, dtype=torch.int32)
+    words = (q << shifts).sum(dim=(-2, -1), dtype=torch.int64)  # 8 disjoint nibbles: the sum is the OR
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    d = scales.detach().to(torch.float32)
+    m = -8.0 * d if mins is None else mins.detach().to(torch.float32)
+    table = torch.zeros(d.shape[1], np_, 2, dtype=torch.float32, device=codes.device)
+    table[:, :n, 0], table[:, :n, 1] = d.t(), m.t()
+    return words.reshape(packed_cuda_shape(n, k)).contiguous(), table.to(storage_dtype(table)).contiguous()
+
+
+def unpack_cuda(qweight: torch.Tensor, scales: torch.Tensor, n: int, k: int, symmetric: bool) -> tuple:
+    """The CUDA layout -> canonical (codes uint8 [N, K], scales fp32 [N, K/g], mins fp32 or None)."""
+    p, t = qweight.shape[:2]
+    shifts = (4 * _CUDA_NIBBLE).to(device=qweight.device, dtype=torch.int32)
+    q = (qweight.view(p, t, 8, 4, 4, 1, 1) >> shifts) & 0xF        # [p, t, gid, tig, j, sub, e]
+    codes = q.permute(0, 5, 2, 1, 3, 4, 6).reshape(p * 16, t * 64)[:n, :k].to(torch.uint8).contiguous()
+    table = scales.to(torch.float32)
+    d = table[:, :n, 0].t().contiguous()
+    return codes, d, None if symmetric else table[:, :n, 1].t().contiguous()

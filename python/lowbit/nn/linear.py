@@ -97,7 +97,7 @@ class _QuantizedLinear(torch.nn.Module):
                              f"{(x.shape[0], n)}")
         kernel = getattr(_native._C, name)
         args = (x.data_ptr(), _native.DTYPE_CODE[x.dtype], x.shape[0], self.in_features, self.in_features,
-                *self._cpu_weight_args(), *int8_ops._bias_args(self.bias), y.data_ptr(), n, _native.get_num_threads())
+                *self._cpu_weight_args(), *int8_ops.bias_args(self.bias), y.data_ptr(), n, _native.get_num_threads())
         alive = (x, y, [getattr(self, w) for w in self._WEIGHTS], self.bias)
 
         def run(alive=alive):
@@ -258,8 +258,9 @@ class Int4Linear(_QuantizedLinear):
     inputs: 32, 64, 128, or in_features (per channel). scheme "w4a16" keeps activations in float;
     "w4a8" quantizes them to int8 per block of 32 on the fly (lowbit.ops.int4).
 
-    Buffers: ``qweight``, ``scales`` and ``mins`` (None when symmetric) in the CPU packed layout of
-    lowbit.formats.int4 (on other devices: the canonical form), ``bias`` (float, optional).
+    Buffers: ``qweight``, ``scales`` and ``mins`` in the layout of the module's device
+    (lowbit.formats.int4): the CPU packed layout (mins None when symmetric), or on CUDA the
+    tensor-core layout (scales holds (d, m) pairs, mins None), ``bias`` (float, optional).
     state_dict holds the canonical form: ``qweight`` uint8 [N, ceil(K/2)] (lowbit.formats.int4
     nibble order: element 2j low, 2j + 1 high; a zero pad nibble when K is odd), ``scales`` and
     ``mins`` [N, K/g] in float16 or float32 (float16 whenever that is lossless).
@@ -349,6 +350,8 @@ class Int4Linear(_QuantizedLinear):
         """(codes uint8 [N, K], scales [N, K/g], mins or None) in float32, whatever the device layout."""
         if self.qweight.device.type == "cpu":
             return fmt4.unpack_cpu(self.qweight, self.scales, self.mins, self.out_features, self.in_features)
+        if self.qweight.device.type == "cuda":
+            return fmt4.unpack_cuda(self.qweight, self.scales, self.out_features, self.in_features, self.symmetric)
         f = lambda t: None if t is None else t.to(torch.float32)
         return self.qweight, f(self.scales), f(self.mins)
 
@@ -370,6 +373,8 @@ class Int4Linear(_QuantizedLinear):
         scales, mins = c["scales"], c.get("mins")
         if codes.device.type == "cpu":
             q, s, m = fmt4.pack_cpu(codes, scales, mins)
+        elif codes.device.type == "cuda":
+            (q, s), m = fmt4.pack_cuda(codes, scales, mins), None
         else:  # (a meta module, made by the constructors, has no values to inspect)
             dt = scales.dtype if scales.device.type == "meta" else fmt4.storage_dtype(scales, mins)
             q, s, m = codes.contiguous(), scales.to(dt).contiguous(), None if mins is None else mins.to(dt).contiguous()
@@ -405,9 +410,10 @@ class Int4Linear(_QuantizedLinear):
         return _OPS[self.scheme][1](x, self.qweight, self.scales, self.mins, self.out_features, self.bias)
 
     def _check_weights(self) -> None:
-        if (self.mins is None) != self.symmetric:
+        cpu = self.qweight.device.type == "cpu"
+        if cpu and (self.mins is None) != self.symmetric:
             raise ValueError("Int4Linear: mins must be None exactly when the module is symmetric")
-        if self.qweight.device.type == "cpu":
+        if cpu or self.qweight.device.type == "cuda":
             g = int4_ops.validate_weights(self.qweight, self.scales, self.mins, self.out_features, self.bias,
                                           self.in_features, "Int4Linear")
             if g != self.group_size:

@@ -5,10 +5,12 @@ Schemas (namespace ``lowbit``)::
     int4_linear_w4a16(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int n, Tensor? bias) -> Tensor
     int4_linear_w4a8(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int n, Tensor? bias) -> Tensor
 
-``qweight``, ``scales`` and ``mins`` are in the CPU packed layout of lowbit.formats.int4
-(``pack_cpu``): qweight uint8 [ceil(N/16), ceil(K/8), 64], scales float16 or float32
+``qweight``, ``scales`` and ``mins`` are in the layout of their device (lowbit.formats.int4).
+On CPU (``pack_cpu``): qweight uint8 [ceil(N/16), ceil(K/8), 64], scales float16 or float32
 [ceil(N/16), K/g, 16], mins the same (asymmetric, w = d * q + m) or None (symmetric,
-w = d * (q - 8)). ``n`` is N (the packed shapes fix it only up to a multiple of 16); K comes
+w = d * (q - 8)). On CUDA (``pack_cuda``): qweight int32 [ceil(N/16), ceil(K/64), 32, 4],
+scales [K/g, roundup(N, 16), 2] holding (d, m) pairs (m = -8 d for symmetric weights), and
+mins None. ``n`` is N (the packed shapes fix it only up to a multiple of 16); K comes
 from x and the group size g = K / scales.shape[1] must be 32, 64, 128 or K. As with the INT8
 ops, the packed shapes fix K only up to its octet of 8 when g = K (per channel), so such an x
 is taken on trust; the modules check K exactly against in_features.
@@ -19,7 +21,9 @@ round half to even: lowbit.ref.int4.quantize_activations_q8), as llama.cpp's Q8 
 and runs int8 dot products with exact int32 sums per block. Per-block scales (rather than
 one per token) keep an outlier channel from coarsening a whole row: on activations with
 0.5% outlier channels (30x) the per-token output error measured 7.5% against 1.1% per block.
-x is [..., K] in fp32 / fp16 / bf16 and y has x's dtype. A NaN or Inf in a row of x makes that
+x is [..., K] in fp32 / fp16 / bf16 on CPU, fp16 / bf16 on CUDA (tensor cores: mma.sync
+m16n8k16, weights dequantized in registers, fp32 accumulation); y has x's dtype. W4A8 runs on
+the CPU only. A NaN or Inf in a row of x makes that
 row's outputs NaN (W4A16 too: the factored form computes Inf - Inf where torch would give +-Inf).
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from .. import _native
 from ..formats import int4 as fmt
 from . import _check as chk
+from .int8 import bias_args
 from .int8 import run_cpu_kernel, validate_x
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
@@ -38,21 +43,33 @@ for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
 
 # ---------------------------------------------------------------- validation
 def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
-    """Checks CPU-packed INT4 weights for K inputs and N = n outputs; returns the group size."""
+    """Checks INT4 weights (layout of their device) for K inputs and N = n outputs; returns the group size."""
     chk.tensor(qweight, "qweight", op)
     chk.tensor(scales, "scales", op)
     _check_n(n, op)
-    chk.dtype(qweight, torch.uint8, "qweight", op)
     if scales.dtype not in (torch.float16, torch.float32):
         raise TypeError(f"lowbit.{op}: scales must be float16 or float32, got {scales.dtype}")
+    if qweight.device != scales.device:
+        raise ValueError(f"lowbit.{op}: qweight is on {qweight.device} but scales is on {scales.device}")
+    cuda = scales.device.type == "cuda"
+    if not cuda and scales.device.type != "cpu":
+        raise NotImplementedError(f"lowbit.{op}: INT4 kernels run on CPU and CUDA; the weights are on {scales.device}")
     for name, t in (("qweight", qweight), ("scales", scales)):
-        if t.device.type != "cpu":
-            raise NotImplementedError(f"lowbit.{op}: INT4 kernels run on the CPU only for now; {name} is on {t.device}")
         chk.contiguous(t, name, op)
-    if scales.dim() != 3 or scales.shape[0] == 0 or scales.shape[1] == 0 or scales.shape[2] != fmt.PANEL_ROWS:
-        raise ValueError(f"lowbit.{op}: scales must be packed [ceil(N/16), K/g, 16] (lowbit.formats.int4.pack_cpu), "
-                         f"got shape {tuple(scales.shape)}")
-    groups = int(scales.shape[1])  # specialized under torch.compile, like K (validate_linear)
+    if cuda:
+        chk.dtype(qweight, torch.int32, "qweight", op)
+        if scales.dim() != 3 or scales.shape[0] == 0 or scales.shape[2] != 2:
+            raise ValueError(f"lowbit.{op}: scales on CUDA must be [K/g, roundup(N, 16), 2] (d, m) pairs "
+                             f"(lowbit.formats.int4.pack_cuda), got shape {tuple(scales.shape)}")
+        if mins is not None:
+            raise ValueError(f"lowbit.{op}: mins must be None on CUDA (the CUDA layout keeps d and m together in "
+                             "scales)")
+    else:
+        chk.dtype(qweight, torch.uint8, "qweight", op)
+        if scales.dim() != 3 or scales.shape[0] == 0 or scales.shape[1] == 0 or scales.shape[2] != fmt.PANEL_ROWS:
+            raise ValueError(f"lowbit.{op}: scales must be packed [ceil(N/16), K/g, 16] (lowbit.formats.int4.pack_cpu), "
+                             f"got shape {tuple(scales.shape)}")
+    groups = int(scales.shape[0 if cuda else 1])  # specialized under torch.compile, like K (validate_linear)
     if k % groups != 0:
         raise ValueError(f"lowbit.{op}: scales has {groups} groups, which does not divide K={k} (from x)")
     g = k // groups
@@ -60,8 +77,12 @@ def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
         fmt.check_group_size(k, g)
     except ValueError as e:
         raise ValueError(f"lowbit.{op}: scales has {groups} groups for K={k}, i.e. group size {g}: {e}") from None
-    chk.shape(scales, fmt.packed_scales_shape(n, groups), f"scales (N={n}, {groups} groups)", op)
-    chk.shape(qweight, fmt.packed_cpu_shape(n, k), f"qweight (packed for N={n}, K={k})", op)
+    if cuda:
+        chk.shape(scales, fmt.packed_cuda_scales_shape(n, groups), f"scales (N={n}, {groups} groups)", op)
+        chk.shape(qweight, fmt.packed_cuda_shape(n, k), f"qweight (CUDA layout for N={n}, K={k})", op)
+    else:
+        chk.shape(scales, fmt.packed_scales_shape(n, groups), f"scales (N={n}, {groups} groups)", op)
+        chk.shape(qweight, fmt.packed_cpu_shape(n, k), f"qweight (packed for N={n}, K={k})", op)
     if mins is not None:
         chk.tensor(mins, "mins", op)
         if mins.dtype != scales.dtype:
@@ -123,16 +144,62 @@ def _cpu_impl(op):
     return impl
 
 
-def _cuda_impl(op):
-    def impl(x, qweight, scales, mins, n, bias=None):
-        raise NotImplementedError(f"lowbit.{op}: INT4 kernels run on the CPU only for now (no CUDA kernel yet)")
+# ---------------------------------------------------------------- CUDA
+# K-split counters: zero before a call and left zero by it, so one buffer per (device, stream)
+# serves every call in stream order. While a CUDA graph is being captured a fresh zeroed buffer
+# is made per call instead (its zeroing becomes part of the graph).
+_counters: dict = {}
 
-    return impl
+
+def _cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = (device.index, stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < count:
+        buf = _counters[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
+    op = "int4_linear_w4a16"
+    k, _ = validate_linear(x, qweight, scales, mins, n, bias, op)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"lowbit.{op}: on CUDA x must be float16 or bfloat16 (the tensor-core kernel), got {x.dtype}; "
+                        "cast it (x.half() / x.bfloat16())")
+    mod = _native.cuda_module()
+    x2 = chk.rows(x)
+    m = x2.shape[0]
+    dev = x.device
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
+    stream = _native.stream_of(x)
+    splits, count = mod.int4_w4a16_plan(m, k, n, _sm_count(dev))
+    partial = counters = None
+    if splits > 1:  # per-split fp32 sums, from torch's allocator
+        partial = torch.empty((splits, m, scales.shape[1]), dtype=torch.float32, device=dev)
+        counters = _cuda_counters(dev, stream, count)
+    st = mod.int4_linear_w4a16(
+        x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(), scales.data_ptr(),
+        _native.DTYPE_CODE[scales.dtype], scales.shape[0], n, *bias_args(bias), y.data_ptr(), n, splits,
+        0 if partial is None else partial.data_ptr(), 0 if counters is None else counters.data_ptr(), dev.index,
+        stream)
+    _native.check(st, op)
+    return y
+
+
+def linear_w4a8_cuda(x, qweight, scales, mins, n, bias=None):
+    raise NotImplementedError("lowbit.int4_linear_w4a8: W4A8 runs on the CPU only; on CUDA use W4A16 "
+                              "(Int4Linear(scheme='w4a16'), tensor cores)")
 
 
 for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
     _lib.impl(_op, _cpu_impl(_op), "CPU")
-    _lib.impl(_op, _cuda_impl(_op), "CUDA")
+_lib.impl("int4_linear_w4a16", linear_w4a16_cuda, "CUDA")
+_lib.impl("int4_linear_w4a8", linear_w4a8_cuda, "CUDA")
 
 
 # ---------------------------------------------------------------- public

@@ -111,7 +111,7 @@ for _op in ("int8_linear_w8a16", "int8_linear_w8a8"):
 
 
 # ---------------------------------------------------------------- CPU
-def _bias_args(bias):
+def bias_args(bias):
     return (0, 0) if bias is None else (bias.data_ptr(), _native.DTYPE_CODE[bias.dtype])
 
 
@@ -135,7 +135,7 @@ def run_cpu_kernel(kernel, op, x, k, weight_args: tuple, n, bias):
     x2 = chk.rows(x)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
     st = kernel(x2.data_ptr(), _native.DTYPE_CODE[x.dtype], x2.shape[0], k, chk.row_stride(x2), *weight_args,
-                *_bias_args(bias), y.data_ptr(), n, _native.get_num_threads())
+                *bias_args(bias), y.data_ptr(), n, _native.get_num_threads())
     _native.check(st, op)
     return y
 
@@ -190,7 +190,7 @@ def _linear_cuda(op, x, qweight, scale, bias):
     m = x2.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     args = [x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
-            scale.data_ptr(), n, *_bias_args(bias), y.data_ptr(), n]
+            scale.data_ptr(), n, *bias_args(bias), y.data_ptr(), n]
     if op == "int8_linear_w8a8":  # scratch for the per-token codes and scales, from torch's allocator
         qx = torch.empty((m, k), dtype=torch.int8, device=x.device)
         sx = torch.empty((m,), dtype=torch.float32, device=x.device)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""GPU microbenchmark of lowbit's INT8 linear kernels against torch, in one run.
+"""GPU microbenchmark of lowbit's quantized linear kernels against torch, in one run.
 
-    python3 bench/gpu_int8.py --out gpu_bench.json        (bench/gpu_check.sh runs this)
+    python3 bench/gpu_matmul.py --out gpu_bench.json        (bench/gpu_check.sh runs this)
 
 Measures the machine first (device-to-device copy bandwidth, counting bytes read
 plus written; fp16 matmul peak on 8192^3), then for each weight shape (N, K) and
-activation rows M: lowbit W8A16 and W8A8 (fp16 activations), torch fp16 F.linear
-and, for M >= 16 where its shape rules allow, torch._int_mm (the bare int8 GEMM,
+activation rows M: lowbit W4A16 (group 128, asymmetric: Q4_1 / GPTQ-style), W8A16 and
+W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape rules allow, torch._int_mm (the bare int8 GEMM,
 without activation quantization or scaling).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
@@ -26,9 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
-MS = [1, 16]
-EXTRA = [((4096, 4096), 2048)]
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
+MS = [1, 16, 64]
+EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
+W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
 CALLS_PER_GRAPH = 24
 
@@ -96,6 +97,19 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
     from lowbit import ref
     from lowbit.ops import int8 as int8_ops
 
+    from lowbit.formats import int4 as fmt4
+    from lowbit.ops import int4 as int4_ops
+
+    nbuf_w4 = max(2, -(-ROTATE_BYTES // (N * K // 2)))
+    w4s, w4_deq = [], None  # (qweight, scales) in the CUDA layout; the first one dequantized in fp16
+    for _ in range(nbuf_w4):
+        codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
+        d = (torch.rand(N, K // W4_GROUP, device="cuda") * 0.004 + 0.001).half().float()
+        mn = (-7.5 * d + torch.randn_like(d) * 0.002).half().float()
+        w4s.append(fmt4.pack_cuda(codes, d, mn))
+        if w4_deq is None:
+            w4_deq = ref.int4.dequantize_int4(codes, d, mn).half()
+        del codes, d, mn
     nbuf_i8 = max(2, -(-ROTATE_BYTES // (N * K)))
     nbuf_f16 = max(2, -(-ROTATE_BYTES // (2 * N * K)))
     w16, qws, scs = [], [], []
@@ -118,10 +132,15 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         for name, fn in (("lowbit w8a16", int8_ops.int8_linear_w8a16), ("lowbit w8a8", int8_ops.int8_linear_w8a8)):
             y = fn(x, qws[0], scs[0]).float()
             relerr[name] = ((y - y_ref).abs().max() / y_ref.abs().max()).item()
+        y4_ref = F.linear(x.float(), w4_deq.float())
+        y4 = int4_ops.int4_linear_w4a16(x, w4s[0][0], w4s[0][1], None, N).float()
+        relerr["lowbit w4a16"] = ((y4 - y4_ref).abs().max() / y4_ref.abs().max()).item()
 
         ops = {
             "torch fp16 F.linear": (lambda i: (lambda: F.linear(x, w16[i])), nbuf_f16,
                                     2 * N * K + 2 * M * K + 2 * M * N),
+            "lowbit w4a16": (lambda i: (lambda: int4_ops.int4_linear_w4a16(x, w4s[i][0], w4s[i][1], None, N)),
+                             nbuf_w4, N * K // 2 + 4 * N * (K // W4_GROUP) + 2 * M * K + 2 * M * N),
             "lowbit w8a16": (lambda i: (lambda: int8_ops.int8_linear_w8a16(x, qws[i], scs[i])), nbuf_i8,
                              N * K + 4 * N + 2 * M * K + 2 * M * N),
             "lowbit w8a8": (lambda i: (lambda: int8_ops.int8_linear_w8a8(x, qws[i], scs[i])), nbuf_i8,
@@ -150,7 +169,7 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             rows.append(row)
             log(f"  {N}x{K} M={M} {op}: {us:.1f} us, {gbps:.0f} GB/s, {row['tflops']:.2f} TFLOP/s")
         del x, xq
-    del w16, qws, scs
+    del w16, qws, scs, w4s, w4_deq
     torch.cuda.empty_cache()
     return rows
 
@@ -184,13 +203,13 @@ def main(argv=None) -> int:
 
     reason = _native.cuda_unavailable_reason()
     if reason is not None:
-        log(f"gpu_int8: lowbit's CUDA kernels are unavailable: {reason}")
+        log(f"gpu_matmul: lowbit's CUDA kernels are unavailable: {reason}")
         return 2
     t0 = time.time()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
-    log(f"gpu_int8: {device}, {props.multi_processor_count} SMs, lowbit {lowbit.__version__} "
+    log(f"gpu_matmul: {device}, {props.multi_processor_count} SMs, lowbit {lowbit.__version__} "
         f"(archs {_native.cuda_built_archs()}), torch {torch.__version__}")
     copy_bw = measure_copy_bw()
     log(f"copy bandwidth: {copy_bw:.0f} GB/s")

@@ -1,0 +1,38 @@
+// Host entry points of the CUDA INT4 kernels (csrc/cuda/int4.cu), plain C++ like
+// int8.h. Every entry point returns a lowbit::Status and never aborts.
+//
+// W4A16 on tensor cores: y[M, N] = x[M, K] . W^T + bias, W = d * q + m per group of
+// g = K / groups consecutive k (symmetric weights carry m = -8 d), x and y fp16 or
+// bf16. Weights in the CUDA layout of lowbit.formats.int4.pack_cuda:
+//   qweight  uint32 [Np/16, Kp/64, 32, 4]   Np = roundup(N, 16), Kp = roundup(K, 64)
+//   scales   [groups, Np, 2]                (d, m) pairs, fp16 or fp32 (scales_dtype)
+// Large-N-small-M shapes split K across blocks (`splits`, from int4_w4a16_plan):
+// partial fp32 [splits, M, Np] holds the per-split sums and counters int32 [n_counters]
+// (zero before the call, and left zero after it) elects the block that adds them up.
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace lowbit::cuda {
+
+inline int check_w4a16_args(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void* qweight,
+                            const void* scales, int scales_dtype, int64_t groups, int64_t N, const void* bias,
+                            int bias_dtype, const void* y, int64_t ldy, int splits) {
+  if (M < 0 || K < 1 || N < 1 || ldx < K || ldy < N || groups < 1 || K % groups != 0) return kInvalidArgument;
+  if ((x_dtype != kF16 && x_dtype != kBF16) || (scales_dtype != kF16 && scales_dtype != kF32)) return kInvalidArgument;
+  if (bias && !valid_dtype_code(bias_dtype)) return kInvalidArgument;
+  if (splits < 1) return kInvalidArgument;
+  if (M > 0 && (!x || !qweight || !scales || !y)) return kInvalidArgument;
+  return kOk;
+}
+
+// How to run an [M, K] x [N, K]^T W4A16 product on a GPU with sm_count SMs: the
+// number of K splits and of int32 counters the call needs (0 when splits == 1).
+void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters);
+
+int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const uint32_t* qweight,
+                      const void* scales, int scales_dtype, int64_t groups, int64_t N, const void* bias,
+                      int bias_dtype, void* y, int64_t ldy, int splits, float* partial, int* counters, void* stream);
+
+}  // namespace lowbit::cuda

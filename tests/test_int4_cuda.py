@@ -1,0 +1,339 @@
+"""CUDA INT4 kernels (lowbit._cuda, csrc/cuda/int4.cu): W4A16 on tensor cores against the
+float64 reference of lowbit.ref.int4 on the canonical weights.
+
+GPU tests carry ``@gpu`` (skipped cleanly without lowbit's CUDA kernels and a GPU); the
+CUDA layout (lowbit.formats.int4.pack_cuda) and the build checks run everywhere. Names
+with ``small`` use tiny shapes: bench/gpu_check.sh runs them under compute-sanitizer.
+
+Tolerance: max |y - ref64| <= f x (the same for torch's F.linear at x's dtype on the
+dequantized weight) + 1 ulp of max |ref|, f = 2 for fp16 and 3 for bf16: the kernel rounds d
+and m + 8 d to bf16 before its fma, which measured up to 1.8x torch's own error on CPU
+emulation.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit import _native, ref
+from lowbit.formats import int4 as fmt
+from lowbit.nn import Int4Linear
+from lowbit.ops import int4 as int4_ops
+
+_REASON = _native.cuda_unavailable_reason()
+
+
+def gpu(fn):
+    fn = pytest.mark.skipif(_REASON is not None, reason=f"lowbit CUDA kernels unavailable: {_REASON}")(fn)
+    return pytest.mark.cuda(fn)
+
+
+DT_ID = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+TOL = {torch.float16: 2.0, torch.bfloat16: 3.0}
+
+
+def _ids(v):
+    return DT_ID.get(v) if isinstance(v, torch.dtype) else None
+
+
+def w4a16(*args):
+    """The op, with lowbit._cuda.last_error() added to a "CUDA error" RuntimeError."""
+    try:
+        return int4_ops.int4_linear_w4a16(*args)
+    except RuntimeError as e:
+        if "CUDA error" not in str(e):
+            raise
+        raise RuntimeError(f"{e} [lowbit._cuda.last_error(): {_native.cuda_module().last_error()!r}]") from e
+
+
+def rand_canonical(n, k, g, symmetric, gen, device="cpu", scale_dtype=torch.float16):
+    """Random canonical INT4 weights: codes, d > 0 and m (or None), exactly representable in scale_dtype."""
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8, device=device)
+    d = (torch.rand((n, k // g), generator=gen, device=device) * 0.02 + 0.002).to(scale_dtype).float()
+    m = None if symmetric else (-d * 8 + torch.randn((n, k // g), generator=gen, device=device) * 0.01
+                                ).to(scale_dtype).float()
+    return codes, d, m
+
+
+@pytest.fixture
+def gen(request):
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------- the layout (runs everywhere)
+@pytest.mark.parametrize("n,k,g", [(1, 32, 32), (16, 64, 64), (37, 192, 64), (24, 100, 100), (130, 384, 128),
+                                   (8, 96, 32)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_pack_cuda_round_trip(n, k, g, symmetric, gen):
+    codes, d, m = rand_canonical(n, k, g, symmetric, gen)
+    q, table = fmt.pack_cuda(codes, d, m)
+    assert q.dtype == torch.int32 and tuple(q.shape) == fmt.packed_cuda_shape(n, k)
+    assert tuple(table.shape) == fmt.packed_cuda_scales_shape(n, k // g) and table.dtype == torch.float16
+    c2, d2, m2 = fmt.unpack_cuda(q, table, n, k, symmetric)
+    assert torch.equal(c2, codes) and torch.equal(d2, d)
+    assert m2 is None if symmetric else torch.equal(m2, m)
+    if symmetric:
+        assert torch.equal(table[:, :n, 1].float().t(), -8 * d)
+
+
+def test_pack_cuda_words_follow_the_mma_fragments(gen):
+    """The bit-level contract csrc/cuda/int4.cu relies on: in word j of lane 4 gid + tig of tile
+    (p, t), (word >> (8 sub + 4 h)) & 0x000f000f holds the codes of column 16 p + 8 sub + gid at
+    k = 64 t + 16 tig + 4 j + 2 h (low half) and + 1 (high half)."""
+    n, k = 48, 192
+    codes, d, _ = rand_canonical(n, k, 64, True, gen)
+    q, _ = fmt.pack_cuda(codes, d)
+    words = q.to(torch.int64) & 0xFFFFFFFF
+    for p in range(n // 16):
+        for t in range(k // 64):
+            for lane in range(32):
+                gid, tig = lane >> 2, lane & 3
+                for j in range(4):
+                    w = int(words[p, t, lane, j])
+                    kb = 64 * t + 16 * tig + 4 * j
+                    for sub in range(2):
+                        for h in range(2):
+                            v = (w >> (8 * sub + 4 * h)) & 0x000F000F
+                            col = 16 * p + 8 * sub + gid
+                            assert v & 0xF == codes[col, kb + 2 * h] and v >> 16 == codes[col, kb + 2 * h + 1]
+
+
+def test_pack_cuda_pads_with_zeros(gen):
+    codes, d, m = rand_canonical(20, 70, 70, False, gen)
+    q, table = fmt.pack_cuda(codes, d, m)
+    c_all, _, _ = fmt.unpack_cuda(q, table, 32, 128, False)
+    assert int(c_all[20:].sum()) == 0 and int(c_all[:, 70:].sum()) == 0
+    assert int(table[:, 20:].abs().sum()) == 0
+
+
+def test_pack_cuda_keeps_fp32_scales_exact(gen):
+    codes, d, m = rand_canonical(16, 64, 32, False, gen, scale_dtype=torch.float32)
+    d = d * (1 + 2**-20)  # not float16 values
+    q, table = fmt.pack_cuda(codes, d, m)
+    assert table.dtype == torch.float32
+    _, d2, m2 = fmt.unpack_cuda(q, table, 16, 64, False)
+    assert torch.equal(d2, d) and torch.equal(m2, m)
+
+
+def test_cuda_build_has_int4():
+    """With nvcc present, lowbit._cuda carries the INT4 entry points, which answer bad
+    arguments without touching a device, and the K-split plan is host arithmetic."""
+    if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
+        pytest.skip("no nvcc here: lowbit was built without lowbit._cuda")
+    try:
+        import lowbit._cuda as mod  # noqa: PLC0415
+    except ModuleNotFoundError as e:
+        pytest.skip(f"lowbit._cuda was not built (LOWBIT_CUDA=off?): {e}")
+    bad, ok = _native.INVALID_ARGUMENT, _native.OK
+    f16, bf16, f32 = (_native.DTYPE_CODE[t] for t in (torch.float16, torch.bfloat16, torch.float32))
+    # x, x_dtype, M, K, ldx, qweight, scales, scales_dtype, groups, N, bias, bias_dtype, y, ldy, splits,
+    # partial, counters, device, stream
+    args = [0, f16, 0, 64, 64, 0, 0, f16, 2, 16, 0, 0, 0, 16, 1, 0, 0, 0, 0]
+
+    def call(**kw):
+        a = list(args)
+        names = ["x", "x_dtype", "M", "K", "ldx", "qweight", "scales", "scales_dtype", "groups", "N", "bias",
+                 "bias_dtype", "y", "ldy", "splits", "partial", "counters", "device", "stream"]
+        for key, v in kw.items():
+            a[names.index(key)] = v
+        return mod.int4_linear_w4a16(*a)
+
+    assert call() == ok                                  # M == 0: nothing to do
+    assert call(x_dtype=f32) == bad                      # fp32 activations: not on tensor cores
+    assert call(x_dtype=bf16) == ok
+    assert call(scales_dtype=bf16) == bad                # scales are fp16 or fp32
+    assert call(groups=3) == bad                         # groups must divide K
+    assert call(N=0) == bad
+    assert call(ldy=8) == bad                            # ldy < N
+    assert call(ldx=32) == bad                           # ldx < K
+    assert call(splits=0) == bad
+    assert call(M=2) == bad                              # null pointers with M > 0
+    # the plan: N = 4096 needs a K split on a 132-SM GPU to fill it; a large M does not
+    splits, counters = mod.int4_w4a16_plan(1, 11008, 4096, 132)
+    assert 1 < splits <= 16 and counters == 4096 // 64
+    assert mod.int4_w4a16_plan(2048, 4096, 4096, 132) == (1, 0)
+    assert mod.int4_w4a16_plan(1, 64, 16, 132) == (1, 0)  # one k tile: nothing to split
+
+
+def test_w4a8_on_cuda_is_refused_clearly():
+    """W4A8 has no CUDA kernel: the op says so (the fake impl still traces)."""
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        int4_ops.linear_w4a8_cuda(None, None, None, None, 1)
+
+
+# ---------------------------------------------------------------- GPU
+def poison_allocator(*nbytes):
+    bufs = [torch.full((max(int(n), 1),), -1, dtype=torch.int8, device="cuda") for n in nbytes]
+    del bufs
+
+
+def check(dtype, M, N, K, g, symmetric, gen, bias=True, scale_dtype=torch.float16, x=None):
+    codes, d, m = rand_canonical(N, K, g, symmetric, gen, scale_dtype=scale_dtype)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    if x is None:
+        x = torch.randn((M, K), generator=gen).to(dtype).cuda()
+    b = (torch.randn((N,), generator=gen) * 0.1).to(dtype).cuda() if bias else None
+    poison_allocator(M * N * 2, 16 * M * N * 4)
+    y = w4a16(x, q, table, None, N, b)
+    w64 = ref.int4.dequantize_int4(codes, d, m).double().cuda()
+    y64 = x.double() @ w64.T + (0 if b is None else b.double())
+    theirs = F.linear(x, w64.to(dtype), b)
+    what = f"{DT_ID[dtype]} M={M} N={N} K={K} g={g} {'sym' if symmetric else 'asym'}"
+    assert y.dtype == dtype and y.shape == y64.shape, what
+    assert bool(torch.isfinite(y).all()), f"{what}: NaN/Inf outputs (unwritten?)"
+    err = (y.double() - y64).abs().max().item()
+    top = y64.abs().max().item()
+    tol = TOL[dtype] * (theirs.double() - y64).abs().max().item() + torch.finfo(dtype).eps * top
+    assert err <= tol, f"{what}: max abs err {err:.3e} > {tol:.3e} (max |ref| {top:.3e})"
+    return y
+
+
+SMALL = [(1, 16, 64, 64), (3, 24, 96, 32), (1, 40, 100, 100), (17, 48, 128, 128), (5, 8, 320, 64)]
+LARGE = [(1, 4096, 4096, 128), (16, 4096, 11008, 128), (1, 11008, 4096, 32), (33, 1000, 2048, 64),
+         (64, 512, 4096, 128), (65, 300, 1024, 32), (200, 256, 512, 64)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K,g", SMALL)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_w4a16_small(dtype, M, N, K, g, symmetric, gen):
+    check(dtype, M, N, K, g, symmetric, gen)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K,g", LARGE)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_w4a16(dtype, M, N, K, g, symmetric, gen):
+    check(dtype, M, N, K, g, symmetric, gen)
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 2048])
+def test_w4a16_per_channel_fp32_scales_nobias(M, gen):
+    check(torch.float16, M, 96, 192, 192, False, gen, bias=False, scale_dtype=torch.float32)
+
+
+@gpu
+def test_w4a16_strided_and_misaligned_x_small(gen):
+    """A column slice (rows ldx apart) and an x whose data is 2-byte but not 16-byte aligned."""
+    big = torch.randn((5, 300), generator=gen).half().cuda()
+    check(torch.float16, 5, 24, 256, 64, False, gen, x=big[:, 3:259])
+    flat = torch.randn(1 + 2 * 128, generator=gen).half().cuda()
+    check(torch.float16, 2, 16, 128, 32, True, gen, x=flat[1:].view(2, 128))
+
+
+@gpu
+def test_w4a16_deterministic_small(gen):
+    """The K split adds partial sums in a fixed order: repeated calls agree bitwise."""
+    codes, d, m = rand_canonical(4096, 4096, 128, False, gen)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    x = torch.randn((3, 4096), generator=gen).half().cuda()
+    ys = [w4a16(x, q, table, None, 4096) for _ in range(5)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+
+
+@gpu
+def test_w4a16_bad_input_small(gen):
+    codes, d, m = rand_canonical(32, 64, 32, False, gen)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    x = torch.randn((2, 64)).half().cuda()
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        w4a16(x.float(), q, table, None, 32)
+    with pytest.raises(ValueError, match="mins must be None on CUDA"):
+        w4a16(x, q, table, table, 32)
+    with pytest.raises(ValueError, match="K=32"):
+        w4a16(x[:, :32], q, table, None, 32)
+    with pytest.raises(ValueError, match="qweight"):
+        w4a16(x, q[:1], table, None, 32)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        w4a16(x.cpu(), q, table, None, 32)
+    with pytest.raises(ValueError, match="scales"):
+        w4a16(x, q, table[:, :16], None, 32)
+
+
+@gpu
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_module_cuda_round_trip(symmetric, gen):
+    """Int4Linear.cuda() converts to the CUDA layout and .cpu() restores the CPU layout exactly;
+    CPU and CUDA results agree (fp16 on CUDA vs fp32 on CPU, to fp16 accuracy)."""
+    lin = torch.nn.Linear(256, 200)
+    m_cpu = Int4Linear.from_float(lin, group_size=64, symmetric=symmetric)
+    sd = {k: v.clone() for k, v in m_cpu.state_dict().items()}
+    m_gpu = Int4Linear.from_float(lin, group_size=64, symmetric=symmetric).cuda().half()
+    assert m_gpu.qweight.dtype == torch.int32 and m_gpu.mins is None
+    x = torch.randn(7, 256, generator=gen)
+    y_cpu = m_cpu(x)
+    y_gpu = m_gpu(x.half().cuda()).float().cpu()
+    assert (y_gpu - y_cpu).abs().max() <= 2e-3 * y_cpu.abs().max() + 1e-3
+    back = m_gpu.cpu()
+    got = back.state_dict()
+    for key in ("qweight", "scales", "mins"):
+        assert (key in got) == (key in sd), key
+        if key in sd:
+            assert got[key].dtype == sd[key].dtype and torch.equal(got[key], sd[key]), key
+    assert torch.equal(back.qweight, m_cpu.qweight)
+
+
+@gpu
+def test_quantize_model_cuda(gen):
+    """lowbit.quantize on a CUDA model: Int4Linear in the CUDA layout, computing with exactly the
+    weights it quantized to (compared with the float model holding the dequantized weights)."""
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.SiLU(), torch.nn.Linear(256, 64)).cuda()
+    x = torch.randn(4, 128, generator=gen).cuda()
+    lowbit.quantize(model, "w4a16", group_size=32)
+    assert isinstance(model[0], Int4Linear) and model[0].qweight.device.type == "cuda"
+    deq = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.SiLU(), torch.nn.Linear(256, 64)).cuda()
+    for i in (0, 2):
+        deq[i].weight.data = model[i].dequantized_weight().cuda()
+        deq[i].bias.data = model[i].bias.float()
+    want = deq(x)
+    got = model.half()(x.half()).float()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@gpu
+def test_non_default_stream(gen):
+    codes, d, m = rand_canonical(4096, 4096, 128, True, gen)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    src = torch.randn((4, 4096), generator=gen).half().cuda()
+    want = w4a16(src, q, table, None, 4096)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x = torch.empty_like(src)
+        torch.cuda._sleep(50_000_000)
+        x.copy_(src)
+        y = w4a16(x, q, table, None, 4096)
+    stream.synchronize()
+    assert torch.equal(y, want)
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(384, 256), (4096, 4096)])  # without and with a K split
+def test_cuda_graph_capture(n, k, gen):
+    m = Int4Linear.from_float(torch.nn.Linear(k, n).cuda(), group_size=128).half()
+    x = torch.randn((2, k), generator=gen).half().cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            m(x)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = m(x)
+        y2 = m(x)
+    for _ in range(3):
+        x_new = torch.randn((2, k), generator=gen).half().cuda()
+        x.copy_(x_new)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, m(x_new)) and torch.equal(y2, y), "graph replay differs from eager"
