@@ -169,14 +169,26 @@ __device__ __forceinline__ void load_x16(const W4A16Args& a, int64_t r, int64_t 
   }
 }
 
+// The activation fragments of one m16 tile for one k tile: rows gid and gid + 8, the lane's 16 k.
+struct XFrag {
+  uint32_t lo[8], hi[8];
+};
+
+template <class D>
+__device__ __forceinline__ void load_xfrag(const W4A16Args& a, int64_t row0, int64_t k0, XFrag& f) {
+  const int gid = (threadIdx.x & 31) >> 2;
+  load_x16<D>(a, row0 + gid, k0, f.lo);
+  load_x16<D>(a, row0 + gid + 8, k0, f.hi);
+}
+
 // One k tile of one warp: dequantize the 16 B registers (4 steps x 2 n8 tiles x 2),
-// then run them against each m16 tile of activations.
+// then run them against each m16 tile of activations (m tile 0's loaded ahead by the caller).
 template <class D, class S, int MT>
 __device__ __forceinline__ void tile_mma(const W4A16Args& a, float (&acc)[MT][2][4], uint4 w,
-                                         const typename Pair<S>::Raw (&dm)[2], int64_t m0, int64_t k0) {
+                                         const typename Pair<S>::Raw (&dm)[2], int64_t m0, int64_t k0,
+                                         const XFrag& first) {
   using Mma = typename MmaOf<D>::type;
   using H2 = typename Mma::H2;
-  const int lane = threadIdx.x & 31, gid = lane >> 2;
   H2 d2[2], c2[2];
 #pragma unroll
   for (int sub = 0; sub < 2; ++sub) {
@@ -199,12 +211,12 @@ __device__ __forceinline__ void tile_mma(const W4A16Args& a, float (&acc)[MT][2]
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     if (m0 + 16 * mt >= a.M) break;  // warp-uniform
-    uint32_t xa[8], xb[8];
-    load_x16<D>(a, m0 + 16 * mt + gid, k0, xa);
-    load_x16<D>(a, m0 + 16 * mt + gid + 8, k0, xb);
+    XFrag other;
+    if (mt > 0) load_xfrag<D>(a, m0 + 16 * mt, k0, other);
+    const XFrag& x = mt == 0 ? first : other;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t frag[4] = {xa[2 * j], xb[2 * j], xa[2 * j + 1], xb[2 * j + 1]};
+      const uint32_t frag[4] = {x.lo[2 * j], x.hi[2 * j], x.lo[2 * j + 1], x.hi[2 * j + 1]};
 #pragma unroll
       for (int sub = 0; sub < 2; ++sub) Mma::mma(acc[mt][sub], frag, b[j][sub][0], b[j][sub][1]);
     }
@@ -255,13 +267,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) w4a16_kernel(W4A16Args
         cp_async_commit();
       };
       for (int i = 0; i < kStages - 1; ++i) issue(i);
+      XFrag x_cur, x_next;  // m tile 0's activations, one k tile ahead (an L1/L2 round trip off the chain)
+      if (count > 0) load_xfrag<D>(a, m0, k_lane, x_cur);
       for (int i = 0; i < count; ++i) {
         cp_async_wait<kStages - 2>();  // tile i has landed
         const int slot = i & (kStages - 1);
         const uint4 w = ring_w[warp][slot][lane];
         const Raw dm[2] = {ring_dm[warp][slot][lane][0], ring_dm[warp][slot][lane][1]};
         issue(i + kStages - 1);  // into the slot tile i - 1 used (already read)
-        tile_mma<D, S, MT>(a, acc, w, dm, m0, k_lane + i * kTileK);
+        if (i + 1 < count) load_xfrag<D>(a, m0, k_lane + (i + 1) * kTileK, x_next);
+        tile_mma<D, S, MT>(a, acc, w, dm, m0, k_lane + i * kTileK, x_cur);
+        x_cur = x_next;
       }
       cp_async_wait<0>();  // (empty groups) before the ring is reused
     }
