@@ -9,8 +9,9 @@
 # whole script stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
 # is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
 #
-# Writes at most 8 files, all at the top of OUTDIR:
-#   nvidia-smi.txt build.log info.txt tests.log memcheck.log bench.log gpu_bench.json summary.md
+# Writes at most 9 files, all at the top of OUTDIR:
+#   nvidia-smi.txt build.log info.txt tests.log memcheck.log profile.txt bench.log gpu_bench.json
+#   summary.md
 # and prints summary.md last. Exit status: 0 if the build, the tests and memcheck passed.
 set -euo pipefail
 
@@ -95,6 +96,17 @@ if [ "${RC[build]}" = 0 ]; then
   fi
   MEMCHECK=$( (grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" || true) | tail -n 1)
 
+  # 6b. a profile of the W4A16 kernel (stall reasons, instruction mix), when Nsight Compute is here
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)
+  if [ -n "$NCU" ] && [ "${CHECK_PROFILE:-1}" != 0 ]; then
+    step profile 90 "$OUT/profile.txt" "$NCU" --kernel-name regex:w4a16 --launch-skip 2 --launch-count 2 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section InstructionStats \
+      --section SchedulerStats python3 bench/gpu_matmul.py --profile
+  else
+    echo "Nsight Compute (ncu) not found, or CHECK_PROFILE=0" >"$OUT/profile.txt"
+    RC[profile]=missing
+  fi
+
   # 7. the CPU tests, with what time is left
   CPU_FILES=$(ls tests/test_*.py 2>/dev/null | grep -v '_cuda.py' || true)
   if [ -n "$CPU_FILES" ] && [ "${CHECK_CPU_TESTS:-1}" != 0 ]; then
@@ -135,6 +147,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
   echo "- benchmark: $(status bench) (${SECS[bench]:-0}s)"
+  echo "- profile (ncu, W4A16): $(status profile) (${SECS[profile]:-0}s)"
   echo "- total: $((SECONDS - START))s of a ${BUDGET}s budget"
   if [ "${RC[build]}" != 0 ]; then
     echo

@@ -191,12 +191,33 @@ def table(rows: list, copy_bw: float, peak: float, device: str) -> str:
     return "\n".join(out)
 
 
+def profile_w4a16() -> int:
+    """A few W4A16 calls for a profiler: 4096x11008 (N x K), group 128, M = 1 then 16."""
+    from lowbit.formats import int4 as fmt4
+    from lowbit.ops import int4 as int4_ops
+
+    N, K = 4096, 11008
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
+    d = (torch.rand(N, K // W4_GROUP, device="cuda") * 0.004 + 0.001).half().float()
+    q, table = fmt4.pack_cuda(codes, d, -7.5 * d)
+    for M in (1, 16):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        for _ in range(3):
+            int4_ops.int4_linear_w4a16(x, q, table, None, N)
+    torch.cuda.synchronize()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--reps", type=int, default=15, help="timed graph replays per op (default 15)")
     ap.add_argument("--quick", action="store_true", help="one shape, M=1 only (smoke test)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only run W4A16 on 4096x11008 at M=1 and 16, a few calls each (for ncu; no timing)")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile_w4a16()
 
     import lowbit
     from lowbit import _native
