@@ -481,3 +481,30 @@ def test_huge_sizes_refused_before_allocating(exp, which):
             lowbit.nn.Int4Linear(k, n, group_size=k)
         else:
             lowbit.PagedKVCache(num_layers=1, num_blocks=n, block_size=16, num_kv_heads=1, head_dim=k // 16 or 1)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(n=st.integers(1, 70), k_units=st.integers(1, 12), group=st.sampled_from([32, 64, 128, "K"]),
+       sym=st.booleans(), fp32=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_cuda_int4_layout_round_trip(n, k_units, group, sym, fp32, seed):
+    """The CUDA INT4 layout (built on the CPU here) is lossless for any N, K, group size, symmetry
+    and scale dtype: unpack_cuda(pack_cuda(w)) == w, and padding holds zeros."""
+    g = 32 if group == "K" else group
+    k = k_units * g if group != "K" else k_units * 8 + 3
+    g = k if group == "K" else g
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    d = torch.rand((n, k // g), generator=gen) + 0.01
+    m = None if sym else torch.randn((n, k // g), generator=gen)
+    if fp32:
+        d[0, 0] = 0.1  # not a float16 value: the table must stay float32
+    else:
+        d = d.half().float()
+        m = None if m is None else m.half().float()
+    q, table = fmt4.pack_cuda(codes, d, m)
+    assert tuple(q.shape) == fmt4.packed_cuda_shape(n, k)
+    assert table.dtype == (torch.float32 if fp32 else torch.float16)
+    c2, d2, m2 = fmt4.unpack_cuda(q, table, n, k, sym)
+    assert torch.equal(c2, codes) and torch.equal(d2, d) and (sym or torch.equal(m2, m))
+    full, _, _ = fmt4.unpack_cuda(q, table, q.shape[0] * 16, q.shape[1] * 64, True)
+    assert int(full[n:].sum()) == 0 and int(full[:, k:].sum()) == 0
