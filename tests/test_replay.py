@@ -105,6 +105,10 @@ def test_bind_checks_buffers():
     y = torch.full((2, 32), float("nan"))
     lin.bind(x, y)()
     torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
+    # a module off the CPU (meta here; CUDA alike) is refused: the bound call is a CPU kernel
+    for off_cpu in (lowbit.nn.Int4Linear(64, 32, device="meta"), lowbit.nn.Int8Linear(64, 32, device="meta")):
+        with pytest.raises(ValueError, match="binds CPU modules only"):
+            off_cpu.bind(torch.empty(2, 64, device="meta"), torch.empty(2, 32, device="meta"))
 
 
 def test_concurrent_generation_matches_serial(files, restore_threads):

@@ -85,6 +85,9 @@ class _QuantizedLinear(torch.nn.Module):
         and every pointer resolved now, once (lowbit.models.replay calls it every decode step).
         x [M, K] and y [M, N]: contiguous CPU tensors of one float dtype; the callable keeps them
         and the weights alive, and reads x's current values each call."""
+        if self._weight_device().type != "cpu":  # the bound call is a CPU kernel taking raw pointers
+            raise ValueError(f"{type(self).__name__}.bind: binds CPU modules only; this one is on "
+                             f"{self._weight_device()}")
         if not self._weights_checked:
             self._check_weights()
         name = _OPS[self.scheme][0]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
+from ..ref import int8 as ref_int8
 from . import _check as chk
 from .attention import check_scalars, parse_window, resolve_scale
 
@@ -121,9 +122,27 @@ def _write_args(t, cache, scale, slots) -> tuple:
             _native.get_num_threads())
 
 
+def write_torch(t, cache, scale, slots) -> None:
+    """What the native kv_cache_write does, in torch ops: for caches off the CPU (there is no CUDA
+    kernel yet), so a GPU cache can be filled and swapped. INT8 uses lowbit.ref.int8's per-token
+    rule over head_dim, the rule the CPU kernel implements."""
+    keep = slots >= 0
+    at, rows = slots[keep], t[keep]
+    flat = cache.view(-1, *cache.shape[2:])
+    if scale is None:
+        flat[at] = rows.to(cache.dtype)
+        return
+    q, sc = ref_int8.quantize_per_token(rows)
+    flat[at] = q
+    scale.view(-1, cache.shape[2])[at] = sc
+
+
 def _write(key, value, key_cache, value_cache, k_scale, v_scale, slots) -> None:
     """Stores key / value at the validated slots (-1: skipped)."""
     for t, c, s in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
+        if c.device.type != "cpu":
+            write_torch(t, c, s, slots)
+            continue
         t = t if t.stride(-1) == 1 else t.contiguous()
         _native.check(_native._C.kv_cache_write(*_write_args(t, c, s, slots)), "reshape_and_cache")
 
@@ -353,11 +372,19 @@ def bind_step(key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, 
     return check_contents
 
 
+def _bound_on_cpu(key_cache, op: str) -> None:
+    # The bound callables call the CPU kernels with raw pointers.
+    if key_cache.device.type != "cpu":
+        raise ValueError(f"lowbit.{op}: bound (replayed) calls run on CPU caches only; the cache is on "
+                         f"{key_cache.device}")
+
+
 def bind_write(key, value, key_cache, value_cache, k_scale, v_scale, slot_mapping):
     """A callable doing reshape_and_cache(key, value, ...) with the current slot_mapping (whose
     contents bind_step's check validates)."""
     op = "reshape_and_cache"
     check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    _bound_on_cpu(key_cache, op)
     _check_kv(key, value, key_cache, value_cache, op)
     _int_tensor(slot_mapping, "slot_mapping", torch.int64, 1, op, key_cache.device)
     if slot_mapping.shape[0] != key.shape[0]:
@@ -382,6 +409,7 @@ def bind_attention(query, key_cache, value_cache, k_scale, v_scale, block_tables
     left, right = parse_window(window, op)
     check_scalars(scale, left, right)
     nb, bs, _ = check_caches(key_cache, value_cache, k_scale, v_scale, op)
+    _bound_on_cpu(key_cache, op)
     _check_query(query, key_cache, op)
     if query.stride(-1) != 1:
         raise ValueError(f"lowbit.{op}: a bound query must have unit inner stride")
