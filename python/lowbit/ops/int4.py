@@ -161,8 +161,14 @@ def _cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tenso
     return buf
 
 
+_sm_counts: dict = {}
+
+
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    n = _sm_counts.get(device.index)
+    if n is None:
+        n = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
 
 
 def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
