@@ -161,6 +161,39 @@ def test_cuda_build_has_int4():
     assert mod.int4_w4a16_plan(1, 64, 16, 132) == (1, 0)  # one k tile: nothing to split
 
 
+def test_cuda_layout_checked_by_the_fake_impl():
+    """The validation the CUDA op runs, exercised without a GPU through the fake impl on fake
+    CUDA tensors (what torch.compile traces): shapes, dtypes and mins of the CUDA layout."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.lowbit.int4_linear_w4a16
+    with FakeTensorMode():
+        try:
+            x = torch.empty(3, 256, dtype=torch.float16, device="cuda")
+        except RuntimeError as e:
+            pytest.skip(f"this torch cannot make fake CUDA tensors: {e}")
+        q = torch.empty(fmt.packed_cuda_shape(100, 256), dtype=torch.int32, device="cuda")
+
+        def table(groups, n=112, dtype=torch.float16):
+            return torch.empty(groups, n, 2, dtype=dtype, device="cuda")
+
+        y = op(x, q, table(2), None, 100)
+        assert y.shape == (3, 100) and y.dtype == torch.float16 and y.device.type == "cuda"
+        assert op(x, q, table(1), None, 100).shape == (3, 100)          # per channel
+        with pytest.raises(ValueError, match="3 groups, which does not divide K=256"):
+            op(x, q, table(3), None, 100)
+        with pytest.raises(ValueError, match=r"must have shape \(2, 112, 2\)"):
+            op(x, q, table(2, n=96), None, 100)
+        with pytest.raises(TypeError, match="float16 or float32"):
+            op(x, q, table(2, dtype=torch.bfloat16), None, 100)
+        with pytest.raises(ValueError, match="mins must be None on CUDA"):
+            op(x, q, table(2), table(2), 100)
+        with pytest.raises(ValueError, match="qweight"):
+            op(x, torch.empty(7, 5, 32, 4, dtype=torch.int32, device="cuda"), table(2), None, 100)
+        with pytest.raises(TypeError, match="qweight"):
+            op(x, q.to(torch.uint8), table(2), None, 100)
+
+
 def test_w4a8_on_cuda_is_refused_clearly():
     """W4A8 has no CUDA kernel: the op says so (the fake impl still traces)."""
     with pytest.raises(NotImplementedError, match="CPU only"):
