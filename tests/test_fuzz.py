@@ -274,10 +274,12 @@ FUZZ_ATTN = settings(max_examples=ATTN_FUZZ_EXAMPLES, deadline=None, suppress_he
 ATTN_OUT_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def _attn_close(y, exact, v, what):
-    """fp32 accumulation error (a few ulps of the value scale) plus one rounding to y's dtype."""
+def _attn_close(y, exact, v, what, bf16_probs=False):
+    """fp32 accumulation error (a few ulps of the value scale) plus one rounding to y's dtype;
+    bf16_probs: P . V took the probabilities rounded to bf16 (the avx512_bf16 level on bf16
+    inputs, as torch does), which moves an output by at most 2^-8 of the largest |value|."""
     vmax = float(v.double().abs().max()) if v.numel() else 0.0
-    tol = 2e-6 * vmax + 2 * ATTN_OUT_EPS[y.dtype] * (exact.abs() + vmax * 1e-3)
+    tol = 2e-6 * vmax + 2 * ATTN_OUT_EPS[y.dtype] * (exact.abs() + vmax * 1e-3) + (2.0**-8 * vmax if bf16_probs else 0)
     err = (y.double() - exact).abs()
     assert bool((err <= tol).all()), f"{what}: max error {float(err.max()):.3g}"
 
@@ -307,7 +309,7 @@ def test_fuzz_attention_valid(data):
                                               causal_alignment=align, window=window))
     m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
     exact = lowbit.ref.attention.attention(q.double(), k.double(), v.double(), m64, causal, None, align, window)
-    _attn_close(y, exact, v, f"{isa} attention")
+    _attn_close(y, exact, v, f"{isa} attention", bf16_probs=isa == "avx512_bf16" and dtype == torch.bfloat16)
 
 
 @FUZZ_ATTN

@@ -642,7 +642,7 @@ def test_isa_levels_listing():
     levels = lowbit.supported_cpu_isas()
     assert levels[0] == "scalar"
     assert levels[-1] == lowbit.best_cpu_isa()
-    assert lowbit._native.ISA_LEVELS == ("scalar", "avx2", "avx512", "avx512_vnni")
+    assert lowbit._native.ISA_LEVELS == ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")
 
 
 @pytest.mark.parametrize("bad", ["sse4", "AVX2x", "", "avx512-vnni", "neon"])

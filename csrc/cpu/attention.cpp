@@ -13,8 +13,12 @@
 // query per sequence), the keys are split into chunks too, each task keeps its own
 // (O, m, l), and a second pass merges the chunks by log-sum-exp.
 // fp16 / bf16 inputs are converted to fp32 as tiles are loaded; everything
-// accumulates in fp32 and the output is rounded once.
+// accumulates in fp32 and the output is rounded once. Exception, at the avx512_bf16 level:
+// bf16 queries and keys / values in tile mode multiply as bf16 pairs with vdpbf16ps (exact
+// products, fp32 sums: the scores are as exact as before) and P . V takes the probabilities
+// rounded to bf16, as FlashAttention and torch's CPU flash attention do for bf16 inputs.
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -54,6 +58,7 @@ struct Geometry {
   int64_t g;    // query heads per kv head
   int64_t Dvp;  // Dv rounded up to 16: the scratch row length of V and O
   bool direct, span_heads;
+  bool pairs;   // tile mode on bf16 pairs (see the file comment)
 
   explicit Geometry(const AttentionParams& prm)
       : p(prm), g(prm.Hq / prm.Hkv), Dvp((prm.Dv + 15) / 16 * 16) {
@@ -61,6 +66,11 @@ struct Geometry {
     for (int64_t b = 0; b < p.B; ++b) max_l = std::max(max_l, L(b));
     direct = max_l * g <= kDirectRows;
     span_heads = direct && p.k_stride[1] < p.k_stride[2] && p.v_stride[1] < p.v_stride[2];
+#if LOWBIT_SIMD_BF16
+    pairs = !direct && p.dtype == kBF16 && p.kv_dtype == kBF16 && p.D % 2 == 0;
+#else
+    pairs = false;
+#endif
   }
 
   int64_t qbase(int64_t b) const { return p.q_start ? p.q_start[b] : 0; }
@@ -94,15 +104,22 @@ struct Geometry {
 
   // Row j of kv head kv of batch b (of k or v) as n fp32 values: dst, filled, or (fp32 data)
   // the row itself.
+  // Element offset of row j of kv head kv of batch b (and its cache slot, paged).
+  int64_t kv_at(const int64_t* st, int64_t b, int64_t kv, int64_t j, int64_t& slot) const {
+    slot = 0;
+    if (!p.block_table) return b * st[0] + kv * st[1] + j * st[2];
+    slot = int64_t(p.block_table[b * p.max_blocks + j / p.block_size]) * p.block_size + j % p.block_size;
+    return slot * st[2] + kv * st[1];
+  }
+  // The row itself, for 16-bit kv dtypes.
+  const uint16_t* kv_row16(const void* base, const int64_t* st, int64_t b, int64_t kv, int64_t j) const {
+    int64_t slot;
+    return static_cast<const uint16_t*>(base) + kv_at(st, b, kv, j, slot);
+  }
   const float* kv_row(const void* base, const int64_t* st, const float* scales, int64_t b, int64_t kv, int64_t j,
                       int64_t n, float* dst) const {
-    int64_t at, slot = 0;
-    if (p.block_table) {
-      slot = int64_t(p.block_table[b * p.max_blocks + j / p.block_size]) * p.block_size + j % p.block_size;
-      at = slot * st[2] + kv * st[1];
-    } else {
-      at = b * st[0] + kv * st[1] + j * st[2];
-    }
+    int64_t slot;
+    const int64_t at = kv_at(st, b, kv, j, slot);
     if (p.kv_dtype == kF32) return static_cast<const float*>(base) + at;
     if (p.kv_dtype != kI8) {
       row_to_f32(static_cast<const char*>(base) + at * elem_size(p.kv_dtype), p.kv_dtype, n, dst);
@@ -206,6 +223,84 @@ void pv_rows(const float* P, const float* alpha, const float* V, int64_t ldv, in
   for (; c < vecs; ++c) pv_tile<RT, 1>(P, alpha, V, ldv, n, O, c * kW);
 }
 
+#if LOWBIT_SIMD_BF16
+// The bf16-pair versions of qk_tile / pv_tile: Q2 rows D2 = D / 2 pairs apart, KT2: D2 rows of
+// 64 keys' pairs; P2: rows of 32 pairs (consecutive keys), V2: rows of Dvp pairs of two
+// consecutive keys' values.
+template <int RT>
+void qk_tile_pairs(const uint32_t* Q2, int64_t D2, const uint32_t* KT2, float* S) {
+  VF acc[RT][kTileVecs];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < kTileVecs; ++c) acc[r][c] = vf_set1(0.0f);
+  for (int64_t d = 0; d < D2; ++d)
+    for (int c = 0; c < kTileVecs; ++c) {
+      const VP k = vp_load(KT2 + d * kKeyTile + c * kW);
+      for (int r = 0; r < RT; ++r) acc[r][c] = vf_dot_pairs(acc[r][c], Q2[r * D2 + d], k);
+    }
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < kTileVecs; ++c) vf_store(S + r * kKeyTile + c * kW, acc[r][c]);
+}
+
+template <int RT, int CV>
+void pv_tile_pairs(const uint32_t* P2, const float* alpha, const uint32_t* V2, int64_t ldv, int n2, float* O,
+                   int64_t c0) {
+  VF acc[RT][CV];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < CV; ++c) acc[r][c] = vf_mul(vf_load(O + r * ldv + c0 + c * kW), vf_set1(alpha[r]));
+  for (int j = 0; j < n2; ++j) {
+    VP v[CV];
+    for (int c = 0; c < CV; ++c) v[c] = vp_load(V2 + j * ldv + c0 + c * kW);
+    for (int r = 0; r < RT; ++r)
+      for (int c = 0; c < CV; ++c) acc[r][c] = vf_dot_pairs(acc[r][c], P2[r * (kKeyTile / 2) + j], v[c]);
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < CV; ++c) vf_store(O + r * ldv + c0 + c * kW, acc[r][c]);
+}
+
+template <int RT>
+void pv_rows_pairs(const uint32_t* P2, const float* alpha, const uint32_t* V2, int64_t ldv, int n2, float* O) {
+  const int64_t vecs = ldv / kW;
+  int64_t c = 0;
+  for (; c + kPV <= vecs; c += kPV) pv_tile_pairs<RT, kPV>(P2, alpha, V2, ldv, n2, O, c * kW);
+  for (; c < vecs; ++c) pv_tile_pairs<RT, 1>(P2, alpha, V2, ldv, n2, O, c * kW);
+}
+
+inline uint32_t pair_at(const float* row, int64_t d) {
+  uint32_t u;
+  std::memcpy(&u, row + d, sizeof u);
+  return u;
+}
+
+// The K tile as KT2 (keys' pairs transposed, zero past n) and the V tile as V2, straight from
+// the bf16 rows of keys [t0, t0 + n) of (b, kv).
+void load_tile_pairs(const Geometry& G, int64_t b, int64_t kv, int64_t t0, int n, uint32_t* KT2, uint32_t* V2) {
+  const AttentionParams& p = G.p;
+  const int64_t D2 = p.D / 2, Dv = p.Dv, ldv = G.Dvp;
+  const float* krows[kKeyTile];  // a key row as D2 32-bit pairs (moved as bits, never as floats)
+  for (int j = 0; j < n; ++j) krows[j] = reinterpret_cast<const float*>(G.kv_row16(p.k, p.k_stride, b, kv, t0 + j));
+  float* KT2f = reinterpret_cast<float*>(KT2);
+  int j0 = 0;
+  for (; j0 + kW <= n; j0 += kW) {
+    int64_t d0 = 0;
+    for (; d0 + kW <= D2; d0 += kW) transpose_kw(krows + j0, d0, KT2f + d0 * kKeyTile + j0, kKeyTile);
+    for (; d0 < D2; ++d0)
+      for (int i = 0; i < kW; ++i) KT2[d0 * kKeyTile + j0 + i] = pair_at(krows[j0 + i], d0);
+  }
+  for (; j0 < n; ++j0)
+    for (int64_t d = 0; d < D2; ++d) KT2[d * kKeyTile + j0] = pair_at(krows[j0], d);
+  for (int64_t d = 0; n < kKeyTile && d < D2; ++d) std::fill(KT2 + d * kKeyTile + n, KT2 + (d + 1) * kKeyTile, 0u);
+  for (int j = 0; j < n; j += 2) {  // values of keys j and j + 1 (zeros past n and past Dv)
+    const uint16_t* va = G.kv_row16(p.v, p.v_stride, b, kv, t0 + j);
+    const uint16_t* vb = j + 1 < n ? G.kv_row16(p.v, p.v_stride, b, kv, t0 + j + 1) : nullptr;
+    uint32_t* out = V2 + (j / 2) * ldv;
+    int64_t c = 0;
+    if (vb)
+      for (; c + kW <= Dv; c += kW) interleave_pairs16(va + c, vb + c, out + c);
+    for (; c < ldv; ++c) out[c] = (c < Dv ? va[c] : 0u) | ((vb && c < Dv ? uint32_t(vb[c]) : 0u) << 16);
+  }
+}
+#endif
+
 // Turns the raw scores of one row into this tile's probabilities (in place) and updates
 // the row's m and l; returns alpha = exp(m_old - m_new), the factor for its old output.
 // Keys outside [a, e) or refused by the mask score -inf; a row with no finite score yet
@@ -272,9 +367,20 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
   int64_t lo[kRowBlock], hi[kRowBlock], kvh[kRowBlock];
 
   int64_t blo = s1, bhi = s0;  // the keys any row of the block may attend
+#if LOWBIT_SIMD_BF16
+  uint32_t* const Q2 = reinterpret_cast<uint32_t*>(Q);    // pairs mode: [kRowBlock, D / 2]
+  uint32_t* const KT2 = reinterpret_cast<uint32_t*>(KT);  // [D / 2, kKeyTile]
+  uint32_t* const V2 = reinterpret_cast<uint32_t*>(V);    // [kKeyTile / 2, Dvp]
+  alignas(64) uint32_t P2[kRowBlock * kKeyTile / 2];
+#endif
   for (int r = 0; r < nr; ++r) {
     const int64_t row = r0 + r;
-    row_to_f32(G.q_row(b, G.head(kv, row), G.pos(row)), p.dtype, D, Q + r * D);
+#if LOWBIT_SIMD_BF16
+    if (G.pairs)
+      std::memcpy(Q2 + r * (D / 2), G.q_row(b, G.head(kv, row), G.pos(row)), D * sizeof(uint16_t));
+    else
+#endif
+      row_to_f32(G.q_row(b, G.head(kv, row), G.pos(row)), p.dtype, D, Q + r * D);
     kvh[r] = G.kv_of(kv, row);
     G.key_range(b, G.pos(row), lo[r], hi[r]);
     lo[r] = std::max(lo[r], s0);
@@ -295,7 +401,15 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
           S[r * kKeyTile + j] = dot(Q + r * D, kr, D);
         }
       }
-    } else {  // K tile, transposed (kW x kW blocks in registers); V tile, rows padded to Dvp
+    }
+#if LOWBIT_SIMD_BF16
+    else if (G.pairs) {
+      load_tile_pairs(G, b, kv, t0, n, KT2, V2);
+      for (; r + kRT <= nr; r += kRT) qk_tile_pairs<kRT>(Q2 + r * (D / 2), D / 2, KT2, S + r * kKeyTile);
+      for (; r < nr; ++r) qk_tile_pairs<1>(Q2 + r * (D / 2), D / 2, KT2, S + r * kKeyTile);
+    }
+#endif
+    else {  // K tile, transposed (kW x kW blocks in registers); V tile, rows padded to Dvp
       const float* krows[kKeyTile];
       for (int j = 0; j < n; ++j) krows[j] = G.kv_row(p.k, p.k_stride, p.k_scale, b, kv, t0 + j, D, Kstage + j * D);
       int j0 = 0;
@@ -339,6 +453,17 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
       }
       continue;
     }
+#if LOWBIT_SIMD_BF16
+    if (G.pairs) {  // P rounded to bf16 pairs (zeros past n: softmax_row leaves p = 0 there)
+      const int n2 = (n + 1) / 2;
+      for (r = 0; r < nr; ++r)
+        for (int j = 0; j < kKeyTile; j += 2 * kW) pack_pairs32(S + r * kKeyTile + j, P2 + r * (kKeyTile / 2) + j / 2);
+      for (r = 0; r + kRT <= nr; r += kRT)
+        pv_rows_pairs<kRT>(P2 + r * (kKeyTile / 2), alpha + r, V2, ldv, n2, st.O + r * ldv);
+      for (; r < nr; ++r) pv_rows_pairs<1>(P2 + r * (kKeyTile / 2), alpha + r, V2, ldv, n2, st.O + r * ldv);
+      continue;
+    }
+#endif
     for (r = 0; r + kRT <= nr; r += kRT) pv_rows<kRT>(S + r * kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
     for (; r < nr; ++r) pv_rows<1>(S + r * kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
   }

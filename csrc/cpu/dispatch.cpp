@@ -32,7 +32,9 @@ Isa detect() {
   bool vnni = c & (1u << 11);
   if (!(os_avx && avx2 && fma && f16c)) return kScalar;
   if (!(os_avx512 && avx512)) return kAvx2;
-  return vnni ? kAvx512Vnni : kAvx512;
+  if (!vnni) return kAvx512;
+  bool bf16 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));  // AVX512_BF16
+  return bf16 ? kAvx512Bf16 : kAvx512Vnni;
 }
 
 // Every op family of one ISA copy fills its entries (a new family adds one line here).
@@ -49,6 +51,7 @@ KernelTable make_table(Isa isa) {
     case kAvx2: LOWBIT_REGISTER_ALL(avx2); break;
     case kAvx512: LOWBIT_REGISTER_ALL(avx512); break;
     case kAvx512Vnni: LOWBIT_REGISTER_ALL(avx512_vnni); break;
+    case kAvx512Bf16: LOWBIT_REGISTER_ALL(avx512_bf16); break;
     default: break;
   }
 #undef LOWBIT_REGISTER_ALL
@@ -57,7 +60,7 @@ KernelTable make_table(Isa isa) {
 
 const Isa g_best = detect();
 const KernelTable g_tables[kIsaCount] = {make_table(kScalar), make_table(kAvx2), make_table(kAvx512),
-                                         make_table(kAvx512Vnni)};
+                                         make_table(kAvx512Vnni), make_table(kAvx512Bf16)};
 std::atomic<int> g_selected{g_best};
 
 }  // namespace
@@ -65,7 +68,7 @@ std::atomic<int> g_selected{g_best};
 Isa best_supported_isa() { return g_best; }
 
 const char* isa_name(Isa isa) {
-  static const char* names[kIsaCount] = {"scalar", "avx2", "avx512", "avx512_vnni"};
+  static const char* names[kIsaCount] = {"scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16"};
   return (isa >= 0 && isa < kIsaCount) ? names[isa] : "unknown";
 }
 

@@ -5,7 +5,8 @@
 
 namespace lowbit::cpu {
 
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kIsaCount = 4 };
+// Each level includes the ones before it (avx512_bf16: AVX512-BF16 dot products on top of VNNI).
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kIsaCount = 5 };
 
 // Scaled dot-product attention (csrc/cpu/attention.cpp), contiguous or paged.
 // Queries: row i of query head h in batch b is at q + b*q_stride[0] + h*q_stride[1] + (qbase + i)*q_stride[2]
@@ -92,6 +93,7 @@ LOWBIT_DECLARE_ISA(scalar)
 LOWBIT_DECLARE_ISA(avx2)
 LOWBIT_DECLARE_ISA(avx512)
 LOWBIT_DECLARE_ISA(avx512_vnni)
+LOWBIT_DECLARE_ISA(avx512_bf16)
 #undef LOWBIT_DECLARE_ISA
 
 // dispatch.cpp

@@ -244,6 +244,30 @@ inline void transpose_kw(const float* const* rows, int64_t d0, float* dst, int64
 inline void transpose_kw(const float* const* rows, int64_t d0, float* dst, int64_t) { dst[0] = rows[0][d0]; }
 #endif
 
+// ---------------------------------------------------------------- bf16 pair dot products
+// AVX512-BF16 (the avx512_bf16 level): vdpbf16ps adds, per fp32 lane, the two products of a
+// pair of bf16 values (exact products, fp32 sums). A "pair" is a uint32 holding two bf16,
+// the lower-indexed one in the low half (how two consecutive bf16 lie in memory).
+#if defined(__AVX512BF16__)
+#define LOWBIT_SIMD_BF16 1
+struct VP { __m512i v; };  // 16 pairs
+inline VP vp_load(const uint32_t* p) { return {_mm512_loadu_si512(p)}; }
+// acc[i] += a.lo * b[i].lo + a.hi * b[i].hi for the 16 pairs of b and one pair a.
+inline VF vf_dot_pairs(VF acc, uint32_t a, VP b) {
+  return {_mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_set1_epi32(int(a)), (__m512bh)b.v)};
+}
+// x[0..32) -> 16 pairs (x[2i], x[2i + 1]), rounded to nearest-even bf16.
+inline void pack_pairs32(const float* x, uint32_t* out) {
+  _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x)));
+}
+// 16 columns of two bf16 rows as pairs: out[i] = (a[i], b[i]).
+inline void interleave_pairs16(const uint16_t* a, const uint16_t* b, uint32_t* out) {
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)a));
+  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)b));
+  _mm512_storeu_si512(out, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+}
+#endif
+
 // ---------------------------------------------------------------- panel ops
 // AccI32: 16 int32, one per row of a panel.  XI8: one activation quad, prepared.
 // kU8Activations: the dot product takes activations as u8 = x + 128 (the
