@@ -179,92 +179,59 @@ inline void scale_row(float* y, float a, int64_t n) {
   for (int64_t d = 0; d < n; d += kW) vf_store(y + d, vf_mul(vf_load(y + d), vf_set1(a)));
 }
 
-// S[r][0..64) = Q[r] . KT[:, 0..64) for RT rows (Q rows D apart, KT: D rows of 64 keys).
-template <int RT>
-void qk_tile(const float* Q, int64_t D, const float* KT, float* S) {
+// The small matrix products of tile mode, on fp32 operands (T = float) or, at the avx512_bf16
+// level, on bf16 pairs (T = uint32_t: two bf16, the lower-indexed in the low half). mac() is
+// acc + a * b for one operand a broadcast against a row b of kW operands: an FMA, or vdpbf16ps
+// (the sum of the two products of each pair).
+inline VF mac(VF acc, float a, VF b) { return vf_fma(vf_set1(a), b, acc); }
+inline VF load_row(const float* p) { return vf_load(p); }
+#if LOWBIT_SIMD_BF16
+inline VF mac(VF acc, uint32_t a, VP b) { return vf_dot_pairs(acc, a, b); }
+inline VP load_row(const uint32_t* p) { return vp_load(p); }
+#endif
+
+// S[r][0..64) = Q[r] . KT[:, 0..64) for RT rows (Q rows D operands apart, KT: D rows of 64 keys'
+// operands; a pair holds two consecutive dims of one key).
+template <int RT, class T>
+void qk_tile(const T* Q, int64_t D, const T* KT, float* S) {
   VF acc[RT][kTileVecs];
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < kTileVecs; ++c) acc[r][c] = vf_set1(0.0f);
-  for (int64_t d = 0; d < D; ++d) {
-    VF q[RT];
-    for (int r = 0; r < RT; ++r) q[r] = vf_set1(Q[r * D + d]);
+  for (int64_t d = 0; d < D; ++d)
     for (int c = 0; c < kTileVecs; ++c) {
-      const VF k = vf_load(KT + d * kKeyTile + c * kW);
-      for (int r = 0; r < RT; ++r) acc[r][c] = vf_fma(q[r], k, acc[r][c]);
+      const auto k = load_row(KT + d * kKeyTile + c * kW);
+      for (int r = 0; r < RT; ++r) acc[r][c] = mac(acc[r][c], Q[r * D + d], k);
     }
-  }
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < kTileVecs; ++c) vf_store(S + r * kKeyTile + c * kW, acc[r][c]);
 }
 
-// O[r][c0 .. c0 + CV kW) = alpha[r] * O[r][...] + sum_{j < n} P[r][j] * V[j][...] for RT rows.
-template <int RT, int CV>
-void pv_tile(const float* P, const float* alpha, const float* V, int64_t ldv, int n, float* O, int64_t c0) {
+// O[r][c0 .. c0 + CV kW) = alpha[r] * O[r][...] + sum_{j < n} P[r][j] * V[j][...] for RT rows
+// (P rows ldp operands apart; with pairs, j counts pairs of consecutive keys).
+template <int RT, int CV, class T>
+void pv_tile(const T* P, int64_t ldp, const float* alpha, const T* V, int64_t ldv, int n, float* O, int64_t c0) {
   VF acc[RT][CV];
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < CV; ++c) acc[r][c] = vf_mul(vf_load(O + r * ldv + c0 + c * kW), vf_set1(alpha[r]));
   for (int j = 0; j < n; ++j) {
-    VF v[CV];
-    for (int c = 0; c < CV; ++c) v[c] = vf_load(V + j * ldv + c0 + c * kW);
-    for (int r = 0; r < RT; ++r) {
-      const VF pj = vf_set1(P[r * kKeyTile + j]);
-      for (int c = 0; c < CV; ++c) acc[r][c] = vf_fma(pj, v[c], acc[r][c]);
-    }
+    decltype(load_row(V)) v[CV];
+    for (int c = 0; c < CV; ++c) v[c] = load_row(V + j * ldv + c0 + c * kW);
+    for (int r = 0; r < RT; ++r)
+      for (int c = 0; c < CV; ++c) acc[r][c] = mac(acc[r][c], P[r * ldp + j], v[c]);
   }
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < CV; ++c) vf_store(O + r * ldv + c0 + c * kW, acc[r][c]);
 }
 
-template <int RT>
-void pv_rows(const float* P, const float* alpha, const float* V, int64_t ldv, int n, float* O) {
+template <int RT, class T>
+void pv_rows(const T* P, int64_t ldp, const float* alpha, const T* V, int64_t ldv, int n, float* O) {
   const int64_t vecs = ldv / kW;
   int64_t c = 0;
-  for (; c + kPV <= vecs; c += kPV) pv_tile<RT, kPV>(P, alpha, V, ldv, n, O, c * kW);
-  for (; c < vecs; ++c) pv_tile<RT, 1>(P, alpha, V, ldv, n, O, c * kW);
+  for (; c + kPV <= vecs; c += kPV) pv_tile<RT, kPV>(P, ldp, alpha, V, ldv, n, O, c * kW);
+  for (; c < vecs; ++c) pv_tile<RT, 1>(P, ldp, alpha, V, ldv, n, O, c * kW);
 }
 
 #if LOWBIT_SIMD_BF16
-// The bf16-pair versions of qk_tile / pv_tile: Q2 rows D2 = D / 2 pairs apart, KT2: D2 rows of
-// 64 keys' pairs; P2: rows of 32 pairs (consecutive keys), V2: rows of Dvp pairs of two
-// consecutive keys' values.
-template <int RT>
-void qk_tile_pairs(const uint32_t* Q2, int64_t D2, const uint32_t* KT2, float* S) {
-  VF acc[RT][kTileVecs];
-  for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < kTileVecs; ++c) acc[r][c] = vf_set1(0.0f);
-  for (int64_t d = 0; d < D2; ++d)
-    for (int c = 0; c < kTileVecs; ++c) {
-      const VP k = vp_load(KT2 + d * kKeyTile + c * kW);
-      for (int r = 0; r < RT; ++r) acc[r][c] = vf_dot_pairs(acc[r][c], Q2[r * D2 + d], k);
-    }
-  for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < kTileVecs; ++c) vf_store(S + r * kKeyTile + c * kW, acc[r][c]);
-}
-
-template <int RT, int CV>
-void pv_tile_pairs(const uint32_t* P2, const float* alpha, const uint32_t* V2, int64_t ldv, int n2, float* O,
-                   int64_t c0) {
-  VF acc[RT][CV];
-  for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CV; ++c) acc[r][c] = vf_mul(vf_load(O + r * ldv + c0 + c * kW), vf_set1(alpha[r]));
-  for (int j = 0; j < n2; ++j) {
-    VP v[CV];
-    for (int c = 0; c < CV; ++c) v[c] = vp_load(V2 + j * ldv + c0 + c * kW);
-    for (int r = 0; r < RT; ++r)
-      for (int c = 0; c < CV; ++c) acc[r][c] = vf_dot_pairs(acc[r][c], P2[r * (kKeyTile / 2) + j], v[c]);
-  }
-  for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CV; ++c) vf_store(O + r * ldv + c0 + c * kW, acc[r][c]);
-}
-
-template <int RT>
-void pv_rows_pairs(const uint32_t* P2, const float* alpha, const uint32_t* V2, int64_t ldv, int n2, float* O) {
-  const int64_t vecs = ldv / kW;
-  int64_t c = 0;
-  for (; c + kPV <= vecs; c += kPV) pv_tile_pairs<RT, kPV>(P2, alpha, V2, ldv, n2, O, c * kW);
-  for (; c < vecs; ++c) pv_tile_pairs<RT, 1>(P2, alpha, V2, ldv, n2, O, c * kW);
-}
-
 inline uint32_t pair_at(const float* row, int64_t d) {
   uint32_t u;
   std::memcpy(&u, row + d, sizeof u);
@@ -405,8 +372,8 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
 #if LOWBIT_SIMD_BF16
     else if (G.pairs) {
       load_tile_pairs(G, b, kv, t0, n, KT2, V2);
-      for (; r + kRT <= nr; r += kRT) qk_tile_pairs<kRT>(Q2 + r * (D / 2), D / 2, KT2, S + r * kKeyTile);
-      for (; r < nr; ++r) qk_tile_pairs<1>(Q2 + r * (D / 2), D / 2, KT2, S + r * kKeyTile);
+      for (; r + kRT <= nr; r += kRT) qk_tile<kRT>(Q2 + r * (D / 2), D / 2, KT2, S + r * kKeyTile);
+      for (; r < nr; ++r) qk_tile<1>(Q2 + r * (D / 2), D / 2, KT2, S + r * kKeyTile);
     }
 #endif
     else {  // K tile, transposed (kW x kW blocks in registers); V tile, rows padded to Dvp
@@ -458,14 +425,15 @@ void attend_block(const Geometry& G, int64_t b, int64_t kv, int64_t r0, int nr, 
       const int n2 = (n + 1) / 2;
       for (r = 0; r < nr; ++r)
         for (int j = 0; j < kKeyTile; j += 2 * kW) pack_pairs32(S + r * kKeyTile + j, P2 + r * (kKeyTile / 2) + j / 2);
-      for (r = 0; r + kRT <= nr; r += kRT)
-        pv_rows_pairs<kRT>(P2 + r * (kKeyTile / 2), alpha + r, V2, ldv, n2, st.O + r * ldv);
-      for (; r < nr; ++r) pv_rows_pairs<1>(P2 + r * (kKeyTile / 2), alpha + r, V2, ldv, n2, st.O + r * ldv);
+      constexpr int64_t ldp = kKeyTile / 2;
+      for (r = 0; r + kRT <= nr; r += kRT) pv_rows<kRT>(P2 + r * ldp, ldp, alpha + r, V2, ldv, n2, st.O + r * ldv);
+      for (; r < nr; ++r) pv_rows<1>(P2 + r * ldp, ldp, alpha + r, V2, ldv, n2, st.O + r * ldv);
       continue;
     }
 #endif
-    for (r = 0; r + kRT <= nr; r += kRT) pv_rows<kRT>(S + r * kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
-    for (; r < nr; ++r) pv_rows<1>(S + r * kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
+    for (r = 0; r + kRT <= nr; r += kRT)
+      pv_rows<kRT>(S + r * kKeyTile, kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
+    for (; r < nr; ++r) pv_rows<1>(S + r * kKeyTile, kKeyTile, alpha + r, V, ldv, n, st.O + r * ldv);
   }
 }
 
