@@ -97,19 +97,11 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
     from lowbit import ref
     from lowbit.ops import int8 as int8_ops
 
-    from lowbit.formats import int4 as fmt4
     from lowbit.ops import int4 as int4_ops
 
     nbuf_w4 = max(2, -(-ROTATE_BYTES // (N * K // 2)))
-    w4s, w4_deq = [], None  # (qweight, scales) in the CUDA layout; the first one dequantized in fp16
-    for _ in range(nbuf_w4):
-        codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
-        d = (torch.rand(N, K // W4_GROUP, device="cuda") * 0.004 + 0.001).half().float()
-        mn = (-7.5 * d + torch.randn_like(d) * 0.002).half().float()
-        w4s.append(fmt4.pack_cuda(codes, d, mn))
-        if w4_deq is None:
-            w4_deq = ref.int4.dequantize_int4(codes, d, mn).half()
-        del codes, d, mn
+    *w4_first, w4_deq = w4_weights(N, K, dequantized=True)  # the first copy also in fp16 (error check)
+    w4s = [tuple(w4_first)] + [w4_weights(N, K) for _ in range(nbuf_w4 - 1)]
     nbuf_i8 = max(2, -(-ROTATE_BYTES // (N * K)))
     nbuf_f16 = max(2, -(-ROTATE_BYTES // (2 * N * K)))
     w16, qws, scs = [], [], []
@@ -169,7 +161,7 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             rows.append(row)
             log(f"  {N}x{K} M={M} {op}: {us:.1f} us, {gbps:.0f} GB/s, {row['tflops']:.2f} TFLOP/s")
         del x, xq
-    del w16, qws, scs, w4s, w4_deq
+    del w16, qws, scs, w4s, w4_first, w4_deq
     torch.cuda.empty_cache()
     return rows
 
@@ -191,15 +183,25 @@ def table(rows: list, copy_bw: float, peak: float, device: str) -> str:
     return "\n".join(out)
 
 
+def w4_weights(N: int, K: int, dequantized: bool = False) -> tuple:
+    """Random asymmetric INT4 weights (groups of W4_GROUP, fp16 d and m) in the CUDA layout:
+    (qweight, scales), plus the same weight dequantized in fp16 when asked."""
+    from lowbit import ref
+    from lowbit.formats import int4 as fmt4
+
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
+    d = (torch.rand(N, K // W4_GROUP, device="cuda") * 0.004 + 0.001).half().float()
+    mn = (-7.5 * d + torch.randn_like(d) * 0.002).half().float()
+    packed = fmt4.pack_cuda(codes, d, mn)
+    return (*packed, ref.int4.dequantize_int4(codes, d, mn).half()) if dequantized else packed
+
+
 def profile_w4a16() -> int:
     """A few W4A16 calls for a profiler: 4096x11008 (N x K), group 128, M = 1 then 16."""
-    from lowbit.formats import int4 as fmt4
     from lowbit.ops import int4 as int4_ops
 
     N, K = 4096, 11008
-    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
-    d = (torch.rand(N, K // W4_GROUP, device="cuda") * 0.004 + 0.001).half().float()
-    q, table = fmt4.pack_cuda(codes, d, -7.5 * d)
+    q, table = w4_weights(N, K)
     for M in (1, 16):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         for _ in range(3):

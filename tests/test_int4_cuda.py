@@ -230,19 +230,14 @@ def check(dtype, M, N, K, g, symmetric, gen, bias=True, scale_dtype=torch.float1
 SMALL = [(1, 16, 64, 64), (3, 24, 96, 32), (1, 40, 100, 100), (17, 48, 128, 128), (5, 8, 320, 64)]
 LARGE = [(1, 4096, 4096, 128), (16, 4096, 11008, 128), (1, 11008, 4096, 32), (33, 1000, 2048, 64),
          (64, 512, 4096, 128), (65, 300, 1024, 32), (200, 256, 512, 64)]
+# ids name the size class: the small ones run under compute-sanitizer (-k small)
+SHAPES = [pytest.param(*c, id=f"{size}-M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}")
+          for size, cases in (("small", SMALL), ("large", LARGE)) for c in cases]
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K,g", SMALL)
-@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
-def test_w4a16_small(dtype, M, N, K, g, symmetric, gen):
-    check(dtype, M, N, K, g, symmetric, gen)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K,g", LARGE)
+@pytest.mark.parametrize("M,N,K,g", SHAPES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_w4a16(dtype, M, N, K, g, symmetric, gen):
     check(dtype, M, N, K, g, symmetric, gen)

@@ -41,14 +41,17 @@ class _QuantizedLinear(torch.nn.Module):
     _SCHEMES: tuple = ()
     _WEIGHTS: tuple = ()
 
-    def _init_common(self, in_features, out_features, scheme, name):
+    def _init_common(self, in_features, out_features, scheme, name, device) -> torch.device:
+        """Checks the arguments every quantized Linear takes; returns the device (default CPU)."""
         if scheme not in self._SCHEMES:
             raise ValueError(f"{name}: scheme must be one of {self._SCHEMES}, got {scheme!r}")
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        chk.allocation(in_features * out_features, f"a {out_features} x {in_features} weight", name)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        chk.allocation(in_features * out_features, f"a {out_features} x {in_features} weight", name, device)
+        return device
 
     def _init_bias(self, bias: bool, device, dtype):
         if bias:
@@ -186,8 +189,7 @@ class Int8Linear(_QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "w8a16",
                  device=None, dtype=None):
         super().__init__()
-        self._init_common(in_features, out_features, scheme, "Int8Linear")
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = self._init_common(in_features, out_features, scheme, "Int8Linear", device)
         self._set_canonical({"qweight": torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                              "scale": torch.zeros(out_features, dtype=torch.float32, device=device)})
         self._init_bias(bias, device, dtype)
@@ -278,13 +280,12 @@ class Int4Linear(_QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "w4a16",
                  group_size: int = 32, symmetric: bool = False, device=None, dtype=None):
         super().__init__()
-        self._init_common(in_features, out_features, scheme, "Int4Linear")
+        device = self._init_common(in_features, out_features, scheme, "Int4Linear", device)
         try:
             fmt4.check_group_size(in_features, group_size)
         except ValueError as e:
             raise ValueError(f"Int4Linear: {e}") from None
         self.group_size, self.symmetric = group_size, bool(symmetric)
-        device = torch.device(device) if device is not None else torch.device("cpu")
         groups = in_features // group_size
         zeros = torch.zeros(out_features, groups, dtype=torch.float16, device=device)
         self._set_canonical({"codes": torch.zeros(out_features, in_features, dtype=torch.uint8, device=device),

@@ -42,6 +42,16 @@ for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
 
 
 # ---------------------------------------------------------------- validation
+# The weight layout of each device (lowbit.formats.int4): qweight's dtype, the scales' last dim
+# and group axis, the expected shapes for (N, groups) and (N, K), and the packer's name.
+_LAYOUTS = {
+    "cpu": (torch.uint8, fmt.PANEL_ROWS, 1, fmt.packed_scales_shape, fmt.packed_cpu_shape,
+            "[ceil(N/16), K/g, 16] (lowbit.formats.int4.pack_cpu)"),
+    "cuda": (torch.int32, 2, 0, fmt.packed_cuda_scales_shape, fmt.packed_cuda_shape,
+             "[K/g, roundup(N, 16), 2] (d, m) pairs (lowbit.formats.int4.pack_cuda)"),
+}
+
+
 def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
     """Checks INT4 weights (layout of their device) for K inputs and N = n outputs; returns the group size."""
     chk.tensor(qweight, "qweight", op)
@@ -51,25 +61,20 @@ def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
         raise TypeError(f"lowbit.{op}: scales must be float16 or float32, got {scales.dtype}")
     if qweight.device != scales.device:
         raise ValueError(f"lowbit.{op}: qweight is on {qweight.device} but scales is on {scales.device}")
-    cuda = scales.device.type == "cuda"
-    if not cuda and scales.device.type != "cpu":
+    layout = _LAYOUTS.get(scales.device.type)
+    if layout is None:
         raise NotImplementedError(f"lowbit.{op}: INT4 kernels run on CPU and CUDA; the weights are on {scales.device}")
+    q_dtype, last, group_axis, scales_shape, q_shape, described = layout
     for name, t in (("qweight", qweight), ("scales", scales)):
         chk.contiguous(t, name, op)
-    if cuda:
-        chk.dtype(qweight, torch.int32, "qweight", op)
-        if scales.dim() != 3 or scales.shape[0] == 0 or scales.shape[2] != 2:
-            raise ValueError(f"lowbit.{op}: scales on CUDA must be [K/g, roundup(N, 16), 2] (d, m) pairs "
-                             f"(lowbit.formats.int4.pack_cuda), got shape {tuple(scales.shape)}")
-        if mins is not None:
-            raise ValueError(f"lowbit.{op}: mins must be None on CUDA (the CUDA layout keeps d and m together in "
-                             "scales)")
-    else:
-        chk.dtype(qweight, torch.uint8, "qweight", op)
-        if scales.dim() != 3 or scales.shape[0] == 0 or scales.shape[1] == 0 or scales.shape[2] != fmt.PANEL_ROWS:
-            raise ValueError(f"lowbit.{op}: scales must be packed [ceil(N/16), K/g, 16] (lowbit.formats.int4.pack_cpu), "
-                             f"got shape {tuple(scales.shape)}")
-    groups = int(scales.shape[0 if cuda else 1])  # specialized under torch.compile, like K (validate_linear)
+    chk.dtype(qweight, q_dtype, "qweight", op)
+    if scales.dim() != 3 or 0 in scales.shape or scales.shape[2] != last:
+        raise ValueError(f"lowbit.{op}: scales on {scales.device.type} must be {described}, got shape "
+                         f"{tuple(scales.shape)}")
+    if mins is not None and group_axis == 0:
+        raise ValueError(f"lowbit.{op}: mins must be None on CUDA (the CUDA layout keeps d and m together in "
+                         "scales)")
+    groups = int(scales.shape[group_axis])  # specialized under torch.compile, like K (validate_linear)
     if k % groups != 0:
         raise ValueError(f"lowbit.{op}: scales has {groups} groups, which does not divide K={k} (from x)")
     g = k // groups
@@ -77,12 +82,8 @@ def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
         fmt.check_group_size(k, g)
     except ValueError as e:
         raise ValueError(f"lowbit.{op}: scales has {groups} groups for K={k}, i.e. group size {g}: {e}") from None
-    if cuda:
-        chk.shape(scales, fmt.packed_cuda_scales_shape(n, groups), f"scales (N={n}, {groups} groups)", op)
-        chk.shape(qweight, fmt.packed_cuda_shape(n, k), f"qweight (CUDA layout for N={n}, K={k})", op)
-    else:
-        chk.shape(scales, fmt.packed_scales_shape(n, groups), f"scales (N={n}, {groups} groups)", op)
-        chk.shape(qweight, fmt.packed_cpu_shape(n, k), f"qweight (packed for N={n}, K={k})", op)
+    chk.shape(scales, scales_shape(n, groups), f"scales (N={n}, {groups} groups)", op)
+    chk.shape(qweight, q_shape(n, k), f"qweight (packed for N={n}, K={k})", op)
     if mins is not None:
         chk.tensor(mins, "mins", op)
         if mins.dtype != scales.dtype:
