@@ -9,9 +9,9 @@
 # whole script stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
 # is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
 #
-# Writes at most 9 files, all at the top of OUTDIR:
+# Writes at most 12 files, all at the top of OUTDIR:
 #   nvidia-smi.txt build.log info.txt tests.log memcheck.log profile.txt bench.log gpu_bench.json
-#   summary.md
+#   bench_attention.log gpu_attention.json summary.md
 # and prints summary.md last. Exit status: 0 if the build, the tests and memcheck passed.
 set -euo pipefail
 
@@ -27,7 +27,7 @@ ROOT=$(pwd)
 START=$SECONDS
 BUDGET=${CHECK_BUDGET_S:-450}
 ARCHS=${LOWBIT_CUDA_ARCHS:-90a}
-CUDA_FILES="tests/test_int4_cuda.py tests/test_int8_cuda.py"
+CUDA_FILES="tests/test_int4_cuda.py tests/test_int8_cuda.py tests/test_attention_cuda.py"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
@@ -81,8 +81,9 @@ if [ "${RC[build]}" = 0 ]; then
   step cuda_tests 180 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
 
-  # 5. benchmark
+  # 5. benchmarks: quantized matmul, then attention
   step bench 200 "$OUT/bench.log" python3 bench/gpu_matmul.py --out "$OUT/gpu_bench.json"
+  step bench_attention 150 "$OUT/bench_attention.log" python3 bench/gpu_attention.py --out "$OUT/gpu_attention.json"
 
   # 6. memcheck of the small CUDA tests (each tensor its own allocation so overruns are seen)
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
@@ -146,7 +147,8 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
-  echo "- benchmark: $(status bench) (${SECS[bench]:-0}s)"
+  echo "- benchmark (matmul): $(status bench) (${SECS[bench]:-0}s)"
+  echo "- benchmark (attention): $(status bench_attention) (${SECS[bench_attention]:-0}s)"
   echo "- profile (ncu, W4A16): $(status profile) (${SECS[profile]:-0}s)"
   echo "- total: $((SECONDS - START))s of a ${BUDGET}s budget"
   if [ "${RC[build]}" != 0 ]; then
@@ -161,6 +163,12 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     echo "## benchmark"
     echo
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["table_md"])' "$OUT/gpu_bench.json" || true
+  fi
+  if [ -s "$OUT/gpu_attention.json" ]; then
+    echo
+    echo "## attention benchmark"
+    echo
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["table_md"])' "$OUT/gpu_attention.json" || true
   fi
   if [ -f "$TMP/cuda_tests.log" ] && [ "${RC[cuda_tests]:-}" != 0 ]; then
     echo

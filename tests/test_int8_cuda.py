@@ -206,6 +206,10 @@ def test_cuda_build_reports_archs():
         assert fn(0, 0, 0, 8, 8, 0, 0, 4, 64, 9, 0, 4, *extra, 0, 0) == bad       # bias dtype code
         assert fn(0, 0, -1, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == bad       # M < 0
         assert fn(0, 0, 3, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == bad        # null pointers
+        assert fn(0, 0, 64, 16, 16, 0, 0, 8, 0, 0, 0, 8, *extra, 0, 0) == bad     # null pointers, W8A8 mma shape
+    # W8A8 scratch missing (fake non-null operands, never dereferenced): rejected before any device work
+    assert mod.int8_linear_w8a8(16, 0, 64, 16, 16, 16, 16, 8, 0, 0, 16, 8, 0, 16, 0, 0) == bad
+    assert mod.int8_linear_w8a8(16, 0, 64, 16, 16, 16, 16, 8, 0, 0, 16, 8, 16, 0, 0, 0) == bad
     # a device that cannot exist: CUDA_ERROR (nothing is launched), and last_error() says why
     assert isinstance(mod.last_error(), str)
     assert mod.int8_quantize_per_token(16, 0, 1, 4, 4, 16, 16, 1000, 0) == _native.CUDA_ERROR
@@ -347,12 +351,14 @@ def test_native_poisoned_outputs_small(op, dtype, cgen):
     element written, nothing outside [M, N] of a wider y touched."""
     mod = _native.cuda_module()
     code = _native.DTYPE_CODE[dtype]
-    for M, N, K in [(3, 37, 23), (17, 9, 128), (1, 5, 512), (2, 8, 1024)]:
+    # the last two take the W8A8 tensor-core path (M >= 64, K % 16 == 0)
+    for M, N, K in [(3, 37, 23), (17, 9, 128), (1, 5, 512), (2, 8, 1024), (65, 37, 48), (130, 9, 1040)]:
         ldx, ldy = K + 8, N + 5
         x = randn((M, ldx), cgen, dtype)
         qw, s = rand_weight(N, K, cgen)
         b = randn((N,), cgen, dtype)
-        y = torch.full((M, ldy), float("nan"), dtype=dtype, device="cuda")
+        y_all = torch.full((M + 2, ldy), float("nan"), dtype=dtype, device="cuda")  # 2 rows past M
+        y = y_all[:M]
         stream = torch.cuda.current_stream().cuda_stream
         dev = torch.cuda.current_device()
         if op == "w8a16":
@@ -369,6 +375,7 @@ def test_native_poisoned_outputs_small(op, dtype, cgen):
         xv = x[:, :K]
         what = f"{op} {DT_ID[dtype]} M={M} N={N} K={K} ldx={ldx} ldy={ldy}"
         assert torch.isnan(y[:, N:]).all(), f"{what}: wrote past N into the row padding"
+        assert torch.isnan(y_all[M:]).all(), f"{what}: wrote rows past M"
         assert_linear_close(y[:, :N], ref_linear64(op, xv, qw, s, b), torch_linear_lowp(op, xv, qw, s, b), what)
         if op == "w8a8":
             q_ref, s_ref = quantize_ref(xv)
@@ -398,6 +405,65 @@ def test_linear_nonfinite_x_small(op, cgen):
     assert torch.isnan(y[2]).all()
     keep = [0, 1, 3]
     assert_linear_close(y[keep], ref_linear64(op, x[keep], qw, s, None), None, f"{op} finite rows")
+
+
+# ---------------------------------------------------------------- W8A8 on tensor cores
+# int8_linear_w8a8 runs the mma.sync kernel (128 x 128 tiles of y, k steps of 64) when
+# M >= 64, K % 16 == 0 and qx / qweight are 16-byte aligned, the dp4a kernel otherwise.
+# Shapes: M around 64 / 128 / 512, N below / around / past 8, 16 and 128, K multiples
+# of 16 that are not multiples of 64 (a zero-filled k tail), and K % 16 != 0 (dp4a).
+W8A8_MMA_SMALL = [(64, 8, 16), (65, 100, 48), (127, 129, 80), (200, 9, 16), (70, 37, 23)]
+W8A8_MMA = [(513, 129, 4112), (64, 4096, 4096), (200, 100, 4112), (257, 4096, 48), (130, 576, 1040),
+            (64, 100, 4100)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,N,K", W8A8_MMA_SMALL)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_w8a8_mma_small(dtype, M, N, K, bias, cgen):
+    check_linear("w8a8", dtype, M, N, K, bias, cgen)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,N,K", W8A8_MMA)
+def test_w8a8_mma(dtype, M, N, K, cgen):
+    check_linear("w8a8", dtype, M, N, K, (M + N + K) % 2 == 1, cgen)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,N,K", [(64, 100, 48), (130, 129, 4112)])
+def test_w8a8_mma_matches_dp4a_small(dtype, M, N, K, cgen):
+    """Both W8A8 kernels sum the same int32 products exactly and apply the same fp32
+    epilogue, so they agree bit for bit: rows quantize independently, so the first 63
+    rows of an M-row call (tensor cores) equal a 63-row call (dp4a), and a weight at a
+    16-byte misaligned address (dp4a at any M) gives the same y as an aligned one."""
+    x = randn((M, K), cgen, dtype)
+    qw, s = rand_weight(N, K, cgen)
+    b = randn((N,), cgen, dtype)
+    y = OPS["w8a8"](x, qw, s, b)
+    assert torch.equal(y[:63], OPS["w8a8"](x[:63], qw, s, b)), "tensor-core rows differ from dp4a rows"
+    raw = torch.empty(N * K + 16, dtype=torch.int8, device="cuda")
+    qw_off = raw[1:1 + N * K].view(N, K)
+    qw_off.copy_(qw)
+    assert qw_off.data_ptr() % 16 != 0
+    assert torch.equal(OPS["w8a8"](x, qw_off, s, b), y), "misaligned weight (dp4a) differs from tensor cores"
+
+
+@gpu
+def test_w8a8_mma_nonfinite_x_small(cgen):
+    """Non-finite rows on the tensor-core path: their outputs are NaN, the other rows exact."""
+    M, N, K = 70, 37, 64
+    x = randn((M, K), cgen)
+    x[2, 7] = float("nan")
+    x[M - 1, 0] = float("inf")
+    qw, s = rand_weight(N, K, cgen)
+    y = OPS["w8a8"](x, qw, s)
+    assert torch.isnan(y[2]).all() and torch.isnan(y[M - 1]).all()
+    keep = [i for i in range(M) if i not in (2, M - 1)]
+    assert_linear_close(y[keep], ref_linear64("w8a8", x[keep], qw, s, None), None, "w8a8 mma finite rows")
 
 
 # ---------------------------------------------------------------- bad input

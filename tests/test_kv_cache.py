@@ -957,28 +957,6 @@ def test_compile_fullgraph(gen):
 
 
 # ---------------------------------------------------------------- caches off the CPU
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8],
-                         ids=["f32", "f16", "bf16", "int8"])
-def test_torch_write_path_equals_the_kernel(gen, cache_dtype):
-    """reshape_and_cache on a cache off the CPU (a GPU one: no CUDA kernel yet) writes with torch
-    ops (ops.kv_cache.write_torch); run here on CPU tensors it must equal the native kernel bitwise."""
-    nb, bs, h, d, n = 5, 8, 3, 24, 29
-    x = randn((n, h, d), gen, torch.float32, 2.0)
-    x[3, 1] = 0
-    slots = _slot_mapping(gen, n, nb, bs, skip_every=4)
-    int8 = cache_dtype == torch.int8
-    caches = [torch.randint(-128, 128, (nb, bs, h, d), generator=gen, dtype=torch.int8) if int8
-              else randn((nb, bs, h, d), gen, cache_dtype) for _ in range(2)]
-    scales = [torch.rand(nb, bs, h, generator=gen) if int8 else None for _ in range(2)]
-    native_c, torch_c = caches[0], caches[0].clone()
-    native_s, torch_s = scales[0], None if scales[0] is None else scales[0].clone()
-    ops.reshape_and_cache(x, x, native_c, caches[1], slots, native_s, scales[1])
-    kv_ops.write_torch(x, torch_c, torch_s, slots)
-    assert_bitwise_equal(torch_c, native_c, "cache")
-    if int8:
-        assert_bitwise_equal(torch_s, native_s, "scales")
-
-
 def test_bound_calls_refuse_caches_off_the_cpu():
     """The replay's bound calls hand raw pointers to the CPU kernels: a cache on another device
     must be refused before any pointer is taken (here: the meta device)."""

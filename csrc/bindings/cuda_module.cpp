@@ -11,11 +11,16 @@
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
+#include <pybind11/stl.h>
+
+#include <array>
 #include <cstdint>
 #include <string>
 
+#include "attention.h"
 #include "int4.h"
 #include "int8.h"
+#include "kv_cache.h"
 #include "lowbit/status.h"
 
 #ifndef LOWBIT_CUDA_ARCHS
@@ -133,6 +138,59 @@ int int4_linear_w4a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ld
                                  stream_ptr(stream));
 }
 
+using Strides3 = std::array<int64_t, 3>;
+
+// Arguments in the order of lowbit._C.attention (AttentionArgs' fields), then what only the
+// GPU takes: num_blocks, tokens, the split plan and its scratch, device and stream.
+int attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int dtype, int kv_dtype, int64_t B, int64_t Hq,
+              int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t Dv, Strides3 qs, Strides3 ks, Strides3 vs,
+              Strides3 os, uintptr_t q_start, uintptr_t seq_lens, uintptr_t block_table, int64_t max_blocks,
+              int64_t block_size, uintptr_t k_scale, uintptr_t v_scale, uintptr_t mask, int mask_dtype,
+              std::array<int64_t, 4> ms, float scale, int causal, int bottom_right, int64_t window_left,
+              int64_t window_right, int64_t num_blocks, int64_t tokens, int splits, uintptr_t scratch, int device,
+              uintptr_t stream) {
+  cuda::AttentionArgs a{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out), dtype, kv_dtype,
+                        B, Hq, Hkv, L, S, D, Dv, {}, {}, {}, {}, ptr<const int32_t>(q_start),
+                        ptr<const int32_t>(seq_lens), ptr<const int32_t>(block_table), max_blocks, block_size,
+                        num_blocks, ptr<const float>(k_scale), ptr<const float>(v_scale), ptr<const void>(mask),
+                        mask_dtype, {}, scale, causal, bottom_right, window_left, window_right, tokens};
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = qs[i];
+    a.k_stride[i] = ks[i];
+    a.v_stride[i] = vs[i];
+    a.out_stride[i] = os[i];
+  }
+  for (int i = 0; i < 4; ++i) a.mask_stride[i] = ms[i];
+  if (int st = cuda::check_attention_args(a)) return st;
+  if (tokens == 0) return kOk;
+  if (device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::attention(a, splits, ptr<float>(scratch), stream_ptr(stream));
+}
+
+py::tuple attention_plan(int64_t tokens, int64_t Hq, int64_t Hkv, int64_t max_keys, int64_t Dv, int sm_count) {
+  int splits = 1;
+  int64_t scratch = 0;
+  cuda::attention_plan(tokens, Hq, Hkv, max_keys, Dv, sm_count, &splits, &scratch);
+  return py::make_tuple(splits, scratch);
+}
+
+int kv_cache_write(uintptr_t src, int src_dtype, int64_t T, int64_t H, int64_t D, int64_t ld_t, int64_t ld_h,
+                   uintptr_t slots, uintptr_t cache, int cache_dtype, uintptr_t scales, int64_t num_slots, int device,
+                   uintptr_t stream) {
+  if (int st = cuda::check_kv_cache_write_args(ptr<const void>(src), src_dtype, T, H, D, ptr<const void>(slots),
+                                               ptr<const void>(cache), cache_dtype, ptr<const void>(scales),
+                                               num_slots))
+    return st;
+  if (T == 0) return kOk;
+  if (device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::kv_cache_write(ptr<const void>(src), src_dtype, T, H, D, ld_t, ld_h, ptr<const int64_t>(slots),
+                              ptr<void>(cache), cache_dtype, ptr<float>(scales), num_slots, stream_ptr(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -167,4 +225,9 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("ldx"), py::arg("qweight"), py::arg("scales"), py::arg("scales_dtype"), py::arg("groups"),
         py::arg("N"), py::arg("bias"), py::arg("bias_dtype"), py::arg("y"), py::arg("ldy"), py::arg("splits"),
         py::arg("partial"), py::arg("counters"), py::arg("device"), py::arg("stream"));
+  m.def("attention", &attention, nogil);
+  m.def("attention_plan", &attention_plan, py::arg("tokens"), py::arg("Hq"), py::arg("Hkv"), py::arg("max_keys"),
+        py::arg("Dv"), py::arg("sm_count"),
+        "(splits, scratch_floats): how attention splits the keys of this call (host-only arithmetic).");
+  m.def("kv_cache_write", &kv_cache_write, nogil);
 }

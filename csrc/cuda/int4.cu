@@ -37,6 +37,7 @@
 
 #include "int4.h"
 #include "lowbit/cuda_common.cuh"
+#include "ptx.cuh"
 
 namespace lowbit::cuda {
 namespace {
@@ -52,41 +53,16 @@ constexpr int kMinTilesPerSplit = 2;
 constexpr int kBlocksPerSm = 4;               // resident blocks per SM (launch bound); the split aims at one wave
 constexpr int64_t kMaxGridZ = 65535;
 
-// ---- cp.async: global -> shared copies that need no registers, so a warp can keep
-// kStages tiles of weights in flight whatever it is computing.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+using namespace ptx;
 
 // ---- the two activation types: their mma, their packed pairs, their magic bias
-// One m16n8k16 mma with fp32 accumulation; AB names the operand type ("f16" or "bf16").
-#define LOWBIT_MMA_M16N8K16(AB, c, a, b0, b1)                                                        \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
-               "{%8,%9}, {%0,%1,%2,%3};\n"                                                          \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                      \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-
 struct F16Mma {
   using H2 = __half2;
   static constexpr uint32_t kBias = 0x64006400u;  // 1024.0 in each half
   __device__ static H2 splat(float v) { return __float2half2_rn(v); }
   __device__ static H2 bias_plus_8() { return __float2half2_rn(1032.0f); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    LOWBIT_MMA_M16N8K16("f16", c, a, b0, b1);
+    mma_f16(c, a, b0, b1);
   }
 };
 
@@ -96,10 +72,9 @@ struct BF16Mma {
   __device__ static H2 splat(float v) { return __float2bfloat162_rn(v); }
   __device__ static H2 bias_plus_8() { return __float2bfloat162_rn(136.0f); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    LOWBIT_MMA_M16N8K16("bf16", c, a, b0, b1);
+    mma_bf16(c, a, b0, b1);
   }
 };
-#undef LOWBIT_MMA_M16N8K16
 
 template <class D> struct MmaOf;
 template <> struct MmaOf<F16> { using type = F16Mma; };

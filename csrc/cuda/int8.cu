@@ -16,15 +16,20 @@
 // first quantizes x per token into Python-allocated scratch (qx, sx) with the
 // quantizer below, then accumulates q(x) . q(w) exactly with __dp4a in int32
 // (flushed to fp32 every kChunkK products, so any K is safe) and applies
-// sx[m] * wscale[n] in the epilogue.
+// sx[m] * wscale[n] in the epilogue. For prefill-size M (>= 64, K % 16 == 0) the
+// W8A8 product runs on the tensor cores instead (w8a8_mma_kernel: mma.sync
+// m16n8k32 s8, a cp.async pipeline); both paths apply the same fp32 epilogue
+// (w8a8_value) to the same exact int32 sum, so they agree bit for bit.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 
 #include "int8.h"
 #include "lowbit/cuda_common.cuh"
 #include "lowbit/int8_format.h"
+#include "ptx.cuh"
 
 namespace lowbit::cuda {
 namespace {
@@ -197,6 +202,15 @@ __device__ __forceinline__ void warp_reduce_tile(const A (&acc)[kRowsPerWarp][MT
       }
 }
 
+// The W8A8 epilogue, in fp32: ((acc * sx[m]) * ws[n]) + bias[n], each step one
+// correctly rounded operation (the _rn intrinsics are never contracted into an
+// fma), so the dp4a and the tensor-core kernels give the same bits for the same
+// int32 accumulator, and both round like the reference's float arithmetic.
+__device__ __forceinline__ float w8a8_value(float acc, float sxm, float wsn, bool has_bias, float b) {
+  const float v = __fmul_rn(__fmul_rn(acc, sxm), wsn);
+  return has_bias ? __fadd_rn(v, b) : v;
+}
+
 // Lane r * MT + m writes y[m0 + m, n0 + r] = mine * sx[m0 + m] (if sx) * ws[n] + bias[n].
 template <class D, int MT>
 __device__ __forceinline__ void store_tile(float mine, int64_t n0, int nr, int64_t m0, int mc, const float* sx,
@@ -205,8 +219,13 @@ __device__ __forceinline__ void store_tile(float mine, int64_t n0, int nr, int64
   const int lane = threadIdx.x & 31, r = lane / MT, m = lane % MT;
   if (lane < kRowsPerWarp * MT && r < nr && m < mc) {
     const int64_t n = n0 + r;
-    float v = sx ? mine * sx[m0 + m] * ws[n] : mine * ws[n];
-    if (bias) v += load_f32(bias, bias_dtype, n);
+    float v;
+    if (sx) {
+      v = w8a8_value(mine, sx[m0 + m], ws[n], bias != nullptr, bias ? load_f32(bias, bias_dtype, n) : 0.0f);
+    } else {
+      v = mine * ws[n];
+      if (bias) v += load_f32(bias, bias_dtype, n);
+    }
     y[(m0 + m) * ldy + n] = D::from_f32(v);
   }
 }
@@ -332,6 +351,202 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// ---------------------------------------------------------------- W8A8, tensor cores (large M)
+// y = (qx . qweight^T) * sx[m] * ws[n] + bias[n] with mma.sync.m16n8k32 s8 x s8 -> s32.
+// Used when M >= kMinM (64: below that the dp4a kernel above, tuned for decode-size
+// M, wins or ties, and a 128-row tile would be mostly padding), K % 16 == 0 (every
+// row of qx and qweight is a run of whole 16-byte cp.async chunks), K <= kChunkK
+// (the int32 accumulators cannot overflow, and equal the dp4a kernel's single int32
+// chunk sum, so both paths give the same bits) and qx, qweight 16-byte aligned.
+//
+// Tiling: a CTA computes a kBM x kBN = 128 x 128 tile of y, walking K in kBK = 64
+// byte (= 64 int8) steps through a kStages = 4 deep cp.async ring in dynamic shared
+// memory (4 x (128 + 128) x 64 B = 64 KiB; two CTAs fit an SM). 8 warps as 2 (M) x 4
+// (N), each a 64 x 32 warp tile = 4 x 4 mma tiles of m16n8, 64 int32 accumulators per
+// thread. Per k32 step a warp loads its A fragments with 4 ldmatrix.x4 (one per m16:
+// the 16 x 32 B A tile is a 16 x 16 b16 tile) and its B fragments with 2 ldmatrix.x4
+// (one per pair of n8 tiles: qweight rows [n][k] are K-major, which is what the "col"
+// B operand wants, so no .trans), then issues 16 mma.
+// Shared tiles are rows of 64 B = four 16-byte chunks; chunk c of row r is stored at
+// chunk c ^ ((r >> 1) & 3), so the 8 row addresses of each 8x8 ldmatrix matrix (8
+// consecutive rows, one logical chunk) fall in 8 distinct 16-byte bank groups.
+// Ragged edges: rows past M / N and chunks past K are zero-filled by cp.async (no
+// global read), so they add 0; stores are guarded by m < M, n < N. Tiles are visited
+// in groups of kGroupM row tiles (tile id -> (row tile, column tile) column-major
+// inside a group) so CTAs running together share A and B tiles in L2; the grid is
+// capped at 2^31 - 1 CTAs and strides over tiles beyond that.
+//
+// Roofline (M = 2048, N = K = 4096, H100 SXM): 2*M*N*K = 68.7 G int8 ops. Dense int8
+// peak is ~1979 TOPS, but only through wgmma (sm_90a); mma.sync, used here, is the
+// Ampere-style path and reaches a fraction of that on Hopper (roughly 60 % of peak at
+// best in published microbenchmarks), i.e. ~35 us at peak, ~60 us at mma.sync's
+// ceiling. fp16 cuBLAS F.linear at this shape takes ~0.1 ms (~690 TFLOPS). The
+// per-token quantizer adds a pass over x (16 MiB read + 8 MiB written at fp16, ~10 us).
+// Reaching 1.6x fp16 F.linear (<= ~62 us in all) needs this kernel near mma.sync's
+// ceiling; the next step is a wgmma + TMA mainloop on sm_90a.
+namespace mma_tc {
+constexpr int kBM = 128, kBN = 128, kBK = 64;  // tile of y; k bytes (= int8 elements) per stage
+constexpr int kStages = 4;
+constexpr int kWarpsM = 2, kWarpsN = 4;
+constexpr int kThreads = kWarpsM * kWarpsN * 32;
+constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // warp tile 64 x 32
+constexpr int kMTiles = kWM / 16, kNTiles = kWN / 8;     // m16 x n8 mma tiles per warp
+constexpr int kChunks = kBK / 16;                        // 16-byte chunks per tile row
+constexpr int kLoadsA = kBM * kChunks / kThreads;        // cp.async per thread per stage
+constexpr int kLoadsB = kBN * kChunks / kThreads;
+constexpr int kRowStep = kThreads / kChunks;             // tile rows between a thread's chunks
+constexpr int kBytesA = kBM * kBK, kBytesB = kBN * kBK;
+constexpr int kStageBytes = kBytesA + kBytesB;
+constexpr int kSmemBytes = kStages * kStageBytes;
+constexpr int kGroupM = 8;
+constexpr int64_t kMinM = 64;
+
+static_assert(kChunks == 4, "the swizzle below permutes the 4 chunks of a 64-byte row");
+static_assert(kWM % 16 == 0 && kWN % 16 == 0, "A: one ldmatrix.x4 per m16; B: one per n16");
+static_assert(kBK % 32 == 0, "whole k32 mma steps");
+static_assert(kBM * kChunks % kThreads == 0 && kBN * kChunks % kThreads == 0, "whole loads per thread");
+static_assert(kStages >= 2, "pipeline depth");
+
+// Byte offset of chunk `chunk` (16 B) of row `row` in a tile of 64-byte rows.
+__device__ __forceinline__ int swz(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4); }
+}  // namespace mma_tc
+
+template <class D>
+__global__ void __launch_bounds__(mma_tc::kThreads, 2)
+    w8a8_mma_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, int64_t M, int64_t K,
+                    const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
+                    const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
+  using namespace mma_tc;
+  namespace ptx = lowbit::cuda::ptx;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+  const int ld_row = tid / kChunks, ld_chunk = tid % kChunks;  // this thread's first chunk of a stage
+  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
+  const int64_t ntiles = tiles_m * tiles_n;
+  const int ktiles = int((K + kBK - 1) / kBK);  // K <= kChunkK
+
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    // Grouped order: kGroupM row tiles x all column tiles, column-major inside the group.
+    const int64_t per_group = int64_t(kGroupM) * tiles_n;
+    const int64_t group = tile / per_group;
+    const int64_t first_m = group * kGroupM;
+    const int64_t group_m = tiles_m - first_m < kGroupM ? tiles_m - first_m : kGroupM;
+    const int64_t in_group = tile - group * per_group;  // < group_m * tiles_n
+    const int64_t m0 = (first_m + in_group % group_m) * kBM;
+    const int64_t n0 = (in_group / group_m) * kBN;
+
+    // Stage `stage` <- k tile kt of A (qx rows m0..) and B (qweight rows n0..).
+    auto load_stage = [&](int stage, int kt) {
+      uint8_t* sa = smem + stage * kStageBytes;
+      uint8_t* sb = sa + kBytesA;
+      const int64_t k = int64_t(kt) * kBK + ld_chunk * 16;
+      const bool kin = k < K;  // K % 16 == 0: a chunk is all in or all out
+#pragma unroll
+      for (int i = 0; i < kLoadsA; ++i) {
+        const int r = ld_row + i * kRowStep;
+        const bool ok = kin && m0 + r < M;
+        ptx::cp_async16_zfill(sa + swz(r, ld_chunk), ok ? qx + (m0 + r) * K + k : qx, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < kLoadsB; ++i) {
+        const int r = ld_row + i * kRowStep;
+        const bool ok = kin && n0 + r < N;
+        ptx::cp_async16_zfill(sb + swz(r, ld_chunk), ok ? qw + (n0 + r) * K + k : qw, ok);
+      }
+    };
+
+    int acc[kMTiles][kNTiles][4];
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+    // Prologue: k tiles 0 .. kStages-2, one commit group each (empty past the end,
+    // so that group g always holds k tile g).
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < ktiles) load_stage(s, s);
+      ptx::cp_async_commit();
+    }
+
+    for (int kt = 0; kt < ktiles; ++kt) {
+      // kStages-1+kt groups committed; all but the newest kStages-2 done -> group kt
+      // (k tile kt) has landed for this thread; the barrier makes it everyone's, and
+      // ensures every warp finished computing k tile kt-1, whose stage is refilled next.
+      ptx::cp_async_wait<kStages - 2>();
+      __syncthreads();
+      const int next = kt + kStages - 1;
+      if (next < ktiles) load_stage(next % kStages, next);
+      ptx::cp_async_commit();
+
+      const uint8_t* sa = smem + (kt % kStages) * kStageBytes;
+      const uint8_t* sb = sa + kBytesA;
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ++ks) {
+        // A, m16 x k32: matrices (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7,
+        // k 16-31), (rows 8-15, k 16-31) = a0..a3; lane l addresses row l & 15, chunk l >> 4.
+        uint32_t a[kMTiles][4];
+#pragma unroll
+        for (int i = 0; i < kMTiles; ++i)
+          ptx::ldmatrix_x4(a[i], sa + swz(wm * kWM + i * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+        // B, two n8 tiles x k32: matrices (n 0-7, k 0-15) = b0 and (n 0-7, k 16-31) = b1
+        // of n tile 2j, then the same for n 8-15 (n tile 2j+1); lane l addresses
+        // n row (l & 7) + 8 * (l >> 4), chunk (l >> 3) & 1.
+        uint32_t b[kNTiles][2];
+#pragma unroll
+        for (int j = 0; j < kNTiles / 2; ++j) {
+          uint32_t r[4];
+          ptx::ldmatrix_x4(r, sb + swz(wn * kWN + j * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                      ks * 2 + ((lane >> 3) & 1)));
+          b[2 * j][0] = r[0];
+          b[2 * j][1] = r[1];
+          b[2 * j + 1][0] = r[2];
+          b[2 * j + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+          for (int j = 0; j < kNTiles; ++j) ptx::mma_s8(acc[i][j], a[i], b[j][0], b[j][1]);
+      }
+    }
+    ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the count clean
+    __syncthreads();          // every warp is done reading shared memory before the next tile's prologue
+
+    // Epilogue from the accumulator fragments: c0, c1 at (row g, cols 2t, 2t+1) and
+    // c2, c3 at (row g + 8, same cols) of each m16 x n8 tile (g = lane / 4, t = lane % 4).
+    const int g = lane >> 2, t = lane & 3;
+    float wsv[kNTiles][2], bv[kNTiles][2];
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t n = n0 + wn * kWN + j * 8 + 2 * t + c;
+        wsv[j][c] = n < N ? ws[n] : 0.0f;
+        bv[j][c] = bias && n < N ? load_f32(bias, bias_dtype, n) : 0.0f;
+      }
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = m0 + wm * kWM + i * 16 + h * 8 + g;
+        if (m >= M) continue;
+        const float sxm = sx[m];
+        typename D::T* yr = y + m * ldy;
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int64_t n = n0 + wn * kWN + j * 8 + 2 * t + c;
+            if (n < N)
+              yr[n] = D::from_f32(w8a8_value(float(acc[i][j][2 * h + c]), sxm, wsv[j][c], bias != nullptr, bv[j][c]));
+          }
+      }
+  }
+}
+
 // ---------------------------------------------------------------- launch helpers
 // Rows of x per tile: the smallest of 1, 2, 4, 8, 16 holding min(M, 16).
 int pick_mtile(int64_t M) {
@@ -397,6 +612,35 @@ void launch_w8a8(bool vec, const int8_t* qx, const float* sx, int64_t M, int64_t
   }
 }
 
+// Opts w8a8_mma_kernel<D> into kSmemBytes of dynamic shared memory (> 48 KiB needs
+// it), once per device (the attribute belongs to the device's context); kOk or
+// kCudaError (recorded).
+template <class D>
+int prepare_w8a8_mma() {
+  static std::atomic<uint64_t> done{0};  // bit d: device d is set up (devices 0..63; others every call)
+  int dev = 0;
+  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
+  if (known && ((done.load(std::memory_order_acquire) >> dev) & 1u)) return kOk;
+  const cudaError_t e =
+      cudaFuncSetAttribute(w8a8_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, mma_tc::kSmemBytes);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    record_cuda_error("int8_linear_w8a8 (cudaFuncSetAttribute)", cudaGetErrorName(e), cudaGetErrorString(e));
+    return kCudaError;
+  }
+  if (known) done.fetch_or(uint64_t(1) << dev, std::memory_order_release);
+  return kOk;
+}
+
+template <class D>
+void launch_w8a8_mma(const int8_t* qx, const float* sx, int64_t M, int64_t K, const int8_t* qw, const float* ws,
+                     int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, cudaStream_t s) {
+  const int64_t tiles = ((M + mma_tc::kBM - 1) / mma_tc::kBM) * ((N + mma_tc::kBN - 1) / mma_tc::kBN);
+  const int64_t grid = tiles < kMaxGridX ? tiles : kMaxGridX;
+  w8a8_mma_kernel<D><<<dim3(unsigned(grid)), dim3(mma_tc::kThreads), mma_tc::kSmemBytes, s>>>(
+      qx, sx, M, K, qw, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- entry points
@@ -432,10 +676,20 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   // The quantizer writes qx as M contiguous rows of K codes; the int8 kernel reads them in stream order.
   const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(qx);
+  // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
+  const bool mma = M >= mma_tc::kMinM && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
+  int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
-    launch_quantize<D>(x, M, K, ldx, qx, sx, s);
-    launch_w8a8<D>(vec, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+    if (mma) st = prepare_w8a8_mma<D>();
+    if (st == kOk) {
+      launch_quantize<D>(x, M, K, ldx, qx, sx, s);
+      if (mma)
+        launch_w8a8_mma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+      else
+        launch_w8a8<D>(vec, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+    }
   });
+  if (st != kOk) return st;
   return launch_status("int8_linear_w8a8");
 }
 

@@ -57,6 +57,16 @@ LOWBIT_HD float load_f32(const void* p, int code, int64_t i) {
   }
 }
 
+// Element i of a float array whose dtype is only known at run time (outputs written
+// once per row, where a per-element switch costs nothing next to the row's work).
+LOWBIT_HD void store_f32(void* p, int code, int64_t i, float v) {
+  switch (code) {
+    case kF16: static_cast<uint16_t*>(p)[i] = F16::from_f32(v); break;
+    case kBF16: static_cast<uint16_t*>(p)[i] = BF16::from_f32(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
 // LOWBIT_DISPATCH_DTYPE(code, D, ...): runs the statements with D bound to F32,
 // F16 or BF16 (so kernels stay templates and launchers stay short); an unknown
 // code returns kInvalidArgument from the enclosing function.

@@ -126,7 +126,8 @@ class PagedKVCache:
         table.extend(fresh)
         pos = torch.arange(length, length + n)
         self._lens[seq] = length + n
-        return torch.tensor(table, dtype=torch.int64)[pos // bs] * bs + pos % bs
+        slots = torch.tensor(table, dtype=torch.int64)[pos // bs] * bs + pos % bs
+        return slots.to(self.key_caches[0].device)  # the ops want metadata where the caches are
 
     def fork(self, parent, child) -> None:
         """child starts as a copy of parent, sharing all its blocks (no data is copied)."""
@@ -150,10 +151,10 @@ class PagedKVCache:
         out = torch.zeros(len(tables), max([len(t) for t in tables] + [1]), dtype=torch.int32)
         for i, t in enumerate(tables):
             out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return out
+        return out.to(self.key_caches[0].device)
 
     def seq_lens(self, seqs) -> torch.Tensor:
-        return torch.tensor([self.seq_len(s) for s in seqs], dtype=torch.int32)
+        return torch.tensor([self.seq_len(s) for s in seqs], dtype=torch.int32, device=self.key_caches[0].device)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         """Stores key / value [n, num_kv_heads, head_dim] of layer at slots (from append)."""

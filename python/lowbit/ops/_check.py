@@ -99,3 +99,9 @@ def allocation(nbytes: int, what: str, op: str, device="cpu") -> None:
     if nbytes > limit:
         raise ValueError(f"{op}: {what} would need {nbytes / 2**30:.1f} GiB, more than {where} "
                          f"{limit / 2**30:.1f} GiB of memory")
+
+
+def capturing(device) -> bool:
+    """True while a CUDA graph is being captured on the device's current stream: tensor contents
+    cannot be read then (the CUDA kernels bound-check block ids and slots themselves)."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

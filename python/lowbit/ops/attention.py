@@ -23,6 +23,12 @@ query's dtype, broadcastable to [..., Hq, L, S]; not together with is_causal (as
 softmax and the output accumulate in fp32; the output has query's dtype. A query row that may
 attend no key gives zeros (as torch's SDPA and FlashAttention do). dropout_p must be 0
 (inference kernels): anything else raises ValueError.
+
+On CUDA, fp16 / bf16 with D == Dv in {64, 128}, no attn_mask and 16-byte aligned rows run the
+tensor-core prefill kernel (csrc/cuda/attention_flash.cu, FlashAttention-2's scheme; P is
+rounded to the input dtype before P.V, as there); everything else with head dims up to 256 runs
+the split-KV kernel (csrc/cuda/attention.cu: fp32 arithmetic throughout); larger head dims raise
+NotImplementedError.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from .. import _native
 from . import _check as chk
 
 OP = "attention"
+CUDA_MAX_HEAD_DIM = 256  # the CUDA split-KV kernel's per-lane accumulators (csrc/cuda/attention.h)
 ALIGNMENTS = ("top_left", "bottom_right")
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
@@ -140,11 +147,16 @@ def _mask_4d(mask: torch.Tensor, full: tuple) -> torch.Tensor:
         return m.reshape(-1, *full[-3:])
 
 
-def attention_cpu(query, key, value, attn_mask, is_causal, scale, enable_gqa, bottom_right, window_left,
-                  window_right):
+def _run(query, key, value, attn_mask, is_causal, scale, enable_gqa, bottom_right, window_left, window_right):
+    """Validates, allocates the output and runs the device's kernel (shared arguments in the
+    order of the native AttentionParams; each device appends its own tail)."""
     validate(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_left, window_right)
+    cuda = query.device.type == "cuda"
+    L, S, D, Dv = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
+    if cuda and max(D, Dv) > CUDA_MAX_HEAD_DIM:
+        raise NotImplementedError(f"lowbit.{OP}: on CUDA head dims up to {CUDA_MAX_HEAD_DIM} are supported, got "
+                                  f"query {D} / value {Dv}")
     out = query.new_empty(_out_shape(query, value))
-    L, S, D = query.shape[-2], key.shape[-2], query.shape[-1]
     if out.numel() == 0:
         return out
     if S == 0:  # no key at all: every row attends nothing
@@ -156,11 +168,16 @@ def attention_cpu(query, key, value, attn_mask, is_causal, scale, enable_gqa, bo
         m4 = _mask_4d(attn_mask, (*query.shape[:-1], S))
         mask_ptr, mask_dtype, mask_strides = m4.data_ptr(), _native.DTYPE_CODE[m4.dtype], tuple(m4.stride())
     code = _native.DTYPE_CODE[query.dtype]
-    st = _native._C.attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), code, code, q.shape[0], q.shape[1], k.shape[1], L, S,
-        D, value.shape[-1], tuple(q.stride()[:3]), tuple(k.stride()[:3]), tuple(v.stride()[:3]),
-        tuple(o.stride()[:3]), 0, 0, 0, 0, 0, 0, 0, mask_ptr, mask_dtype, mask_strides, resolve_scale(scale, D),
-        int(is_causal), int(bottom_right), window_left, window_right, _native.get_num_threads())
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), code, code, q.shape[0], q.shape[1], k.shape[1], L,
+            S, D, Dv, tuple(q.stride()[:3]), tuple(k.stride()[:3]), tuple(v.stride()[:3]), tuple(o.stride()[:3]), 0, 0,
+            0, 0, 0, 0, 0, mask_ptr, mask_dtype, mask_strides, resolve_scale(scale, D), int(is_causal),
+            int(bottom_right), window_left, window_right)
+    if cuda:
+        tail, scratch = cuda_tail(query, q.shape[0] * L, q.shape[1], k.shape[1], S, Dv, num_blocks=0)
+        st = _native.cuda_module().attention(*args, *tail)
+        del scratch  # (freed in stream order: the kernels are queued before any reuse)
+    else:
+        st = _native._C.attention(*args, _native.get_num_threads())
     _native.check(st, OP)
     return out
 
@@ -169,12 +186,18 @@ def resolve_scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def _attention_cuda(*args):
-    raise NotImplementedError(f"lowbit.{OP}: the attention kernels run on the CPU only for now")
+def cuda_tail(query, tokens: int, hq: int, hkv: int, max_keys: int, dv: int, num_blocks: int) -> tuple:
+    """The CUDA kernel's arguments after the shared ones: num_blocks, tokens, its key-split plan
+    and scratch, device, stream; and the scratch tensor (keep it until the call is queued)."""
+    dev = query.device
+    splits, n = _native.cuda_module().attention_plan(tokens, hq, hkv, max_keys, dv, _native.sm_count(dev))
+    scratch = torch.empty(n, dtype=torch.float32, device=dev) if n else None
+    return ((num_blocks, tokens, splits, 0 if scratch is None else scratch.data_ptr(), dev.index,
+             _native.stream_of(query)), scratch)
 
 
-_lib.impl("attention", attention_cpu, "CPU")
-_lib.impl("attention", _attention_cuda, "CUDA")
+_lib.impl("attention", _run, "CPU")
+_lib.impl("attention", _run, "CUDA")
 
 
 # ---------------------------------------------------------------- public

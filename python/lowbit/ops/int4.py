@@ -162,16 +162,6 @@ def _cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tenso
     return buf
 
 
-_sm_counts: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    n = _sm_counts.get(device.index)
-    if n is None:
-        n = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
 def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     op = "int4_linear_w4a16"
     k, _ = validate_linear(x, qweight, scales, mins, n, bias, op)
@@ -184,7 +174,7 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     dev = x.device
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     stream = _native.stream_of(x)
-    splits, count = mod.int4_w4a16_plan(m, k, n, _sm_count(dev))
+    splits, count = mod.int4_w4a16_plan(m, k, n, _native.sm_count(dev))
     partial = counters = None
     if splits > 1:  # per-split fp32 sums, from torch's allocator
         partial = torch.empty((splits, m, scales.shape[1]), dtype=torch.float32, device=dev)

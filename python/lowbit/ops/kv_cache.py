@@ -29,15 +29,23 @@ lowbit.ops.int8_quantize_per_token) and dequantized inside attention, as the til
 
 Every block id, slot and length is validated (ValueError naming the argument): nothing reads or
 writes outside the caches.
+
+On CUDA caches the same ops run on the GPU (csrc/cuda/kv_cache.cu, attention.cu): one kernel
+writes (and INT8-quantizes, with the same rule) ``reshape_and_cache``'s rows; ``paged_attention``
+is the split-KV (flash-decoding) kernel for decode and chunked prefill, head dims up to 256;
+``copy_blocks`` / ``swap_blocks`` queue their copies on the current stream (a swap to or from
+pinned CPU memory does not wait for the GPU: synchronize before reading it). While a CUDA graph is
+being captured the metadata's contents cannot be read, so they are not checked then; the kernels
+skip block ids and slots outside the caches themselves, so a bad table still touches nothing
+outside them.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _native
-from ..ref import int8 as ref_int8
 from . import _check as chk
-from .attention import check_scalars, parse_window, resolve_scale
+from .attention import CUDA_MAX_HEAD_DIM, check_scalars, cuda_tail, parse_window, resolve_scale
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
 _lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
@@ -109,42 +117,29 @@ def _check_slots(slot_mapping, tokens: int, nb: int, bs: int, device, op: str) -
     _int_tensor(slot_mapping, "slot_mapping", torch.int64, 1, op, device)
     if slot_mapping.shape[0] != tokens:
         raise ValueError(f"lowbit.{op}: slot_mapping has {slot_mapping.shape[0]} entries for {tokens} tokens")
-    if slot_mapping.numel() and bool(((slot_mapping < -1) | (slot_mapping >= nb * bs)).any()):
+    if slot_mapping.numel() and not chk.capturing(device) and bool(((slot_mapping < -1) | (slot_mapping >= nb * bs)).any()):
         bad = slot_mapping[(slot_mapping < -1) | (slot_mapping >= nb * bs)][0]
         raise ValueError(f"lowbit.{op}: slot_mapping holds {int(bad)}, outside [-1, {nb * bs}) (num_blocks * "
                          "block_size; -1 = skip)")
 
 
 def _write_args(t, cache, scale, slots) -> tuple:
-    """Native kv_cache_write arguments for one of key / value (unit inner stride)."""
+    """kv_cache_write arguments for one of key / value (unit inner stride), without the device's tail."""
     return (t.data_ptr(), _native.DTYPE_CODE[t.dtype], t.shape[0], t.shape[1], t.shape[2], t.stride(0), t.stride(1),
-            slots.data_ptr(), cache.data_ptr(), _native.DTYPE_CODE[cache.dtype], 0 if scale is None else scale.data_ptr(),
-            _native.get_num_threads())
-
-
-def write_torch(t, cache, scale, slots) -> None:
-    """What the native kv_cache_write does, in torch ops: for caches off the CPU (there is no CUDA
-    kernel yet), so a GPU cache can be filled and swapped. INT8 uses lowbit.ref.int8's per-token
-    rule over head_dim, the rule the CPU kernel implements."""
-    keep = slots >= 0
-    at, rows = slots[keep], t[keep]
-    flat = cache.view(-1, *cache.shape[2:])
-    if scale is None:
-        flat[at] = rows.to(cache.dtype)
-        return
-    q, sc = ref_int8.quantize_per_token(rows)
-    flat[at] = q
-    scale.view(-1, cache.shape[2])[at] = sc
+            slots.data_ptr(), cache.data_ptr(), _native.DTYPE_CODE[cache.dtype], 0 if scale is None else scale.data_ptr())
 
 
 def _write(key, value, key_cache, value_cache, k_scale, v_scale, slots) -> None:
     """Stores key / value at the validated slots (-1: skipped)."""
+    cuda = key_cache.device.type == "cuda"
     for t, c, s in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
-        if c.device.type != "cpu":
-            write_torch(t, c, s, slots)
-            continue
         t = t if t.stride(-1) == 1 else t.contiguous()
-        _native.check(_native._C.kv_cache_write(*_write_args(t, c, s, slots)), "reshape_and_cache")
+        if cuda:  # the kernel also skips slots outside the cache: nothing is written out of bounds
+            st = _native.cuda_module().kv_cache_write(*_write_args(t, c, s, slots), c.shape[0] * c.shape[1],
+                                                      c.device.index, _native.stream_of(c))
+        else:
+            st = _native._C.kv_cache_write(*_write_args(t, c, s, slots), _native.get_num_threads())
+        _native.check(st, "reshape_and_cache")
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
@@ -183,7 +178,7 @@ def _check_tables(block_tables, seq_lens, query_start_loc, tokens: int, nb: int,
         raise ValueError(f"lowbit.{op}: query_start_loc must have num_seqs + 1 = {n + 1} entries, got "
                          f"{query_start_loc.shape[0]}")
     chk.contiguous(block_tables, "block_tables", op)
-    if n == 0:
+    if n == 0 or chk.capturing(device):
         return
     if bool((seq_lens < 0).any()):
         raise ValueError(f"lowbit.{op}: seq_lens must be >= 0, got {int(seq_lens.min())}")
@@ -222,7 +217,8 @@ def _paged_fake(query, key_cache, value_cache, block_tables, seq_lens, query_sta
 
 def _paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
                 window_left, window_right, out) -> tuple:
-    """Arguments of the CPU kernel (query with unit inner stride, out [tokens, hq, dv] contiguous)."""
+    """The attention kernel's shared arguments (query with unit inner stride, out [tokens, hq, dv]
+    contiguous), without the device's tail."""
     tokens, hq, d = query.shape
     dv = value_cache.shape[3]
     nb, bs, hkv = key_cache.shape[:3]
@@ -231,24 +227,35 @@ def _paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_sta
             dv, (0, query.stride(1), query.stride(0)), (0, d, hkv * d), (0, dv, hkv * dv), (0, dv, hq * dv),
             query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], bs,
             0 if k_scale is None else k_scale.data_ptr(), 0 if v_scale is None else v_scale.data_ptr(), 0, 0,
-            (0, 0, 0, 0), resolve_scale(scale, d), 1, 1, window_left, window_right, _native.get_num_threads())
+            (0, 0, 0, 0), resolve_scale(scale, d), 1, 1, window_left, window_right)
 
 
 def _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
                window_left, window_right) -> torch.Tensor:
-    """The CPU kernel on validated arguments (contiguous seq_lens / query_start_loc)."""
-    tokens, hq, _ = query.shape
-    out = query.new_empty((tokens, hq, value_cache.shape[3]))
+    """The device's kernel on validated arguments (contiguous seq_lens / query_start_loc)."""
+    tokens, hq, d = query.shape
+    dv = value_cache.shape[3]
+    if query.device.type == "cuda" and max(d, dv) > CUDA_MAX_HEAD_DIM:
+        raise NotImplementedError(f"lowbit.paged_attention: on CUDA head dims up to {CUDA_MAX_HEAD_DIM} are "
+                                  f"supported, got {d} / {dv}")
+    out = query.new_empty((tokens, hq, dv))
     if tokens == 0 or seq_lens.shape[0] == 0:
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
-    _native.check(_native._C.attention(*_paged_args(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                                                    scale, k_scale, v_scale, window_left, window_right, out)),
-                  "paged_attention")
+    args = _paged_args(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                       window_left, window_right, out)
+    if query.device.type == "cuda":
+        nb, bs, hkv = key_cache.shape[:3]
+        tail, scratch = cuda_tail(query, tokens, hq, hkv, block_tables.shape[1] * bs, dv, num_blocks=nb)
+        st = _native.cuda_module().attention(*args, *tail)
+        del scratch
+    else:
+        st = _native._C.attention(*args, _native.get_num_threads())
+    _native.check(st, "paged_attention")
     return out
 
 
-def paged_attention_cpu(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
+def _paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
                         v_scale, window_left, window_right):
     # The kernel reads these through raw pointers: dense copies of any strided views.
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
@@ -258,12 +265,8 @@ def paged_attention_cpu(query, key_cache, value_cache, block_tables, seq_lens, q
                       window_left, window_right)
 
 
-def _paged_cuda(*args):
-    raise NotImplementedError("lowbit.paged_attention: the attention kernels run on the CPU only for now")
-
-
-_lib.impl("paged_attention", paged_attention_cpu, "CPU")
-_lib.impl("paged_attention", _paged_cuda, "CUDA")
+_lib.impl("paged_attention", _paged, "CPU")
+_lib.impl("paged_attention", _paged, "CUDA")
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=None, *, query_start_loc=None,
@@ -391,7 +394,9 @@ def bind_write(key, value, key_cache, value_cache, k_scale, v_scale, slot_mappin
         raise ValueError(f"lowbit.{op}: slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
     if key.stride(-1) != 1 or value.stride(-1) != 1 or not slot_mapping.is_contiguous():
         raise ValueError(f"lowbit.{op}: bound key / value need unit inner stride, slot_mapping contiguous")
-    args = [_write_args(key, key_cache, k_scale, slot_mapping), _write_args(value, value_cache, v_scale, slot_mapping)]
+    nt = _native.get_num_threads()
+    args = [(*_write_args(key, key_cache, k_scale, slot_mapping), nt),
+            (*_write_args(value, value_cache, v_scale, slot_mapping), nt)]
     alive = (key, value, key_cache, value_cache, k_scale, v_scale, slot_mapping)
 
     def run(alive=alive):
@@ -417,8 +422,8 @@ def bind_attention(query, key_cache, value_cache, k_scale, v_scale, block_tables
     if not isinstance(out, torch.Tensor) or out.shape != want or out.dtype != query.dtype or not out.is_contiguous():
         raise ValueError(f"lowbit.{op}: out must be a contiguous {query.dtype} tensor of shape {want}")
     _check_tables(block_tables, seq_lens, query_start_loc, query.shape[0], nb, bs, key_cache.device, op)
-    args = _paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
-                       left, right, out)
+    args = (*_paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
+                         v_scale, left, right, out), _native.get_num_threads())
     alive = (query, key_cache, value_cache, k_scale, v_scale, block_tables, seq_lens, query_start_loc, out)
     return lambda alive=alive: _native.check(_native._C.attention(*args), op)
 
@@ -470,4 +475,8 @@ def swap_blocks(src, dst, block_mapping) -> None:
         raise ValueError(f"lowbit.{op}: src {src.dtype} {tuple(src.shape)} and dst {dst.dtype} {tuple(dst.shape)} "
                          "must agree in dtype and block shape")
     s, d = _check_mapping(block_mapping, src.shape[0], dst.shape[0], op)
-    dst[d.to(dst.device)] = src[s.to(src.device)].to(dst.device)
+    if src.device == dst.device:
+        dst[d.to(dst.device)] = src[s.to(src.device)]
+        return
+    for i, j in zip(s.tolist(), d.tolist()):  # one copy per block, queued on the current stream
+        dst[j].copy_(src[i], non_blocking=True)
