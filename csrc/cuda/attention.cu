@@ -38,7 +38,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kMaxG = 8;                  // query heads per block (larger GQA groups take several blocks)
 constexpr int64_t kMinKeysPerSplit = 128;
 constexpr int kMaxSplits = 64;
-constexpr int kBlocksPerSm = 4;           // the split count aims at this many resident blocks per SM
+constexpr int kBlocksPerSm = 4;           // resident blocks per SM the launch bounds guarantee; the splits fill them
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -128,7 +128,7 @@ __device__ __forceinline__ int64_t kv_offset(const AttentionArgs& a, const int64
 // Template: KV element type, DMAX >= max(D, Dv) (per-lane accumulators hold DMAX / 32
 // values of the output row), G query heads per block.
 template <class KV, int DMAX, int G>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     split_kernel(const AttentionArgs a, int groups, int splits, int64_t chunk, bool vec_k, bool vec_v,
                  float* __restrict__ part) {
   constexpr int E = DMAX / 32;  // output elements per lane
@@ -426,8 +426,9 @@ void attention_plan(int64_t tokens, int64_t Hq, int64_t Hkv, int64_t max_keys, i
   const int64_t g = Hq / Hkv, G = heads_per_block(g);
   const int64_t blocks = tokens * Hkv * ((g + G - 1) / G);
   const int64_t target = int64_t(sm_count > 0 ? sm_count : 1) * kBlocksPerSm;
-  if (blocks >= target) return;
-  int64_t s = (target + blocks - 1) / blocks;
+  // As many splits as fit in one wave of resident blocks, never more: a few blocks past a
+  // full wave would double the time (measured: 576 blocks for 528 slots ran at half speed).
+  int64_t s = target / blocks;
   const int64_t by_keys = (max_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
   s = s < by_keys ? s : by_keys;
   s = s < kMaxSplits ? s : kMaxSplits;
