@@ -26,7 +26,6 @@ run goes on.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -35,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # run as a script from the checkout (bench/gpu_check.sh): bench/ is on sys.path
-    from gpu_matmul import ROTATE_BYTES, log, measure_copy_bw, time_per_call
+    from gpu_matmul import ROTATE_BYTES, log, measure_copy_bw, time_per_call, write_result
 except ImportError:  # imported as bench.gpu_attention
-    from bench.gpu_matmul import ROTATE_BYTES, log, measure_copy_bw, time_per_call
+    from bench.gpu_matmul import ROTATE_BYTES, log, measure_copy_bw, time_per_call, write_result
 
 PREFILL = [(1, 1024, "bf16"), (1, 4096, "bf16"), (1, 8192, "bf16"), (4, 4096, "bf16"), (8, 1024, "bf16"),
            (1, 4096, "fp16")]  # (B, L, dtype)
@@ -345,10 +344,7 @@ def main(argv=None) -> int:
         "table_md": md,
         "seconds": time.time() - t0,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(md)
-    log(f"done in {time.time() - t0:.0f}s; JSON in {args.out}")
+    write_result(args.out, result, t0)
     return 0
 
 

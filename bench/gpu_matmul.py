@@ -53,6 +53,14 @@ def events_ms(fn, reps: int, warmup: int) -> list:
     return out
 
 
+def write_result(path: str, result: dict, t0: float) -> None:
+    """The run's JSON (with its markdown table under "table_md", printed last) to path."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(result["table_md"])
+    log(f"done in {time.time() - t0:.0f}s; JSON in {path}")
+
+
 def measure_copy_bw() -> float:
     """GB/s of a ~1 GB device-to-device copy, bytes read + written."""
     n = 1 << 30
@@ -265,10 +273,7 @@ def main(argv=None) -> int:
         "table_md": md,
         "seconds": time.time() - t0,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(md)
-    log(f"done in {time.time() - t0:.0f}s; JSON in {args.out}")
+    write_result(args.out, result, t0)
     return 0
 
 

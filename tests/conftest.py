@@ -228,3 +228,26 @@ def run_concurrently(fn, inputs, nthreads):
     assert not any(th.is_alive() for th in threads), "a worker thread hung"
     assert not errors, errors[0]
     return results
+
+
+def cuda_detail(fn):
+    """fn, with lowbit._cuda.last_error() added to a "CUDA error" RuntimeError (which CUDA error it was)."""
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if "CUDA error" not in str(e):
+                raise
+            raise RuntimeError(f"{e} [lowbit._cuda.last_error(): {lowbit._native.cuda_module().last_error()!r}]") from e
+    return call
+
+
+def copied_blocks(groups, mapping) -> list:
+    """What copy_blocks must leave: clones of every tensor of groups (lists of per-layer caches)
+    with block dst set to block src for each (src, dst) row of mapping, in order."""
+    want = [[t.clone() for t in g] for g in groups]
+    for g in want:
+        for t in g:
+            for src, dst in mapping.tolist():
+                t[dst] = t[src]
+    return want

@@ -31,14 +31,7 @@ def qkv(gen, b, hq, hkv, L, S, d, dv=None, dtype=torch.float32, scale=1.0):
 
 def torch_sdpa(q, k, v, mask, causal_align, window, is_causal, scale):
     """torch SDPA (math at q's dtype) given the same semantics, for the error baseline."""
-    L, S = q.shape[-2], k.shape[-2]
-    allowed = ref.allowed_mask(L, S, is_causal, causal_align, window)
-    if mask is None:
-        m = allowed
-    elif mask.dtype == torch.bool:
-        m = mask & allowed
-    else:
-        m = mask.masked_fill(~allowed, float("-inf"))
+    m = ref.sdpa_mask(q.shape[-2], k.shape[-2], is_causal, causal_align, window, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
 
 

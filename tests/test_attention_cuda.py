@@ -50,6 +50,8 @@ from lowbit import _native, ops
 from lowbit.ref import attention as ref_attn
 from lowbit.ref import int8 as ref_int8
 
+from conftest import copied_blocks, cuda_detail
+
 _REASON = _native.cuda_unavailable_reason()
 
 
@@ -69,21 +71,9 @@ def _ids(v):
     return DT_ID.get(v) if isinstance(v, torch.dtype) else None
 
 
-def _cuda_detail(fn):
-    """The op, with lowbit._cuda.last_error() added to a "CUDA error" RuntimeError."""
-    def call(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RuntimeError as e:
-            if "CUDA error" not in str(e):
-                raise
-            raise RuntimeError(f"{e} [lowbit._cuda.last_error(): {_native.cuda_module().last_error()!r}]") from e
-    return call
-
-
-attention = _cuda_detail(lowbit.attention)
-paged_attention = _cuda_detail(ops.paged_attention)
-reshape_and_cache = _cuda_detail(ops.reshape_and_cache)
+attention = cuda_detail(lowbit.attention)
+paged_attention = cuda_detail(ops.paged_attention)
+reshape_and_cache = cuda_detail(ops.reshape_and_cache)
 
 
 @pytest.fixture
@@ -126,13 +116,7 @@ def torch_sdpa(q, k, v, mask=None, is_causal=False, scale=None, align="top_left"
     m = None
     if not causal_tl and (is_causal or window is not None or mask is not None):
         with torch.device(q.device):
-            allowed = ref_attn.allowed_mask(L, S, is_causal, align, window)
-        if mask is None:
-            m = allowed
-        elif mask.dtype == torch.bool:
-            m = mask & allowed
-        else:
-            m = mask.masked_fill(~allowed, float("-inf"))
+            m = ref_attn.sdpa_mask(L, S, is_causal, align, window, mask)
     from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
     # The math backend (at q's dtype; fp32 without TF32): torch's fused kernels misbehave on some
     # of these inputs on an H100 with torch 2.11 (cuDNN's SDPA reads out of bounds under
@@ -879,11 +863,7 @@ def test_copy_blocks(cache_dtype, cgen):
     vss = [torch.rand(nb, bs, h, generator=cgen, device="cuda") for _ in range(layers)] if int8 else None
     groups = [kcs, vcs] + ([kss, vss] if int8 else [])
     for mapping in (torch.tensor([[1, 7], [1, 8], [3, 0], [9, 2]]), torch.tensor([[4, 5]], device="cuda")):
-        want = [[t.clone() for t in g] for g in groups]
-        for g in want:
-            for t in g:
-                for src, dst in mapping.tolist():
-                    t[dst] = t[src]
+        want = copied_blocks(groups, mapping)
         ops.copy_blocks(kcs, vcs, mapping, kss, vss)
         for g, w in zip(groups, want):
             for t, tw in zip(g, w):

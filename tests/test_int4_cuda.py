@@ -26,6 +26,8 @@ from lowbit.formats import int4 as fmt
 from lowbit.nn import Int4Linear
 from lowbit.ops import int4 as int4_ops
 
+from conftest import cuda_detail
+
 _REASON = _native.cuda_unavailable_reason()
 
 
@@ -42,14 +44,7 @@ def _ids(v):
     return DT_ID.get(v) if isinstance(v, torch.dtype) else None
 
 
-def w4a16(*args):
-    """The op, with lowbit._cuda.last_error() added to a "CUDA error" RuntimeError."""
-    try:
-        return int4_ops.int4_linear_w4a16(*args)
-    except RuntimeError as e:
-        if "CUDA error" not in str(e):
-            raise
-        raise RuntimeError(f"{e} [lowbit._cuda.last_error(): {_native.cuda_module().last_error()!r}]") from e
+w4a16 = cuda_detail(int4_ops.int4_linear_w4a16)
 
 
 def rand_canonical(n, k, g, symmetric, gen, device="cpu", scale_dtype=torch.float16):

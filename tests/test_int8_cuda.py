@@ -36,6 +36,8 @@ from lowbit.formats import int8 as fmt
 from lowbit.nn import Int8Linear
 from lowbit.ops import int8 as int8_ops
 
+from conftest import cuda_detail
+
 _REASON = _native.cuda_unavailable_reason()
 
 
@@ -49,23 +51,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _cuda_detail(fn):
-    """The op, with lowbit._cuda.last_error() added to a "CUDA error" RuntimeError."""
-    def call(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RuntimeError as e:
-            if "CUDA error" not in str(e):
-                raise
-            raise RuntimeError(f"{e} [lowbit._cuda.last_error(): {_native.cuda_module().last_error()!r}]") from e
-    return call
-
-
 OPS = {
-    "w8a16": _cuda_detail(int8_ops.int8_linear_w8a16),
-    "w8a8": _cuda_detail(int8_ops.int8_linear_w8a8),
+    "w8a16": cuda_detail(int8_ops.int8_linear_w8a16),
+    "w8a8": cuda_detail(int8_ops.int8_linear_w8a8),
 }
-quantize_per_token = _cuda_detail(int8_ops.int8_quantize_per_token)
+quantize_per_token = cuda_detail(int8_ops.int8_quantize_per_token)
 
 
 def _ids(v):

@@ -26,7 +26,7 @@ from lowbit.ops import kv_cache as kv_ops
 from lowbit.ref import attention as ref
 from lowbit.ref.int8 import quantize_per_token
 
-from conftest import FLOAT_DTYPES, assert_bitwise_equal, dtype_id, nmse, randn, rel_err
+from conftest import FLOAT_DTYPES, assert_bitwise_equal, copied_blocks, dtype_id, nmse, randn, rel_err
 
 OUT_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
@@ -433,11 +433,7 @@ def test_copy_blocks(gen, cache_dtype):
     vss = [torch.rand(nb, bs, h, generator=gen) for _ in range(layers)] if int8 else None
     mapping = torch.tensor([[1, 7], [1, 8], [3, 0], [9, 2]])  # one source to two copies; dsts are not sources
     groups = [kcs, vcs] + ([kss, vss] if int8 else [])
-    want = [[t.clone() for t in g] for g in groups]
-    for g in want:
-        for t in g:
-            for src, dst in mapping.tolist():
-                t[dst] = t[src]
+    want = copied_blocks(groups, mapping)
     ops.copy_blocks(kcs, vcs, mapping, kss, vss)
     for g, w in zip(groups, want):
         for i, (t, tw) in enumerate(zip(g, w)):

@@ -37,6 +37,18 @@ def allowed_mask(L: int, S: int, causal: bool, alignment: str, window) -> torch.
     return ok
 
 
+def sdpa_mask(L: int, S: int, causal: bool, alignment: str, window, attn_mask=None) -> torch.Tensor:
+    """The single attn_mask that gives torch's SDPA these semantics (causal with either alignment,
+    window, and attn_mask combined): bool, or additive with -inf where a key is not allowed.
+    Built on the current default device (e.g. inside ``torch.device("cuda")``)."""
+    allowed = allowed_mask(L, S, causal, alignment, window)
+    if attn_mask is None:
+        return allowed
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed
+    return attn_mask.masked_fill(~allowed, float("-inf"))
+
+
 def attention(query, key, value, attn_mask=None, is_causal=False, scale=None, causal_alignment="top_left",
               window=None, return_lse=False):
     """float64 attention, returned in query's dtype (and the log-sum-exp of the scaled, masked
