@@ -199,6 +199,9 @@ def test_fake_attention_on_cuda_tensors():
             lowbit.attention(q, k, torch.empty(2, 2, 7, 48, dtype=F16), enable_gqa=True)
         with pytest.raises(ValueError, match="attn_mask is on cpu"):
             lowbit.attention(q, k, v, enable_gqa=True, attn_mask=torch.ones(5, 7, dtype=torch.bool))
+        # the CUDA kernels' head-dim limit, met while tracing (torch.compile), not only when running
+        with pytest.raises(NotImplementedError, match="head dims up to 256"):
+            lowbit.attention(_fake_cuda(1, 2, 3, 264), _fake_cuda(1, 2, 5, 264), _fake_cuda(1, 2, 5, 64))
 
 
 def test_fake_paged_ops_on_cuda_tensors():
@@ -216,6 +219,9 @@ def test_fake_paged_ops_on_cuda_tensors():
         y = ops.paged_attention(qp, kc, vc, bt, sl, query_start_loc=_fake_cuda(4, dtype=torch.int32), k_scale=sc,
                                 v_scale=sc, window=(5, -1))
         assert y.shape == (11, 8, 32) and y.dtype == F32 and y.device.type == "cuda"
+        with pytest.raises(NotImplementedError, match="head dims up to 256"):
+            ops.paged_attention(_fake_cuda(3, 2, 64), kc, _fake_cuda(10, 16, 2, 320, dtype=I8), bt, sl, k_scale=sc,
+                                v_scale=sc)
         key, value = _fake_cuda(4, 2, 64), _fake_cuda(4, 2, 32)
         slots = _fake_cuda(4, dtype=torch.int64)
         with pytest.raises(ValueError, match="key is on cpu but its cache is on cuda"):

@@ -114,6 +114,14 @@ def check_scalars(scale, window_left, window_right) -> None:
             raise ValueError(f"lowbit.{OP}: {name} must be an int >= -1 (-1: unbounded), got {w!r}")
 
 
+def check_head_dims(device, d: int, dv: int, op: str) -> None:
+    """The CUDA kernels' head-dim limit (also run by the fake impls, so torch.compile meets it
+    while tracing)."""
+    if device.type == "cuda" and max(d, dv) > CUDA_MAX_HEAD_DIM:
+        raise NotImplementedError(f"lowbit.{op}: on CUDA head dims up to {CUDA_MAX_HEAD_DIM} are supported, got "
+                                  f"query {d} / value {dv}")
+
+
 def _out_shape(query, value) -> tuple:
     return (*query.shape[:-1], value.shape[-1])
 
@@ -123,6 +131,7 @@ def _out_shape(query, value) -> tuple:
 def _attention_fake(query, key, value, attn_mask, is_causal, scale, enable_gqa, bottom_right, window_left,
                     window_right):
     validate(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_left, window_right)
+    check_head_dims(query.device, query.shape[-1], value.shape[-1], OP)
     return query.new_empty(_out_shape(query, value))
 
 
@@ -153,9 +162,7 @@ def _run(query, key, value, attn_mask, is_causal, scale, enable_gqa, bottom_righ
     validate(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_left, window_right)
     cuda = query.device.type == "cuda"
     L, S, D, Dv = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
-    if cuda and max(D, Dv) > CUDA_MAX_HEAD_DIM:
-        raise NotImplementedError(f"lowbit.{OP}: on CUDA head dims up to {CUDA_MAX_HEAD_DIM} are supported, got "
-                                  f"query {D} / value {Dv}")
+    check_head_dims(query.device, D, Dv, OP)
     out = query.new_empty(_out_shape(query, value))
     if out.numel() == 0:
         return out

@@ -45,7 +45,7 @@ import torch
 
 from .. import _native
 from . import _check as chk
-from .attention import CUDA_MAX_HEAD_DIM, check_scalars, cuda_tail, parse_window, resolve_scale
+from .attention import check_head_dims, check_scalars, cuda_tail, parse_window, resolve_scale
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
 _lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
@@ -212,6 +212,7 @@ def validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_
 @torch.library.register_fake("lowbit::paged_attention", lib=_lib)
 def _paged_fake(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
                 window_left, window_right):
+    check_head_dims(query.device, query.shape[-1], value_cache.shape[-1], "paged_attention")
     return query.new_empty((query.shape[0], query.shape[1], value_cache.shape[3]))
 
 
@@ -235,9 +236,7 @@ def _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_star
     """The device's kernel on validated arguments (contiguous seq_lens / query_start_loc)."""
     tokens, hq, d = query.shape
     dv = value_cache.shape[3]
-    if query.device.type == "cuda" and max(d, dv) > CUDA_MAX_HEAD_DIM:
-        raise NotImplementedError(f"lowbit.paged_attention: on CUDA head dims up to {CUDA_MAX_HEAD_DIM} are "
-                                  f"supported, got {d} / {dv}")
+    check_head_dims(query.device, d, dv, "paged_attention")
     out = query.new_empty((tokens, hq, dv))
     if tokens == 0 or seq_lens.shape[0] == 0:
         return out
