@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # run as a script from the checkout (bench/gpu_check.sh): bench/ is on sys.path
-    from gpu_matmul import ROTATE_BYTES, log, measure_copy_bw, time_per_call, write_result
+    from gpu_matmul import ROTATE_BYTES, log, start_run, time_per_call, write_result
 except ImportError:  # imported as bench.gpu_attention
-    from bench.gpu_matmul import ROTATE_BYTES, log, measure_copy_bw, time_per_call, write_result
+    from bench.gpu_matmul import ROTATE_BYTES, log, start_run, time_per_call, write_result
 
 PREFILL = [(1, 1024, "bf16"), (1, 4096, "bf16"), (1, 8192, "bf16"), (4, 4096, "bf16"), (8, 1024, "bf16"),
            (1, 4096, "fp16")]  # (B, L, dtype)
@@ -283,21 +283,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one prefill and one decode row (smoke test)")
     args = ap.parse_args(argv)
 
+    run = start_run("gpu_attention")
+    if run is None:
+        return 2
+    t0, device, copy_bw = run
     import lowbit
     from lowbit import _native
-
-    reason = _native.cuda_unavailable_reason()
-    if reason is not None:
-        log(f"gpu_attention: lowbit's CUDA kernels are unavailable: {reason}")
-        return 2
-    t0 = time.time()
-    torch.manual_seed(0)
-    device = torch.cuda.get_device_name()
-    props = torch.cuda.get_device_properties(0)
-    log(f"gpu_attention: {device}, {props.multi_processor_count} SMs, lowbit {lowbit.__version__} "
-        f"(archs {_native.cuda_built_archs()}), torch {torch.__version__}")
-    copy_bw = measure_copy_bw()
-    log(f"copy bandwidth: {copy_bw:.0f} GB/s")
 
     prefill_plan = [] if args.only == "decode" else (PREFILL[1:2] if args.quick else PREFILL)
     decode_plan_ = [] if args.only == "prefill" else (decode_plan([8], [4096]) if args.quick else decode_plan())

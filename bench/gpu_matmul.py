@@ -53,6 +53,27 @@ def events_ms(fn, reps: int, warmup: int) -> list:
     return out
 
 
+def start_run(name: str):
+    """(start time, GPU name, measured copy bandwidth) after logging what runs, or None (logged)
+    when lowbit's CUDA kernels cannot run here. Seeds torch."""
+    import lowbit
+    from lowbit import _native
+
+    reason = _native.cuda_unavailable_reason()
+    if reason is not None:
+        log(f"{name}: lowbit's CUDA kernels are unavailable: {reason}")
+        return None
+    t0 = time.time()
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    log(f"{name}: {device}, {props.multi_processor_count} SMs, lowbit {lowbit.__version__} "
+        f"(archs {_native.cuda_built_archs()}), torch {torch.__version__}")
+    copy_bw = measure_copy_bw()
+    log(f"copy bandwidth: {copy_bw:.0f} GB/s")
+    return t0, device, copy_bw
+
+
 def write_result(path: str, result: dict, t0: float) -> None:
     """The run's JSON (with its markdown table under "table_md", printed last) to path."""
     with open(path, "w") as f:
@@ -229,21 +250,12 @@ def main(argv=None) -> int:
     if args.profile:
         return profile_w4a16()
 
+    run = start_run("gpu_matmul")
+    if run is None:
+        return 2
+    t0, device, copy_bw = run
     import lowbit
     from lowbit import _native
-
-    reason = _native.cuda_unavailable_reason()
-    if reason is not None:
-        log(f"gpu_matmul: lowbit's CUDA kernels are unavailable: {reason}")
-        return 2
-    t0 = time.time()
-    torch.manual_seed(0)
-    device = torch.cuda.get_device_name()
-    props = torch.cuda.get_device_properties(0)
-    log(f"gpu_matmul: {device}, {props.multi_processor_count} SMs, lowbit {lowbit.__version__} "
-        f"(archs {_native.cuda_built_archs()}), torch {torch.__version__}")
-    copy_bw = measure_copy_bw()
-    log(f"copy bandwidth: {copy_bw:.0f} GB/s")
     peak = measure_fp16_peak()
     log(f"fp16 matmul 8192^3: {peak:.0f} TFLOP/s")
 

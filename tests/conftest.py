@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import zlib
 
@@ -251,3 +253,30 @@ def copied_blocks(groups, mapping) -> list:
             for src, dst in mapping.tolist():
                 t[dst] = t[src]
     return want
+
+
+def built_cuda_module():
+    """lowbit._cuda when nvcc was there to build it; skips the test when lowbit was built without
+    it (no nvcc, or LOWBIT_CUDA=off). Any other ImportError (undefined symbol, bad link) fails."""
+    if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
+        pytest.skip("no nvcc here: lowbit was built without lowbit._cuda")
+    try:
+        import lowbit._cuda as mod  # noqa: PLC0415
+    except ModuleNotFoundError as e:
+        pytest.skip(f"lowbit._cuda was not built (LOWBIT_CUDA=off?): {e}")
+    return mod
+
+
+def capture_graph(fn, warmup: int = 3):
+    """(graph, fn's result inside it): fn run warmup times on a side stream (lazy init, allocator
+    warm-up), then captured once in a torch.cuda.CUDAGraph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out

@@ -37,8 +37,6 @@ writes must equal the CPU op bitwise too, with NaN-poisoned caches so untouched 
 """
 from __future__ import annotations
 
-import os
-import shutil
 import zlib
 
 import pytest
@@ -50,7 +48,7 @@ from lowbit import _native, ops
 from lowbit.ref import attention as ref_attn
 from lowbit.ref import int8 as ref_int8
 
-from conftest import copied_blocks, cuda_detail
+from conftest import built_cuda_module, capture_graph, copied_blocks, cuda_detail
 
 _REASON = _native.cuda_unavailable_reason()
 
@@ -243,12 +241,7 @@ _ATTN_ARGS = ["q", "k", "v", "out", "dtype", "kv_dtype", "B", "Hq", "Hkv", "L", 
 def test_cuda_build_has_attention():
     """With nvcc present, lowbit._cuda carries the attention / KV-cache entry points, which answer
     bad arguments without touching a device, and the key-split plan is host arithmetic."""
-    if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
-        pytest.skip("no nvcc here: lowbit was built without lowbit._cuda")
-    try:
-        import lowbit._cuda as mod  # noqa: PLC0415
-    except ModuleNotFoundError as e:
-        pytest.skip(f"lowbit._cuda was not built (LOWBIT_CUDA=off?): {e}")
+    mod = built_cuda_module()
     bad, ok = _native.INVALID_ARGUMENT, _native.OK
     f16, i8 = _native.DTYPE_CODE[F16], _native.DTYPE_CODE[I8]
     # fake non-null pointers (16): never dereferenced, tokens == 0 returns before any device work
@@ -1059,15 +1052,7 @@ def test_cuda_graph_decode_step(cache_dtype, cgen):
         return paged_attention(q, kc, vc, tables, seq_lens, k_scale=ks, v_scale=vs)
 
     set_state(list(range(B)), lens)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = step()
+    g, out = capture_graph(step, warmup=2)
     state = [t for t in (kc, vc, ks, vs) if t is not None]
     cur = list(lens)
     for it, order in enumerate(([0, 1, 2, 3], [0, 1, 2, 3], [3, 1, 0, 2])):

@@ -12,8 +12,6 @@ emulation.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import zlib
 
 import pytest
@@ -26,7 +24,7 @@ from lowbit.formats import int4 as fmt
 from lowbit.nn import Int4Linear
 from lowbit.ops import int4 as int4_ops
 
-from conftest import cuda_detail
+from conftest import built_cuda_module, capture_graph, cuda_detail
 
 _REASON = _native.cuda_unavailable_reason()
 
@@ -119,12 +117,7 @@ def test_pack_cuda_keeps_fp32_scales_exact(gen):
 def test_cuda_build_has_int4():
     """With nvcc present, lowbit._cuda carries the INT4 entry points, which answer bad
     arguments without touching a device, and the K-split plan is host arithmetic."""
-    if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
-        pytest.skip("no nvcc here: lowbit was built without lowbit._cuda")
-    try:
-        import lowbit._cuda as mod  # noqa: PLC0415
-    except ModuleNotFoundError as e:
-        pytest.skip(f"lowbit._cuda was not built (LOWBIT_CUDA=off?): {e}")
+    mod = built_cuda_module()
     bad, ok = _native.INVALID_ARGUMENT, _native.OK
     f16, bf16, f32 = (_native.DTYPE_CODE[t] for t in (torch.float16, torch.bfloat16, torch.float32))
     # x, x_dtype, M, K, ldx, qweight, scales, scales_dtype, groups, N, bias, bias_dtype, y, ldy, splits,
@@ -344,16 +337,7 @@ def test_non_default_stream(gen):
 def test_cuda_graph_capture(n, k, gen):
     m = Int4Linear.from_float(torch.nn.Linear(k, n).cuda(), group_size=128).half()
     x = torch.randn((2, k), generator=gen).half().cuda()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            m(x)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = m(x)
-        y2 = m(x)
+    g, (y, y2) = capture_graph(lambda: (m(x), m(x)))
     for _ in range(3):
         x_new = torch.randn((2, k), generator=gen).half().cuda()
         x.copy_(x_new)

@@ -21,9 +21,7 @@ flips about one code in a million; tests/test_int8.py reports that bug).
 from __future__ import annotations
 
 import copy
-import os
 import re
-import shutil
 import zlib
 
 import pytest
@@ -36,7 +34,7 @@ from lowbit.formats import int8 as fmt
 from lowbit.nn import Int8Linear
 from lowbit.ops import int8 as int8_ops
 
-from conftest import cuda_detail
+from conftest import built_cuda_module, capture_graph, cuda_detail
 
 _REASON = _native.cuda_unavailable_reason()
 
@@ -167,13 +165,7 @@ def check_linear(op, dtype, M, N, K, bias, gen, bias_dtype=None):
 def test_cuda_build_reports_archs():
     """With nvcc present, lowbit._cuda must import (unless the build said LOWBIT_CUDA=off),
     report its archs, and reject bad arguments without touching a device."""
-    if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
-        pytest.skip("no nvcc here: lowbit was built without lowbit._cuda")
-    try:
-        import lowbit._cuda as mod  # noqa: PLC0415
-    except ModuleNotFoundError as e:
-        pytest.skip(f"lowbit._cuda was not built (LOWBIT_CUDA=off?): {e}")
-    # any other ImportError (undefined symbol, bad link) fails the test
+    mod = built_cuda_module()
     archs = _native.cuda_built_archs()
     assert archs is not None and archs == mod.archs()
     assert re.fullmatch(r"(native|all|all-major|\d+[af]?(-real|-virtual)?)(;\d+[af]?(-real|-virtual)?)*", archs), archs
@@ -613,15 +605,7 @@ def test_non_default_stream(op, cgen):
 def test_cuda_graph_capture(scheme, dtype, cgen):
     m = Int8Linear.from_float(torch.nn.Linear(256, 384).cuda(), scheme).to(dtype)
     x = randn((4, 256), cgen, dtype)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            m(x)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = m(x)
+    g, y = capture_graph(lambda: m(x))
     for _ in range(2):
         x_new = randn((4, 256), cgen, dtype)
         x.copy_(x_new)
