@@ -286,9 +286,8 @@ def main(argv=None) -> int:
     run = start_run("gpu_attention")
     if run is None:
         return 2
-    t0, device, copy_bw = run
-    import lowbit
-    from lowbit import _native
+    t0, header = run
+    device, copy_bw = header["device"], header["copy_bw_GBps"]
 
     prefill_plan = [] if args.only == "decode" else (PREFILL[1:2] if args.quick else PREFILL)
     decode_plan_ = [] if args.only == "prefill" else (decode_plan([8], [4096]) if args.quick else decode_plan())
@@ -322,12 +321,7 @@ def main(argv=None) -> int:
     targets = evaluate_targets(prefill_rows, decode_rows)
     md = table(prefill_rows, decode_rows, copy_bw, device, targets)
     result = {
-        "device": device,
-        "sm_count": props.multi_processor_count,
-        "torch": torch.__version__,
-        "lowbit": lowbit.__version__,
-        "cuda_archs": _native.cuda_built_archs(),
-        "copy_bw_GBps": copy_bw,
+        **header,
         "reps": args.reps,
         "prefill": prefill_rows,
         "decode": decode_rows,

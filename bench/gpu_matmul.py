@@ -54,8 +54,9 @@ def events_ms(fn, reps: int, warmup: int) -> list:
 
 
 def start_run(name: str):
-    """(start time, GPU name, measured copy bandwidth) after logging what runs, or None (logged)
-    when lowbit's CUDA kernels cannot run here. Seeds torch."""
+    """(start time, the run's header) after logging what runs, or None (logged) when lowbit's CUDA
+    kernels cannot run here. Seeds torch. The header (device, sm_count, torch, lowbit, cuda_archs,
+    copy_bw_GBps: the measured copy bandwidth) opens the bench's JSON result."""
     import lowbit
     from lowbit import _native
 
@@ -71,7 +72,8 @@ def start_run(name: str):
         f"(archs {_native.cuda_built_archs()}), torch {torch.__version__}")
     copy_bw = measure_copy_bw()
     log(f"copy bandwidth: {copy_bw:.0f} GB/s")
-    return t0, device, copy_bw
+    return t0, {"device": device, "sm_count": props.multi_processor_count, "torch": torch.__version__,
+                "lowbit": lowbit.__version__, "cuda_archs": _native.cuda_built_archs(), "copy_bw_GBps": copy_bw}
 
 
 def write_result(path: str, result: dict, t0: float) -> None:
@@ -253,9 +255,8 @@ def main(argv=None) -> int:
     run = start_run("gpu_matmul")
     if run is None:
         return 2
-    t0, device, copy_bw = run
-    import lowbit
-    from lowbit import _native
+    t0, header = run
+    device, copy_bw = header["device"], header["copy_bw_GBps"]
     peak = measure_fp16_peak()
     log(f"fp16 matmul 8192^3: {peak:.0f} TFLOP/s")
 
@@ -272,12 +273,7 @@ def main(argv=None) -> int:
 
     md = table(rows, copy_bw, peak, device)
     result = {
-        "device": device,
-        "sm_count": props.multi_processor_count,
-        "torch": torch.__version__,
-        "lowbit": lowbit.__version__,
-        "cuda_archs": _native.cuda_built_archs(),
-        "copy_bw_GBps": copy_bw,
+        **header,
         "fp16_matmul_TFLOPs": peak,
         "calls_per_graph": CALLS_PER_GRAPH,
         "reps": args.reps,

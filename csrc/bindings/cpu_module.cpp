@@ -4,24 +4,20 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 
 #include <cstdint>
 
 #include "kernels.h"
 #include "lowbit/status.h"
+#include "raw_args.h"
 
 namespace py = pybind11;
 using namespace lowbit;
+using namespace lowbit::bindings;
 using lowbit::cpu::kernels;
 using lowbit::cpu::KernelTable;
 
 namespace {
-
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 int int8_quantize_per_token(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t q,
                             uintptr_t scale, int nthreads) {
@@ -47,27 +43,19 @@ int int4_linear(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uin
                            ptr<const void>(bias), bias_dtype, ptr<void>(y), ldy, nthreads);
 }
 
-using Strides3 = std::array<int64_t, 3>;
-
 // Arguments in AttentionParams' order; pointers as integers (0 = null).
 int attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int dtype, int kv_dtype, int64_t B, int64_t Hq,
               int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t Dv, Strides3 qs, Strides3 ks, Strides3 vs,
               Strides3 os, uintptr_t q_start, uintptr_t seq_lens, uintptr_t block_table, int64_t max_blocks,
               int64_t block_size, uintptr_t k_scale, uintptr_t v_scale, uintptr_t mask, int mask_dtype,
-              std::array<int64_t, 4> ms, float scale, int causal, int bottom_right, int64_t window_left,
+              Strides4 ms, float scale, int causal, int bottom_right, int64_t window_left,
               int64_t window_right, int nthreads) {
   cpu::AttentionParams p{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out), dtype,
                          kv_dtype, B, Hq, Hkv, L, S, D, Dv, {}, {}, {}, {}, ptr<const int32_t>(q_start),
                          ptr<const int32_t>(seq_lens), ptr<const int32_t>(block_table), max_blocks, block_size,
                          ptr<const float>(k_scale), ptr<const float>(v_scale), ptr<const void>(mask), mask_dtype,
                          {}, scale, causal, bottom_right, window_left, window_right, nthreads};
-  for (int i = 0; i < 3; ++i) {
-    p.q_stride[i] = qs[i];
-    p.k_stride[i] = ks[i];
-    p.v_stride[i] = vs[i];
-    p.out_stride[i] = os[i];
-  }
-  for (int i = 0; i < 4; ++i) p.mask_stride[i] = ms[i];
+  set_attention_strides(p, qs, ks, vs, os, ms);
   return kernels().attention(p);
 }
 

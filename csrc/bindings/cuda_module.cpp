@@ -13,7 +13,6 @@
 
 #include <pybind11/stl.h>
 
-#include <array>
 #include <cstdint>
 #include <string>
 
@@ -22,6 +21,7 @@
 #include "int8.h"
 #include "kv_cache.h"
 #include "lowbit/status.h"
+#include "raw_args.h"
 
 #ifndef LOWBIT_CUDA_ARCHS
 #define LOWBIT_CUDA_ARCHS "unknown"
@@ -29,13 +29,9 @@
 
 namespace py = pybind11;
 using namespace lowbit;
+using namespace lowbit::bindings;
 
 namespace {
-
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
@@ -138,15 +134,13 @@ int int4_linear_w4a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ld
                                  stream_ptr(stream));
 }
 
-using Strides3 = std::array<int64_t, 3>;
-
 // Arguments in the order of lowbit._C.attention (AttentionArgs' fields), then what only the
 // GPU takes: num_blocks, tokens, the split plan and its scratch, device and stream.
 int attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int dtype, int kv_dtype, int64_t B, int64_t Hq,
               int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t Dv, Strides3 qs, Strides3 ks, Strides3 vs,
               Strides3 os, uintptr_t q_start, uintptr_t seq_lens, uintptr_t block_table, int64_t max_blocks,
               int64_t block_size, uintptr_t k_scale, uintptr_t v_scale, uintptr_t mask, int mask_dtype,
-              std::array<int64_t, 4> ms, float scale, int causal, int bottom_right, int64_t window_left,
+              Strides4 ms, float scale, int causal, int bottom_right, int64_t window_left,
               int64_t window_right, int64_t num_blocks, int64_t tokens, int splits, uintptr_t scratch, int device,
               uintptr_t stream) {
   cuda::AttentionArgs a{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out), dtype, kv_dtype,
@@ -154,13 +148,7 @@ int attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int dtype, i
                         ptr<const int32_t>(seq_lens), ptr<const int32_t>(block_table), max_blocks, block_size,
                         num_blocks, ptr<const float>(k_scale), ptr<const float>(v_scale), ptr<const void>(mask),
                         mask_dtype, {}, scale, causal, bottom_right, window_left, window_right, tokens};
-  for (int i = 0; i < 3; ++i) {
-    a.q_stride[i] = qs[i];
-    a.k_stride[i] = ks[i];
-    a.v_stride[i] = vs[i];
-    a.out_stride[i] = os[i];
-  }
-  for (int i = 0; i < 4; ++i) a.mask_stride[i] = ms[i];
+  set_attention_strides(a, qs, ks, vs, os, ms);
   if (int st = cuda::check_attention_args(a)) return st;
   if (tokens == 0) return kOk;
   if (device < 0) return kInvalidArgument;

@@ -98,27 +98,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// ---- the two element types: their mma and their packed (lo, hi) pair, round to nearest even
-template <class E> struct Ops;
-template <> struct Ops<F16> {
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_f16(c, a, b0, b1);
-  }
-  __device__ static uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-template <> struct Ops<BF16> {
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_bf16(c, a, b0, b1);
-  }
-  __device__ static uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
 struct Params {
   const uint16_t* q;
   const uint16_t* k;
@@ -150,7 +129,7 @@ __device__ __forceinline__ int row_hi(const Params& p, int i) {
 
 template <class E, int D>
 __global__ void __launch_bounds__(Tile<D>::kThreads, 1) attention_flash_kernel(const Params p) {
-  using Op = Ops<E>;
+  using Op = Mma16<E>;
   using T = Tile<D>;
   constexpr int kBc = T::kBc, kChunks = T::kChunks, kThreads = T::kThreads, kStages = T::kStages;
   constexpr int kRows = 16;  // rows per warp: one m16 tile

@@ -55,25 +55,15 @@ constexpr int64_t kMaxGridZ = 65535;
 
 using namespace ptx;
 
-// ---- the two activation types: their mma, their packed pairs, their magic bias
-struct F16Mma {
-  using H2 = __half2;
+// ---- the two activation types: their mma and packed pairs (ptx.cuh), their magic bias
+struct F16Mma : Mma16<F16> {
   static constexpr uint32_t kBias = 0x64006400u;  // 1024.0 in each half
-  __device__ static H2 splat(float v) { return __float2half2_rn(v); }
   __device__ static H2 bias_plus_8() { return __float2half2_rn(1032.0f); }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_f16(c, a, b0, b1);
-  }
 };
 
-struct BF16Mma {
-  using H2 = __nv_bfloat162;
+struct BF16Mma : Mma16<BF16> {
   static constexpr uint32_t kBias = 0x43004300u;  // 128.0 in each half
-  __device__ static H2 splat(float v) { return __float2bfloat162_rn(v); }
   __device__ static H2 bias_plus_8() { return __float2bfloat162_rn(136.0f); }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_bf16(c, a, b0, b1);
-  }
 };
 
 template <class D> struct MmaOf;

@@ -2,9 +2,13 @@
 // ldmatrix, mma.sync), so each kernel file spells an instruction once, by name.
 // Device code only: include from .cu files.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "lowbit/cuda_common.cuh"
 
 namespace lowbit::cuda::ptx {
 
@@ -65,6 +69,33 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
   LOWBIT_MMA_M16N8K16("bf16", c, a, b0, b1);
 }
 #undef LOWBIT_MMA_M16N8K16
+
+// The two 16-bit input types of that mma by their element tag (lowbit::cuda::F16 /
+// BF16): the packed pair H2, the mma, a pair packed from two floats (round to nearest
+// even, lo in the low half) and a float in both halves.
+template <class E> struct Mma16;
+template <> struct Mma16<F16> {
+  using H2 = __half2;
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    mma_f16(c, a, b0, b1);
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    const H2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ static H2 splat(float v) { return __float2half2_rn(v); }
+};
+template <> struct Mma16<BF16> {
+  using H2 = __nv_bfloat162;
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    mma_bf16(c, a, b0, b1);
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    const H2 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ static H2 splat(float v) { return __float2bfloat162_rn(v); }
+};
 
 // m16n8k32 int8 x int8 with int32 accumulation (exact).
 __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
