@@ -13,8 +13,10 @@ bytes read + written), then:
 * Decode: lowbit.ops.paged_attention, one query per sequence, block size 16, Hq = 32, Hkv = 8,
   D = 128, random block tables, batch in (1, 8, 64) x cached tokens in (1024, 4096, 32768), with
   a bf16 cache and an INT8 cache (fp32 scale per token and head); torch SDPA (flash, GQA) on a
-  contiguous bf16 [B, Hkv, S, D] cache for reference. Bytes: the K and V read (+ the INT8
-  scales); % of the copy bandwidth. Targets: bf16 >= 80% of copy bandwidth at batch >= 8 and
+  contiguous bf16 [B, Hkv, S, D] cache for reference; and the bf16 cache again with
+  LOWBIT_CUDA_DECODE=simt (the CUDA-core kernel the tensor-core one replaced), whose output
+  is compared with the default's. Bytes: the K and V read (+ the INT8 scales); % of the copy
+  bandwidth. Targets: bf16 >= 80% of copy bandwidth at batch >= 8 and
   >= 4k tokens; INT8 >= 1.6x bf16 there.
 
 Timing: gpu_matmul.time_per_call: every op is captured CALLS_PER_GRAPH times in one CUDA graph
@@ -26,7 +28,9 @@ run goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 
@@ -48,6 +52,7 @@ MAX_CACHE_BYTES = 20e9  # decode combos whose bf16 K + V cache needs more are sk
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_PREFILL = (1, 4096, "bf16", 1.0)
 TARGET_BF16_PCT_BW, TARGET_INT8_SPEEDUP = 80.0, 1.6
+MMA_VS_SIMT_MAX = 2e-2  # max rel diff of the two decode kernels' bf16 outputs beyond which a row is flagged
 
 
 # ---------------------------------------------------------------- arithmetic (no GPU needed)
@@ -96,12 +101,12 @@ def table(prefill_rows: list, decode_rows: list, copy_bw: float, device: str, ta
                 "sequence, random block tables): GB/s of K + V (+ INT8 scales) read; torch: SDPA flash on a "
                 "contiguous bf16 cache.", "",
                 "| batch | tokens | bf16 µs | bf16 GB/s | bf16 % BW | int8 µs | int8 GB/s | int8 % BW | "
-                "int8 / bf16 | torch flash µs | torch GB/s |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "int8 / bf16 | torch flash µs | torch GB/s | bf16 CUDA-core µs |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in decode_rows:
             head = f"| {r['B']} | {r['S']} |"
             if r.get("skipped"):
-                out.append(f"{head} skipped: the cache needs {r['cache_GB']:.1f} GB | | | | | | | | |")
+                out.append(f"{head} skipped: the cache needs {r['cache_GB']:.1f} GB | | | | | | | | | |")
                 continue
             cells = []
             for c in ("bf16", "int8"):
@@ -115,6 +120,11 @@ def table(prefill_rows: list, decode_rows: list, copy_bw: float, device: str, ta
                 cells += [f"error: {r['torch_error'][:60]}", ""]
             else:
                 cells += [_fmt(r.get("torch_us"), ".1f"), _fmt(r.get("torch_gbps"), ".0f")]
+            # the CUDA-core kernel's time, flagged if the two kernels disagree (the tests say which is wrong)
+            simt = f"error: {r['bf16_simt_error'][:60]}" if "bf16_simt_error" in r else _fmt(r.get("bf16_simt_us"), ".1f")
+            if (r.get("mma_vs_simt_rel_diff") or 0.0) > MMA_VS_SIMT_MAX:
+                simt += f" (outputs differ: {r['mma_vs_simt_rel_diff']:.1e})"
+            cells.append(simt)
             out.append(f"{head} " + " | ".join(cells) + " |")
         out.append("")
     for t in targets:
@@ -141,6 +151,21 @@ def evaluate_targets(prefill_rows: list, decode_rows: list) -> list:
                 "verdict": "n/a" if not sps else ("PASS" if min(sps) >= TARGET_INT8_SPEEDUP else "FAIL"),
                 "detail": "not measured" if not sps else f"min {min(sps):.2f}x over {len(sps)} rows"})
     return out
+
+
+@contextlib.contextmanager
+def decode_kernel(name: str):
+    """LOWBIT_CUDA_DECODE=name inside the block (the split-KV kernel is chosen when a call is
+    launched or captured; "simt": CUDA cores only)."""
+    old = os.environ.get("LOWBIT_CUDA_DECODE")
+    os.environ["LOWBIT_CUDA_DECODE"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOWBIT_CUDA_DECODE", None)
+        else:
+            os.environ["LOWBIT_CUDA_DECODE"] = old
 
 
 def _err_text(e: BaseException) -> str:
@@ -222,7 +247,14 @@ def bench_decode(B: int, S: int, copy_bw: float, reps: int) -> dict:
         gbps = nbytes / (us * 1e-6) / 1e9
         row.update({f"{name}_us": us, f"{name}_gbps": gbps, f"{name}_pct_bw": 100 * gbps / copy_bw})
 
-    timed("bf16", lambda i: (lambda: ops.paged_attention(q, kc, vc, tables[i], seq_lens)), decode_bytes(B, S, "bf16"))
+    def bf16_call(i):
+        return lambda: ops.paged_attention(q, kc, vc, tables[i], seq_lens)
+
+    timed("bf16", bf16_call, decode_bytes(B, S, "bf16"))
+    with decode_kernel("simt"):  # the CUDA-core kernel, for comparison (and as a cross-check)
+        timed("bf16_simt", bf16_call, decode_bytes(B, S, "bf16"))
+    if "bf16" in outs and "bf16_simt" in outs:
+        row["mma_vs_simt_rel_diff"] = _rel_diff(outs["bf16"], outs["bf16_simt"])
 
     # torch: flash on contiguous [B, Hkv, S, D] caches; the first holds what table 0 reaches
     try:

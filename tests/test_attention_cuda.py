@@ -581,6 +581,18 @@ def run_paged(q, args, what, query_start_loc=None, window=None, scale=None):
     return y
 
 
+@pytest.fixture(params=["auto", "simt"])
+def decode_kernel(request, monkeypatch):
+    """Runs a paged test with each split-KV kernel: the default (tensor cores where the call
+    allows: D = 128, fp16 / bf16 queries, csrc/cuda/attention_split_mma.cuh) and
+    LOWBIT_CUDA_DECODE=simt (CUDA cores only; the variable is read at every call)."""
+    if request.param == "simt":
+        monkeypatch.setenv("LOWBIT_CUDA_DECODE", "simt")
+    else:
+        monkeypatch.delenv("LOWBIT_CUDA_DECODE", raising=False)
+    return request.param
+
+
 # (query dtype, cache dtype)
 PAGED_DTYPES = [(F16, F16), (BF16, BF16), (F32, F32), (F32, F16), (F16, F32), (BF16, I8), (F16, I8), (F32, I8)]
 PAGED_DT_IDS = [f"q{DT_ID[a]}-c{DT_ID[b]}" for a, b in PAGED_DTYPES]
@@ -592,7 +604,7 @@ DECODE_LENS = [1, 0, 17, 1037, 65, 300, 2]
 @pytest.mark.parametrize("qdtype,cdtype", PAGED_DTYPES, ids=PAGED_DT_IDS)
 @pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (32, 8, 128), (12, 1, 80)], ids=["gqa1-D64", "gqa4-D128",
                                                                                   "mqa12-D80"])
-def test_paged_decode(qdtype, cdtype, hq, hkv, d, cgen):
+def test_paged_decode(qdtype, cdtype, hq, hkv, d, decode_kernel, cgen):
     args = make_paged(cgen, DECODE_LENS, hkv, d, d, qdtype, cdtype)
     q = randn((len(DECODE_LENS), hq, d), cgen, qdtype)
     run_paged(q, args, f"decode q{DT_ID[qdtype]} cache {DT_ID[cdtype]} Hq={hq} Hkv={hkv} D={d}")
@@ -608,10 +620,24 @@ def test_paged_decode_small(qdtype, cdtype, cgen):
 
 
 @gpu
+@pytest.mark.parametrize("qdtype,cdtype", [(F16, F16), (BF16, BF16), (F16, I8), (BF16, I8)],
+                         ids=["fp16", "bf16", "fp16-int8", "bf16-int8"])
+def test_paged_decode_mma_small(qdtype, cdtype, decode_kernel, cgen):
+    """The edges of the tensor-core decode kernel (D = 128): GQA groups of 8 (one block of 8
+    heads), 3 (two blocks, the second with one head) and 1; block size 5 (a 16-key tile spans
+    pages) and 16; lengths at tile (16 keys) and warp-round (64 keys) edges, 0 and 1."""
+    lens = [0, 1, 16, 17, 63, 64, 65, 130]
+    for hq, hkv, bs in ((8, 1, 5), (6, 2, 16), (2, 2, 16)):
+        args = make_paged(cgen, lens, hkv, 128, 128, qdtype, cdtype, bs=bs)
+        q = randn((len(lens), hq, 128), cgen, qdtype)
+        run_paged(q, args, f"{decode_kernel} decode {DT_ID[qdtype]} / {DT_ID[cdtype]} Hq={hq} Hkv={hkv} bs={bs}")
+
+
+@gpu
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("qdtype,cdtype", [(BF16, BF16), (BF16, I8), (F16, F16), (F32, F32)],
                          ids=["bf16", "bf16-int8", "fp16", "fp32"])
-def test_paged_long_sequences(qdtype, cdtype, bs, cgen):
+def test_paged_long_sequences(qdtype, cdtype, bs, decode_kernel, cgen):
     """5000 and 4097 keys: decode splits them across blocks (flash-decoding, merged by log-sum-exp);
     chunked prefill of 64 / 300 queries over the same caches."""
     lens = [5000, 1, 4097]
@@ -668,7 +694,7 @@ PREFILL = ([5, 0, 40, 17, 300, 70, 1, 129], [3, 0, 40, 0, 7, 70, 1, 64])  # seq_
 @pytest.mark.parametrize("qdtype,cdtype", [(F16, F16), (BF16, I8), (F32, F32), (F32, BF16)],
                          ids=["fp16", "bf16-int8", "fp32", "fp32-cbf16"])
 @pytest.mark.parametrize("hq,hkv,d", [(6, 2, 64), (16, 2, 128)], ids=["gqa3-D64", "gqa8-D128"])
-def test_paged_chunked_prefill(qdtype, cdtype, hq, hkv, d, cgen):
+def test_paged_chunked_prefill(qdtype, cdtype, hq, hkv, d, decode_kernel, cgen):
     lens, qlens = PREFILL
     args = make_paged(cgen, lens, hkv, d, d, qdtype, cdtype)
     qsl = qsl_of(qlens)
@@ -688,7 +714,7 @@ def test_paged_chunked_prefill_small(cgen):
 @gpu
 @pytest.mark.parametrize("left", [0, 16, 100])
 @pytest.mark.parametrize("qdtype,cdtype", [(BF16, BF16), (F16, I8)], ids=["bf16", "fp16-int8"])
-def test_paged_window(qdtype, cdtype, left, cgen):
+def test_paged_window(qdtype, cdtype, left, decode_kernel, cgen):
     lens, qlens = PREFILL
     args = make_paged(cgen, lens, 2, 128, 128, qdtype, cdtype)
     qsl = qsl_of(qlens)

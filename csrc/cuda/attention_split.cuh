@@ -1,7 +1,9 @@
-// The split-KV attention kernel (see attention.cu for the design), as templates: included
-// by attention.cu (the device helpers, for merge_kernel) and by the files that instantiate
-// launch_split_kv for their cache element types (attention_split_f16.cu: fp16 / bf16,
-// attention_split_f32_i8.cu: fp32 / int8), so the 32 kernel variants compile in parallel.
+// The split-KV attention kernel on CUDA cores (see attention.cu for the design), as
+// templates: included by attention.cu (the device helpers, for merge_kernel) and by
+// attention_split_mma.cuh, the tensor-core kernel for the common decode shapes, whose
+// launch_split_kv picks between the two. The files that instantiate it per cache element
+// type (attention_split_f16.cu: fp16 / bf16, attention_split_f32_i8.cu: fp32 / int8)
+// compile in parallel.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -102,7 +104,81 @@ __device__ __forceinline__ int64_t kv_offset(const AttentionArgs& a, const int64
   return (a.block_table ? 0 : b * st[0]) + kv * st[1] + slot * st[2];
 }
 
-// ---- the split kernel ----------------------------------------------------------
+// ---- what a block works on, shared by both split kernels -------------------------
+// Grid: x = query row t, y = kv head x head group of hpb heads, z = split of the keys.
+struct BlockWork {
+  Row r;
+  bool row_ok;
+  int64_t t, kv, h0;  // query row, kv head, first query head
+  int nh;             // query heads of this block (<= hpb)
+  int split;
+  int64_t lo, hi;     // keys [lo, hi) of this row in this block's chunk
+};
+
+__device__ __forceinline__ BlockWork block_work(const AttentionArgs& a, int hpb, int groups, int64_t chunk) {
+  BlockWork w;
+  w.t = blockIdx.x;
+  const int64_t g = a.Hq / a.Hkv;
+  w.kv = blockIdx.y / groups;
+  w.h0 = w.kv * g + int64_t(blockIdx.y % groups) * hpb;
+  w.nh = int(min(int64_t(hpb), w.kv * g + g - w.h0));
+  w.split = blockIdx.z;
+  w.r = locate(a, w.t);
+  w.row_ok = w.r.i >= 0 && w.r.i < w.r.Lb;
+  // Keys this row may attend, cut to the chunk.
+  const int64_t at = w.r.i + (a.bottom_right ? w.r.Sb - w.r.Lb : 0);
+  w.lo = 0, w.hi = w.r.Sb;
+  if (a.causal) w.hi = min(w.hi, at + 1);
+  if (a.window_right >= 0) w.hi = min(w.hi, at + a.window_right + 1);
+  if (a.window_left >= 0) w.lo = max(w.lo, at - a.window_left);
+  w.lo = max(w.lo, w.split * chunk);
+  w.hi = min(w.hi, (w.split + 1) * chunk);
+  if (!w.row_ok) w.hi = w.lo;
+  return w;
+}
+
+// ---- the end of a block, shared by both split kernels ---------------------------
+// The online-softmax state of every warp of a block for its G heads: running max m
+// (log2 domain), sum l and unnormalized O (columns 0 .. Dv).
+template <int G, int DMAX> struct WarpStates {
+  float m[kWarps][G], l[kWarps][G], o[kWarps][G][DMAX];
+};
+
+// After a barrier that publishes `st`: combines the warps' states and writes head
+// h0 + h (h < nh) of query row r: its output (splits == 1) or this split's partial
+// (O, m, l) for merge_kernel.
+template <int G, int DMAX>
+__device__ void finish_block(const AttentionArgs& a, const WarpStates<G, DMAX>& st, const Row& r, int64_t t,
+                             int64_t h0, int nh, int split, int splits, float* __restrict__ part) {
+  for (int idx = threadIdx.x; idx < G * DMAX; idx += kThreads) {
+    const int h = idx / DMAX, d = idx % DMAX;
+    if (h >= nh || d >= a.Dv) continue;
+    float mx = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, st.m[w][h]);
+    const float m_use = mx == kNegInf ? 0.0f : mx;
+    float acc = 0.0f, lt = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float c = exp2f(st.m[w][h] - m_use);
+      acc += c * st.o[w][h][d];
+      lt += c * st.l[w][h];
+    }
+    if (splits == 1) {
+      // lt == 0: no key at all (zeros, as SDPA); NaN inputs give NaN
+      store_f32(a.out, a.dtype, row_offset(a, a.out_stride, r, h0 + h) + d, lt == 0.0f ? 0.0f : acc / lt);
+    } else {
+      float* pr = part + ((t * a.Hq + h0 + h) * splits + split) * (a.Dv + 2);
+      pr[d] = acc;
+      if (d == 0) {
+        pr[a.Dv] = mx;
+        pr[a.Dv + 1] = lt;
+      }
+    }
+  }
+}
+
+// ---- the split kernel (CUDA cores) ----------------------------------------------------------
 // Template: KV element type, DMAX >= max(D, Dv) (per-lane accumulators hold DMAX / 32
 // values of the output row), G query heads per block.
 template <class KV, int DMAX, int G>
@@ -114,28 +190,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   constexpr bool kInt8 = std::is_same_v<KV, I8>;
   using T = typename KV::T;
   __shared__ __align__(16) float qs[G][DMAX];
-  __shared__ float red_m[kWarps][G], red_l[kWarps][G];
-  __shared__ float red_o[kWarps][G][DMAX];
+  __shared__ WarpStates<G, DMAX> red;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t t = blockIdx.x;
-  const int64_t g = a.Hq / a.Hkv;
-  const int64_t kv = blockIdx.y / groups;
-  const int64_t h0 = kv * g + int64_t(blockIdx.y % groups) * G;
-  const int nh = int(min(int64_t(G), kv * g + g - h0));
-  const int split = blockIdx.z;
-  const Row r = locate(a, t);
-  const bool row_ok = r.i >= 0 && r.i < r.Lb;
-
-  // Keys [lo, hi) this row may attend, cut to this block's chunk.
-  const int64_t at = r.i + (a.bottom_right ? r.Sb - r.Lb : 0);
-  int64_t lo = 0, hi = r.Sb;
-  if (a.causal) hi = min(hi, at + 1);
-  if (a.window_right >= 0) hi = min(hi, at + a.window_right + 1);
-  if (a.window_left >= 0) lo = max(lo, at - a.window_left);
-  lo = max(lo, split * chunk);
-  hi = min(hi, (split + 1) * chunk);
-  if (!row_ok) hi = lo;
+  const BlockWork bw = block_work(a, G, groups, chunk);
+  const Row& r = bw.r;
+  const int64_t t = bw.t, kv = bw.kv, h0 = bw.h0, lo = bw.lo, hi = bw.hi;
+  const int nh = bw.nh, split = bw.split;
+  const bool row_ok = bw.row_ok;
 
   const float qmul = a.scale * kLog2e;
   for (int idx = threadIdx.x; idx < G * DMAX; idx += kThreads) {
@@ -250,40 +312,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   for (int h = 0; h < G; ++h) {
     const float lw = warp_sum(l[h]);
     if (lane == 0) {
-      red_m[warp][h] = m[h];
-      red_l[warp][h] = lw;
+      red.m[warp][h] = m[h];
+      red.l[warp][h] = lw;
     }
 #pragma unroll
-    for (int e = 0; e < E; ++e) red_o[warp][h][lane * E + e] = o[h][e];
+    for (int e = 0; e < E; ++e) red.o[warp][h][lane * E + e] = o[h][e];
   }
   __syncthreads();
-  if (!row_ok) return;
-  for (int idx = threadIdx.x; idx < G * DMAX; idx += kThreads) {
-    const int h = idx / DMAX, d = idx % DMAX;
-    if (h >= nh || d >= a.Dv) continue;
-    float mx = kNegInf;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_m[w][h]);
-    const float m_use = mx == kNegInf ? 0.0f : mx;
-    float acc = 0.0f, lt = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float c = exp2f(red_m[w][h] - m_use);
-      acc += c * red_o[w][h][d];
-      lt += c * red_l[w][h];
-    }
-    if (splits == 1) {
-      // lt == 0: no key at all (zeros, as SDPA); NaN inputs give NaN
-      store_f32(a.out, a.dtype, row_offset(a, a.out_stride, r, h0 + h) + d, lt == 0.0f ? 0.0f : acc / lt);
-    } else {
-      float* pr = part + ((t * a.Hq + h0 + h) * splits + split) * (a.Dv + 2);
-      pr[d] = acc;
-      if (d == 0) {
-        pr[a.Dv] = mx;
-        pr[a.Dv + 1] = lt;
-      }
-    }
-  }
+  if (row_ok) finish_block(a, red, r, t, h0, nh, split, splits, part);
 }
 
 // ---- launch (host) --------------------------------------------------------------------
@@ -299,18 +335,30 @@ inline bool rows_aligned(const void* p, const int64_t* st, int64_t elems, int by
   return true;
 }
 
+// The grid of block_work and its key chunk (a multiple of 32 keys: whole steps of both kernels).
+struct SplitGrid {
+  dim3 grid;
+  int groups;
+  int64_t chunk;
+};
+
+inline SplitGrid split_grid(const AttentionArgs& a, int hpb, int splits) {
+  const int64_t g = a.Hq / a.Hkv;
+  SplitGrid s;
+  s.groups = int((g + hpb - 1) / hpb);
+  s.chunk = (max_keys(a) + splits - 1) / splits;
+  s.chunk = (s.chunk + 31) / 32 * 32;
+  s.grid = dim3(unsigned(a.tokens), unsigned(a.Hkv * s.groups), unsigned(splits));
+  return s;
+}
+
 template <class KV, int DMAX, int G>
 void launch_split(const AttentionArgs& a, int splits, float* scratch, cudaStream_t stream) {
-  const int64_t g = a.Hq / a.Hkv;
-  const int groups = int((g + G - 1) / G);
-  const int64_t mk = max_keys(a);
-  int64_t chunk = (mk + splits - 1) / splits;
-  chunk = (chunk + 31) / 32 * 32;
+  const SplitGrid sg = split_grid(a, G, splits);
   const int kb = elem_bytes(a.kv_dtype);
   const bool vec_k = rows_aligned(a.k, a.k_stride, 8, kb);
   const bool vec_v = rows_aligned(a.v, a.v_stride, DMAX / 32, kb);
-  const dim3 grid(unsigned(a.tokens), unsigned(a.Hkv * groups), unsigned(splits));
-  split_kernel<KV, DMAX, G><<<grid, kThreads, 0, stream>>>(a, groups, splits, chunk, vec_k, vec_v, scratch);
+  split_kernel<KV, DMAX, G><<<sg.grid, kThreads, 0, stream>>>(a, sg.groups, splits, sg.chunk, vec_k, vec_v, scratch);
 }
 
 template <class KV, int DMAX>
@@ -326,11 +374,21 @@ void dispatch_g(const AttentionArgs& a, int splits, float* scratch, cudaStream_t
 // Head dims up to 128 share one accumulator size (D = 64 leaves half the lanes idle in
 // P.V, which a memory-bound kernel does not feel), so the build stays two sizes.
 template <class KV>
-void launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStream_t s) {
+void launch_split_simt(const AttentionArgs& a, int splits, float* scratch, cudaStream_t s) {
   if ((a.D > a.Dv ? a.D : a.Dv) <= 128)
     dispatch_g<KV, 128>(a, splits, scratch, s);
   else
     dispatch_g<KV, 256>(a, splits, scratch, s);
 }
+
+// Runs the split kernel for a KV cache element type: the tensor-core one where it takes
+// the call (attention_split_mma.cuh, which defines this), else the CUDA-core one.
+// Instantiated per element type in attention_split_f16.cu / attention_split_f32_i8.cu.
+template <class KV>
+void launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStream_t s);
+
+// False when LOWBIT_CUDA_DECODE=simt asks for the CUDA-core kernel everywhere (read at
+// every call, so tests and benchmarks can compare the two kernels in one process).
+bool decode_mma_allowed();
 
 }  // namespace lowbit::cuda::split_kv

@@ -1,5 +1,6 @@
-// Instantiates the split-KV attention kernels for fp32 and int8 caches (attention_split.cuh).
-#include "attention_split.cuh"
+// Instantiates the split-KV attention kernels for fp32 and int8 caches: the CUDA-core one
+// (attention_split.cuh) and, where it applies, the tensor-core one (attention_split_mma.cuh).
+#include "attention_split_mma.cuh"
 
 namespace lowbit::cuda::split_kv {
 template void launch_split_kv<F32>(const AttentionArgs&, int, float*, cudaStream_t);
