@@ -28,9 +28,7 @@ run goes on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
 import sys
 import time
 
@@ -38,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # run as a script from the checkout (bench/gpu_check.sh): bench/ is on sys.path
-    from gpu_matmul import ROTATE_BYTES, log, start_run, time_per_call, write_result
+    from gpu_matmul import ROTATE_BYTES, env_var, log, start_run, time_per_call, write_result
 except ImportError:  # imported as bench.gpu_attention
-    from bench.gpu_matmul import ROTATE_BYTES, log, start_run, time_per_call, write_result
+    from bench.gpu_matmul import ROTATE_BYTES, env_var, log, start_run, time_per_call, write_result
 
 PREFILL = [(1, 1024, "bf16"), (1, 4096, "bf16"), (1, 8192, "bf16"), (4, 4096, "bf16"), (8, 1024, "bf16"),
            (1, 4096, "fp16")]  # (B, L, dtype)
@@ -153,21 +151,6 @@ def evaluate_targets(prefill_rows: list, decode_rows: list) -> list:
     return out
 
 
-@contextlib.contextmanager
-def decode_kernel(name: str):
-    """LOWBIT_CUDA_DECODE=name inside the block (the split-KV kernel is chosen when a call is
-    launched or captured; "simt": CUDA cores only)."""
-    old = os.environ.get("LOWBIT_CUDA_DECODE")
-    os.environ["LOWBIT_CUDA_DECODE"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LOWBIT_CUDA_DECODE", None)
-        else:
-            os.environ["LOWBIT_CUDA_DECODE"] = old
-
-
 def _err_text(e: BaseException) -> str:
     lines = str(e).strip().splitlines() or [""]
     return f"{type(e).__name__}: {lines[0][:160]}"
@@ -251,7 +234,7 @@ def bench_decode(B: int, S: int, copy_bw: float, reps: int) -> dict:
         return lambda: ops.paged_attention(q, kc, vc, tables[i], seq_lens)
 
     timed("bf16", bf16_call, decode_bytes(B, S, "bf16"))
-    with decode_kernel("simt"):  # the CUDA-core kernel, for comparison (and as a cross-check)
+    with env_var("LOWBIT_CUDA_DECODE", "simt"):  # the CUDA-core kernel, for comparison (and as a cross-check)
         timed("bf16_simt", bf16_call, decode_bytes(B, S, "bf16"))
     if "bf16" in outs and "bf16_simt" in outs:
         row["mma_vs_simt_rel_diff"] = _rel_diff(outs["bf16"], outs["bf16_simt"])

@@ -18,7 +18,9 @@ CUDA events. Reported: median time per call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,10 +30,26 @@ import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
 MS = [1, 16, 64]
+W8A16_SIMT = "lowbit w8a16 (CUDA cores)"
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
 CALLS_PER_GRAPH = 24
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """os.environ[name] = value inside the block (lowbit's kernel switches are read when a call
+    is launched or captured), restored after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def log(msg: str) -> None:
@@ -169,6 +187,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             "lowbit w8a8": (lambda i: (lambda: int8_ops.int8_linear_w8a8(x, qws[i], scs[i])), nbuf_i8,
                             N * K + 4 * N + 2 * M * K + 2 * M * N),
         }
+        # the CUDA-core W8A16 kernel that the tensor-core one replaced, for comparison
+        ops[W8A16_SIMT] = ops["lowbit w8a16"]
         if M >= 16:
             ops["torch._int_mm (int8 GEMM only)"] = (lambda i: (lambda: torch._int_mm(xq, qws[i].t())), nbuf_i8,
                                                      N * K + M * K + 4 * M * N)
@@ -176,7 +196,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         for op, (make_call, nbuf, nbytes) in ops.items():
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
             try:
-                us = time_per_call(make_call, nbuf, reps)
+                with env_var("LOWBIT_CUDA_W8A16", "simt") if op == W8A16_SIMT else contextlib.nullcontext():
+                    us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 log(f"  {N}x{K} M={M} {op}: {row['error']}")

@@ -179,8 +179,9 @@ def test_cuda_build_reports_archs():
     assert mod.int8_quantize_per_token(0, 3, 0, 4, 4, 0, 0, 0, 0) == bad         # dtype code
     assert mod.int8_quantize_per_token(0, 0, 0, 4, 3, 0, 0, 0, 0) == bad         # ldx < K
     assert mod.int8_quantize_per_token(0, 0, 2, 4, 4, 0, 0, 0, 0) == bad         # null pointers, M > 0
-    # x, x_dtype, M, K, ldx, qweight, wscale, N, bias, bias_dtype, y, ldy, [qx, sx,] device, stream
-    for fn, extra in ((mod.int8_linear_w8a16, ()), (mod.int8_linear_w8a8, (0, 0))):
+    # x, x_dtype, M, K, ldx, qweight, wscale, N, bias, bias_dtype, y, ldy, [splits, partial, counters | qx, sx,]
+    # device, stream
+    for fn, extra in ((mod.int8_linear_w8a16, (1, 0, 0)), (mod.int8_linear_w8a8, (0, 0))):
         assert fn(0, 0, 0, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == ok         # M == 0
         assert fn(0, 0, 1, 8, 8, 0, 0, 0, 0, 0, 0, 4, *extra, 0, 0) == bad        # N == 0
         assert fn(0, 0, 1, 8, 8, 0, 0, 4, 0, 0, 0, 3, *extra, 0, 0) == bad        # ldy < N
@@ -189,6 +190,14 @@ def test_cuda_build_reports_archs():
         assert fn(0, 0, -1, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == bad       # M < 0
         assert fn(0, 0, 3, 8, 8, 0, 0, 4, 0, 0, 0, 4, *extra, 0, 0) == bad        # null pointers
         assert fn(0, 0, 64, 16, 16, 0, 0, 8, 0, 0, 0, 8, *extra, 0, 0) == bad     # null pointers, W8A8 mma shape
+    assert mod.int8_linear_w8a16(0, 0, 0, 8, 8, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0, 0, 0) == bad  # splits < 1
+    # W8A16's K split (host arithmetic): tensor cores for fp16 / bf16 with K % 16 == 0 only
+    f16, bf16, f32 = (_native.DTYPE_CODE[t] for t in (torch.float16, torch.bfloat16, torch.float32))
+    splits, count = mod.int8_w8a16_plan(1, 4096, 4096, f16, 132)
+    assert splits > 1 and count > 0, (splits, count)  # 64 column blocks do not fill 132 SMs
+    assert mod.int8_w8a16_plan(1, 4096, 4096, bf16, 132)[0] == splits
+    assert mod.int8_w8a16_plan(1, 4096, 4096, f32, 132) == (1, 0)
+    assert mod.int8_w8a16_plan(1, 4100, 4096, f16, 132) == (1, 0)
     # W8A8 scratch missing (fake non-null operands, never dereferenced): rejected before any device work
     assert mod.int8_linear_w8a8(16, 0, 64, 16, 16, 16, 16, 8, 0, 0, 16, 8, 0, 16, 0, 0) == bad
     assert mod.int8_linear_w8a8(16, 0, 64, 16, 16, 16, 16, 8, 0, 0, 16, 8, 16, 0, 0, 0) == bad
@@ -333,7 +342,8 @@ def test_native_poisoned_outputs_small(op, dtype, cgen):
     element written, nothing outside [M, N] of a wider y touched."""
     mod = _native.cuda_module()
     code = _native.DTYPE_CODE[dtype]
-    # the last two take the W8A8 tensor-core path (M >= 64, K % 16 == 0)
+    # the last two take the W8A8 tensor-core path (M >= 64, K % 16 == 0); W8A16 takes its tensor-core
+    # path for fp16 / bf16 when K % 16 == 0, split along K at (1, 5, 512) and (2, 8, 1024)
     for M, N, K in [(3, 37, 23), (17, 9, 128), (1, 5, 512), (2, 8, 1024), (65, 37, 48), (130, 9, 1040)]:
         ldx, ldy = K + 8, N + 5
         x = randn((M, ldx), cgen, dtype)
@@ -343,9 +353,13 @@ def test_native_poisoned_outputs_small(op, dtype, cgen):
         y = y_all[:M]
         stream = torch.cuda.current_stream().cuda_stream
         dev = torch.cuda.current_device()
-        if op == "w8a16":
+        if op == "w8a16":  # the plan's K split, with its scratch (poisoned partial sums)
+            splits, count = mod.int8_w8a16_plan(M, K, N, code, _native.sm_count(x.device))
+            partial = torch.full((splits, M, (N + 15) // 16 * 16), float("nan"), device="cuda")
+            counters = torch.zeros(max(count, 1), dtype=torch.int32, device="cuda")
             st = mod.int8_linear_w8a16(x.data_ptr(), code, M, K, ldx, qw.data_ptr(), s.data_ptr(), N,
-                                       b.data_ptr(), code, y.data_ptr(), ldy, dev, stream)
+                                       b.data_ptr(), code, y.data_ptr(), ldy, splits, partial.data_ptr(),
+                                       counters.data_ptr(), dev, stream)
         else:
             qx = torch.full((M, K), -128, dtype=torch.int8, device="cuda")
             sx = torch.full((M,), float("nan"), device="cuda")
@@ -359,6 +373,8 @@ def test_native_poisoned_outputs_small(op, dtype, cgen):
         assert torch.isnan(y[:, N:]).all(), f"{what}: wrote past N into the row padding"
         assert torch.isnan(y_all[M:]).all(), f"{what}: wrote rows past M"
         assert_linear_close(y[:, :N], ref_linear64(op, xv, qw, s, b), torch_linear_lowp(op, xv, qw, s, b), what)
+        if op == "w8a16":
+            assert not counters.any(), f"{what}: the K-split counters were not left at zero"
         if op == "w8a8":
             q_ref, s_ref = quantize_ref(xv)
             assert_quant_equal(qx, sx, q_ref, s_ref, what + " (scratch)")
@@ -432,6 +448,52 @@ def test_w8a8_mma_matches_dp4a_small(dtype, M, N, K, cgen):
     qw_off.copy_(qw)
     assert qw_off.data_ptr() % 16 != 0
     assert torch.equal(OPS["w8a8"](x, qw_off, s, b), y), "misaligned weight (dp4a) differs from tensor cores"
+
+
+# W8A16 on tensor cores (fp16 / bf16, K % 16 == 0): 1, 16-row and 64-row tiles and past them,
+# columns past a 16-column tile, K in whole 64-k tiles or ending inside one, K splits (N = 4096
+# or 576 at small M fill too few blocks), and a grid of more than one M block
+W8A16_TC_SMALL = [(1, 37, 48), (2, 16, 16), (17, 9, 1040), (65, 37, 64)]
+W8A16_TC = [(1, 4096, 4096), (5, 576, 11008), (16, 4096, 4096), (33, 300, 4112), (64, 4096, 512), (130, 37, 4096)]
+
+
+@pytest.fixture(params=["auto", "simt"])
+def w8a16_kernel(request, monkeypatch):
+    """W8A16 with each kernel: the default (tensor cores where they apply) and
+    LOWBIT_CUDA_W8A16=simt (the CUDA-core GEMV; read at every call)."""
+    if request.param == "simt":
+        monkeypatch.setenv("LOWBIT_CUDA_W8A16", "simt")
+    else:
+        monkeypatch.delenv("LOWBIT_CUDA_W8A16", raising=False)
+    return request.param
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K", W8A16_TC_SMALL)
+def test_w8a16_tensor_cores_small(dtype, M, N, K, w8a16_kernel, cgen):
+    check_linear("w8a16", dtype, M, N, K, (M + N) % 2 == 0, cgen)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K", W8A16_TC)
+def test_w8a16_tensor_cores(dtype, M, N, K, w8a16_kernel, cgen):
+    check_linear("w8a16", dtype, M, N, K, (M + N) % 2 == 1, cgen)
+
+
+@gpu
+def test_w8a16_extreme_codes_small(cgen):
+    """Codes -128 and 127 only (the ends of the exact int8 -> fp16 / bf16 conversion in the
+    tensor-core path), against the float64 reference."""
+    M, N, K = 3, 40, 64
+    qw = torch.where(torch.rand((N, K), generator=cgen, device="cuda") < 0.5, -128, 127).to(torch.int8)
+    s = torch.full((N,), 3.0e-2, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        x = randn((M, K), cgen, dtype)
+        y = OPS["w8a16"](x, qw, s)
+        assert_linear_close(y, ref_linear64("w8a16", x, qw, s, None), torch_linear_lowp("w8a16", x, qw, s, None),
+                            f"extreme codes {DT_ID[dtype]}")
 
 
 @gpu

@@ -77,9 +77,17 @@ int int8_quantize_per_token(uintptr_t x, int x_dtype, int64_t M, int64_t K, int6
                                        stream_ptr(stream));
 }
 
+py::tuple int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count) {
+  int splits = 1;
+  int64_t counters = 0;
+  cuda::int8_w8a16_plan(M, K, N, x_dtype, sm_count, &splits, &counters);
+  return py::make_tuple(splits, counters);
+}
+
 int int8_linear_w8a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t qweight,
                       uintptr_t wscale, int64_t N, uintptr_t bias, int bias_dtype, uintptr_t y, int64_t ldy,
-                      int device, uintptr_t stream) {
+                      int splits, uintptr_t partial, uintptr_t counters, int device, uintptr_t stream) {
+  if (splits < 1) return kInvalidArgument;
   if (int st = cuda::check_linear_args(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const void>(qweight),
                                        ptr<const void>(wscale), N, ptr<const void>(bias), bias_dtype,
                                        ptr<const void>(y), ldy))
@@ -90,7 +98,7 @@ int int8_linear_w8a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ld
   if (!scope.ok()) return kCudaError;
   return cuda::int8_linear_w8a16(ptr<const void>(x), x_dtype, M, K, ldx, ptr<const int8_t>(qweight),
                                  ptr<const float>(wscale), N, ptr<const void>(bias), bias_dtype, ptr<void>(y), ldy,
-                                 stream_ptr(stream));
+                                 splits, ptr<float>(partial), ptr<int>(counters), stream_ptr(stream));
 }
 
 int int8_linear_w8a8(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t qweight,
@@ -201,9 +209,12 @@ PYBIND11_MODULE(_cuda, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("int8_quantize_per_token", &int8_quantize_per_token, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"),
         py::arg("K"), py::arg("ldx"), py::arg("q"), py::arg("scale"), py::arg("device"), py::arg("stream"));
+  m.def("int8_w8a16_plan", &int8_w8a16_plan, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("x_dtype"),
+        py::arg("sm_count"), "(splits, counters): how int8_linear_w8a16 runs this shape (host-only arithmetic).");
   m.def("int8_linear_w8a16", &int8_linear_w8a16, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("ldx"), py::arg("qweight"), py::arg("wscale"), py::arg("N"), py::arg("bias"), py::arg("bias_dtype"),
-        py::arg("y"), py::arg("ldy"), py::arg("device"), py::arg("stream"));
+        py::arg("y"), py::arg("ldy"), py::arg("splits"), py::arg("partial"), py::arg("counters"), py::arg("device"),
+        py::arg("stream"));
   m.def("int8_linear_w8a8", &int8_linear_w8a8, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("ldx"), py::arg("qweight"), py::arg("wscale"), py::arg("N"), py::arg("bias"), py::arg("bias_dtype"),
         py::arg("y"), py::arg("ldy"), py::arg("qx"), py::arg("sx"), py::arg("device"), py::arg("stream"));

@@ -70,28 +70,6 @@ template <class KV> struct MmaRing {
   static_assert(kChunks >= 8, "the swizzle permutes 8 chunks");
 };
 
-// Two int8 codes of a word (bytes I and J) as an exact packed pair of the mma type E,
-// from u = word ^ 0x80808080 (each code + 128, as an unsigned byte).
-template <class E> struct CodePair;
-template <> struct CodePair<F16> {
-  template <int I, int J>
-  __device__ static uint32_t get(uint32_t u) {
-    // fp16 0x64XX is 1024 + XX; minus 1152 leaves the code.
-    const uint32_t t = __byte_perm(u, 0x64646464u, I | 4 << 4 | J << 8 | 4 << 12);
-    const __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&t), __float2half2_rn(1152.0f));
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-template <> struct CodePair<BF16> {
-  template <int I, int J>
-  __device__ static uint32_t get(uint32_t u) {
-    // bf16 has no magic that spans 256 codes; fp32 0x4B0000XX is 2^23 + XX.
-    const float lo = __uint_as_float(__byte_perm(u, 0x4B000000u, I | 4 << 4 | 5 << 8 | 7 << 12)) - 8388736.0f;
-    const float hi = __uint_as_float(__byte_perm(u, 0x4B000000u, J | 4 << 4 | 5 << 8 | 7 << 12)) - 8388736.0f;
-    return ptx::Mma16<BF16>::pack(lo, hi);
-  }
-};
-
 // E: query / mma element type (F16 or BF16); KV: E or I8. hpb: query heads per block
 // (heads_per_block of the GQA group, <= 8).
 template <class E, class KV>
@@ -212,9 +190,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         for (int x = 0; x < 4; ++x) w[x] ^= 0x80808080u;
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {  // chunk c + cc is k step c + cc
-          const uint32_t lo0 = CodePair<E>::template get<0, 1>(w[2 * cc]), hi0 = CodePair<E>::template get<2, 3>(w[2 * cc]);
-          const uint32_t lo1 = CodePair<E>::template get<0, 1>(w[2 * cc + 1]),
-                         hi1 = CodePair<E>::template get<2, 3>(w[2 * cc + 1]);
+          const uint32_t lo0 = ptx::CodePair<E>::template get<0, 1>(w[2 * cc]), hi0 = ptx::CodePair<E>::template get<2, 3>(w[2 * cc]);
+          const uint32_t lo1 = ptx::CodePair<E>::template get<0, 1>(w[2 * cc + 1]),
+                         hi1 = ptx::CodePair<E>::template get<2, 3>(w[2 * cc + 1]);
           const uint32_t afr[4] = {lo0, lo1, hi0, hi1};
           M::mma(s, afr, qb[c + cc][0], qb[c + cc][1]);
         }
@@ -278,9 +256,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         for (int x = 0; x < 4; ++x) w[x] ^= 0x80808080u;
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {  // chunk c + cc is O^T tile c + cc: rows d even | odd
-          const uint32_t afr[4] = {CodePair<E>::template get<0, 2>(w[2 * cc]), CodePair<E>::template get<1, 3>(w[2 * cc]),
-                                   CodePair<E>::template get<0, 2>(w[2 * cc + 1]),
-                                   CodePair<E>::template get<1, 3>(w[2 * cc + 1])};
+          const uint32_t afr[4] = {ptx::CodePair<E>::template get<0, 2>(w[2 * cc]), ptx::CodePair<E>::template get<1, 3>(w[2 * cc]),
+                                   ptx::CodePair<E>::template get<0, 2>(w[2 * cc + 1]),
+                                   ptx::CodePair<E>::template get<1, 3>(w[2 * cc + 1])};
           M::mma(o[c + cc], afr, b0, b1);
         }
       } else {

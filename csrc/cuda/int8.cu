@@ -12,7 +12,11 @@
 // grid-stride loop), N in blocks of kRowsPerBlock rows (gridDim.x, then a
 // grid-stride loop), so no grid limit cuts a shape short.
 //
-// W8A16 accumulates x * q in fp32 and applies wscale once per output; W8A8
+// W8A16 with fp16 / bf16 activations and K % 16 == 0 runs on the tensor cores: the
+// weight-only kernel of woq_mma.cuh (shared with W4A16) with the Int8W format below,
+// reading the canonical rows directly. Otherwise (fp32, ragged K, misaligned weights,
+// or LOWBIT_CUDA_W8A16=simt) the CUDA-core W8A16 kernel accumulates x * q in fp32 and
+// applies wscale once per output; W8A8
 // first quantizes x per token into Python-allocated scratch (qx, sx) with the
 // quantizer below, then accumulates q(x) . q(w) exactly with __dp4a in int32
 // (flushed to fp32 every kChunkK products, so any K is safe) and applies
@@ -25,11 +29,14 @@
 #include <atomic>
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "int8.h"
 #include "lowbit/cuda_common.cuh"
 #include "lowbit/int8_format.h"
 #include "ptx.cuh"
+#include "woq_mma.cuh"
 
 namespace lowbit::cuda {
 namespace {
@@ -291,6 +298,64 @@ __global__ void __launch_bounds__(kThreads)
     store_tile<D, MT>(mine, n0, nr, m0, mc, nullptr, ws, bias, bias_dtype, y, ldy);
   });
 }
+
+// The weight format of woq_kernel (woq_mma.cuh) for W8A16: the canonical int8 [N, K] rows
+// (K % 16 == 0, 16-byte aligned), the per-channel scale applied to the fp32 sums. Per tile
+// a lane copies the 16 codes k = 64 t + 16 tig .. + 16 of rows na and na + 8 (woq's k order:
+// word j of a row holds step j's slot pairs, bytes 0, 1 for B register 0 and 2, 3 for 1);
+// codes become fp16 / bf16 exactly (ptx::CodePair).
+struct Int8W {
+  struct Ring {
+    uint4 w[woq::kWarps][woq::kStages][2][32];
+  };
+  struct Tile {
+    uint4 w[2];
+  };
+  struct Cursor {
+    const int8_t* base;  // any valid address, for copies that read nothing
+    const int8_t* row;   // row na at the lane's first k
+    int64_t ld8;         // 8 K: from row na to row na + 8
+    int left;            // codes of the row from the lane's first k to K
+    bool ok[2];          // rows na, na + 8 exist
+    __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane) {
+      const int64_t na = nt * woq::kTileN + (lane >> 2), k = t_begin * woq::kTileK + 16 * (lane & 3);
+      base = static_cast<const int8_t*>(a.qweight);
+      ok[0] = na < a.N, ok[1] = na + 8 < a.N;
+      row = base + (ok[0] ? na * a.K + k : 0);
+      ld8 = 8 * a.K;
+      left = int(a.K - k);
+    }
+    __device__ void issue(Ring& r, int warp, int slot, int lane, int i) const {
+      int n = left - i * woq::kTileK;
+      n = n < 0 ? 0 : n > 16 ? 16 : n;
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub) {
+        const bool live = ok[sub] && n > 0;
+        ptx::cp_async16_zfill_n(&r.w[warp][slot][sub][lane], live ? row + sub * ld8 + i * woq::kTileK : base,
+                                live ? n : 0);
+      }
+    }
+  };
+  __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
+    return {{r.w[warp][slot][0][lane], r.w[warp][slot][1][lane]}};
+  }
+  template <class D>
+  __device__ static void dequant(const Tile& t, uint32_t (&b)[4][2][2]) {
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {
+      const uint32_t words[4] = {t.w[sub].x, t.w[sub].y, t.w[sub].z, t.w[sub].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t u = words[j] ^ 0x80808080u;
+        b[j][sub][0] = ptx::CodePair<D>::template get<0, 1>(u);
+        b[j][sub][1] = ptx::CodePair<D>::template get<2, 3>(u);
+      }
+    }
+  }
+  __device__ static float finish(const woq::Args& a, int64_t n, float v) {
+    return v * static_cast<const float*>(a.scales)[n];
+  }
+};
 
 // ---------------------------------------------------------------- W8A8
 template <class D, int MT, bool VEC>
@@ -654,15 +719,43 @@ int int8_quantize_per_token(const void* x, int x_dtype, int64_t M, int64_t K, in
   return launch_status("int8_quantize_per_token");
 }
 
+namespace {
+// Whether W8A16 takes the tensor-core kernel (woq_mma.cuh): fp16 / bf16 activations,
+// K % 16 == 0 (16-byte weight rows), unless LOWBIT_CUDA_W8A16=simt (read per call).
+bool w8a16_tensor_cores(int x_dtype, int64_t K) {
+  const char* env = std::getenv("LOWBIT_CUDA_W8A16");
+  if (env && std::strcmp(env, "simt") == 0) return false;
+  return (x_dtype == kF16 || x_dtype == kBF16) && K % 16 == 0 && K < (int64_t(1) << 31);
+}
+
+}  // namespace
+
+void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count, int* splits, int64_t* counters) {
+  *splits = 1, *counters = 0;
+  if (w8a16_tensor_cores(x_dtype, K)) woq::plan(M, K, N, sm_count, splits, counters);
+}
+
 int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,
                       const float* wscale, int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy,
-                      void* stream) {
+                      int splits, float* partial, int* counters, void* stream) {
   if (int st = check_linear_args(x, x_dtype, M, K, ldx, qweight, wscale, N, bias, bias_dtype, y, ldy)) return st;
+  if (splits < 1) return kInvalidArgument;
   if (M == 0) return kOk;
   (void)cudaGetLastError();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(x) && (ldx * dtype_size(x_dtype)) % 16 == 0;
-  LOWBIT_DISPATCH_DTYPE(x_dtype, D, launch_w8a16<D>(vec, x, M, K, ldx, qweight, wscale, N, bias, bias_dtype, y, ldy, s));
+  if (w8a16_tensor_cores(x_dtype, K) && aligned16(qweight)) {
+    woq::Args a{};
+    if (woq::set_shape(a, M, K, ldx, N, splits, partial, counters) != kOk) return kInvalidArgument;
+    a.x = x;
+    a.xvec = aligned16(x) && (ldx * 2) % 16 == 0;
+    a.qweight = qweight, a.scales = wscale, a.groups = 1;
+    a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
+    x_dtype == kF16 ? woq::launch<F16, Int8W>(a, s) : woq::launch<BF16, Int8W>(a, s);
+  } else {  // the CUDA-core kernel (needs no split scratch: any plan is fine)
+    const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(x) && (ldx * dtype_size(x_dtype)) % 16 == 0;
+    LOWBIT_DISPATCH_DTYPE(x_dtype, D,
+                          launch_w8a16<D>(vec, x, M, K, ldx, qweight, wscale, N, bias, bias_dtype, y, ldy, s));
+  }
   return launch_status("int8_linear_w8a16");
 }
 

@@ -25,6 +25,10 @@ __device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, boo
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(pred ? 16 : 0));
 }
+// The first `bytes` (0..16) of 16 bytes, zeros after them: a row that ends inside the chunk.
+__device__ __forceinline__ void cp_async16_zfill_n(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
 __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
@@ -107,6 +111,28 @@ template <> struct Mma16<BF16> {
     return *reinterpret_cast<const uint32_t*>(&h);
   }
   __device__ static H2 splat(float v) { return __float2bfloat162_rn(v); }
+};
+
+// Two int8 codes of a word (bytes I and J) as an exact packed pair of the mma type E,
+// from u = word ^ 0x80808080 (each code + 128, as an unsigned byte).
+template <class E> struct CodePair;
+template <> struct CodePair<F16> {
+  template <int I, int J>
+  __device__ static uint32_t get(uint32_t u) {
+    // fp16 0x64XX is 1024 + XX; minus 1152 leaves the code.
+    const uint32_t t = __byte_perm(u, 0x64646464u, I | 4 << 4 | J << 8 | 4 << 12);
+    const __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&t), __float2half2_rn(1152.0f));
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+template <> struct CodePair<BF16> {
+  template <int I, int J>
+  __device__ static uint32_t get(uint32_t u) {
+    // bf16 has no magic that spans 256 codes; fp32 0x4B0000XX is 2^23 + XX.
+    const float lo = __uint_as_float(__byte_perm(u, 0x4B000000u, I | 4 << 4 | 5 << 8 | 7 << 12)) - 8388736.0f;
+    const float hi = __uint_as_float(__byte_perm(u, 0x4B000000u, J | 4 << 4 | 5 << 8 | 7 << 12)) - 8388736.0f;
+    return Mma16<BF16>::pack(lo, hi);
+  }
 };
 
 // m16n8k32 int8 x int8 with int32 accumulation (exact).

@@ -33,7 +33,7 @@ import torch
 from .. import _native
 from ..formats import int4 as fmt
 from . import _check as chk
-from .int8 import bias_args
+from .int8 import bias_args, cuda_counters
 from .int8 import run_cpu_kernel, validate_x
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
@@ -146,22 +146,6 @@ def _cpu_impl(op):
 
 
 # ---------------------------------------------------------------- CUDA
-# K-split counters: zero before a call and left zero by it, so one buffer per (device, stream)
-# serves every call in stream order. While a CUDA graph is being captured a fresh zeroed buffer
-# is made per call instead (its zeroing becomes part of the graph).
-_counters: dict = {}
-
-
-def _cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
-    if torch.cuda.is_current_stream_capturing():
-        return torch.zeros(count, dtype=torch.int32, device=device)
-    key = (device.index, stream)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < count:
-        buf = _counters[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
 def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     op = "int4_linear_w4a16"
     k, _ = validate_linear(x, qweight, scales, mins, n, bias, op)
@@ -178,7 +162,7 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     partial = counters = None
     if splits > 1:  # per-split fp32 sums, from torch's allocator
         partial = torch.empty((splits, m, scales.shape[1]), dtype=torch.float32, device=dev)
-        counters = _cuda_counters(dev, stream, count)
+        counters = cuda_counters(dev, stream, count)
     st = mod.int4_linear_w4a16(
         x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(), scales.data_ptr(),
         _native.DTYPE_CODE[scales.dtype], scales.shape[0], n, *bias_args(bias), y.data_ptr(), n, splits,

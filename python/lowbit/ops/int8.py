@@ -183,18 +183,43 @@ def quantize_per_token_cuda(x):
     return q.view(x.shape), s.view(x.shape[:-1])
 
 
+# K-split counters: zero before a call and left zero by it, so one buffer per (device, stream)
+# serves every call in stream order. While a CUDA graph is being captured a fresh zeroed buffer
+# is made per call instead (its zeroing becomes part of the graph).
+_counters: dict = {}
+
+
+def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = (device.index, stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < count:
+        buf = _counters[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def _linear_cuda(op, x, qweight, scale, bias):
     n, k = validate_linear(x, qweight, scale, bias, op)
     mod = _native.cuda_module()
     x2 = chk.rows(x)
     m = x2.shape[0]
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    args = [x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), qweight.data_ptr(),
-            scale.data_ptr(), n, *bias_args(bias), y.data_ptr(), n]
+    dev = x.device
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
+    code = _native.DTYPE_CODE[x.dtype]
+    args = [x2.data_ptr(), code, m, k, chk.row_stride(x2), qweight.data_ptr(), scale.data_ptr(), n,
+            *bias_args(bias), y.data_ptr(), n]
     if op == "int8_linear_w8a8":  # scratch for the per-token codes and scales, from torch's allocator
-        qx = torch.empty((m, k), dtype=torch.int8, device=x.device)
-        sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+        qx = torch.empty((m, k), dtype=torch.int8, device=dev)
+        sx = torch.empty((m,), dtype=torch.float32, device=dev)
         args += [qx.data_ptr(), sx.data_ptr()]
+    else:  # W8A16 on tensor cores splits K when N alone does not fill the GPU (as W4A16)
+        splits, count = mod.int8_w8a16_plan(m, k, n, code, _native.sm_count(dev))
+        partial = counters = None
+        if splits > 1:
+            partial = torch.empty((splits, m, (n + 15) // 16 * 16), dtype=torch.float32, device=dev)
+            counters = cuda_counters(dev, _native.stream_of(x), count)
+        args += [splits, 0 if partial is None else partial.data_ptr(), 0 if counters is None else counters.data_ptr()]
     _native.check(getattr(mod, op)(*args, x.device.index, _native.stream_of(x)), op)
     return y
 

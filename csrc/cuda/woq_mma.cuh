@@ -1,0 +1,275 @@
+// Weight-only quantized linear layers on tensor cores (mma.sync m16n8k16, fp32
+// accumulation): y[M, N] = x[M, K] . W^T (+ bias), x and y fp16 or bf16, for decode and
+// small batches (M = 1..64 per block) and correct for any M, N, K >= 1. One kernel
+// template; the weight format is a policy: W4A16 (int4.cu: packed nibbles, group scales
+// applied while dequantizing) and W8A16 (int8.cu: the canonical int8 [N, K] rows, the
+// per-channel scale applied to the sums).
+//
+// Work split. A warp owns 16 output columns (two n8 mma tiles) and walks its share of K
+// in tiles of 64; a block is kWarps such warps side by side (64 columns, so they read the
+// same activations and share them through L1) times up to MT m16 tiles of activation
+// rows. Each warp streams its weights through a kStages-deep cp.async ring in shared
+// memory (what hides HBM latency: the loads need no registers while the warp computes);
+// each lane copies and later reads only its own slots, so cp.async.wait_group alone
+// orders them (no warp or block barrier). When N is too small to fill one wave of
+// resident blocks (N = 4096 gives 64 blocks for 132 SMs), K is split across gridDim.y
+// blocks: each writes its fp32 partial sums, and the last block of a column tile to
+// finish (elected by an atomic counter, which it then resets) adds them up in split
+// order (so results do not depend on timing) and writes y.
+//
+// The k order. The mma's k slots are mapped to real k so that each lane's 16 k of a tile
+// are contiguous: slot pair (2 tig, 2 tig + 1) of mma step j is k = 64 t + 16 tig + 4 j +
+// {0, 1}, slot pair (2 tig + 8, 2 tig + 9) is + {2, 3} (gid = lane / 4, tig = lane % 4).
+// A and B use the same map, so the sum over slots is the sum over real k: a lane loads its
+// 16 activations of a row with two 16-byte loads, and its weights as 16 (W4) or 2 x 16
+// (W8) contiguous bytes per tile.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.h"
+#include "lowbit/cuda_common.cuh"
+#include "ptx.cuh"
+
+namespace lowbit::cuda::woq {
+
+constexpr int kWarps = 4;                 // warps per block, side by side along N
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileN = 16;                // output columns per warp
+constexpr int kBlockN = kWarps * kTileN;  // output columns per block
+constexpr int kTileK = 64;                // k per warp step
+constexpr int kStages = 8;                // k tiles a warp keeps in flight (cp.async ring; a power of 2)
+constexpr int kMaxSplits = 16;
+constexpr int kMinTilesPerSplit = 2;
+constexpr int kBlocksPerSm = 4;           // resident blocks per SM (launch bound); the split aims at one wave
+constexpr int64_t kMaxGridZ = 65535;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Args {
+  const void* x;
+  int64_t M, K, ldx;
+  bool xvec;  // x rows may be read 16 bytes at a time
+  const void* qweight;
+  const void* scales;
+  int64_t groups;  // W4: scale groups along K
+  int64_t N, Np, ktiles;
+  int g_shift;  // W4: log2 of the group size when groups > 1 (then g is 32, 64 or 128)
+  int splits;
+  int64_t tiles_per_split;
+  const void* bias;
+  int bias_dtype;
+  void* y;
+  int64_t ldy;
+  float* partial;  // [splits, M, Np] fp32 when splits > 1
+  int* counters;   // one per (column block, m block), zero before and after a call
+};
+
+// ---- activations ---------------------------------------------------------------------
+// The 16 activations x[r, k0 .. k0 + 16) as 8 packed pairs (zeros past M and K).
+template <class D>
+__device__ __forceinline__ void load_x16(const Args& a, int64_t r, int64_t k0, uint32_t (&out)[8]) {
+  using T = typename D::T;
+  if (r >= a.M) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = 0;
+    return;
+  }
+  const T* p = static_cast<const T*>(a.x) + r * a.ldx + k0;
+  if (a.xvec && k0 + 16 <= a.K) {
+    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(p)), hi = __ldg(reinterpret_cast<const uint4*>(p + 8));
+    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
+    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t e0 = k0 + 2 * i < a.K ? p[2 * i] : 0, e1 = k0 + 2 * i + 1 < a.K ? p[2 * i + 1] : 0;
+    out[i] = e0 | (e1 << 16);
+  }
+}
+
+// The activation fragments of one m16 tile for one k tile: rows gid and gid + 8, the lane's 16 k.
+struct XFrag {
+  uint32_t lo[8], hi[8];
+};
+
+template <class D>
+__device__ __forceinline__ void load_xfrag(const Args& a, int64_t row0, int64_t k0, XFrag& f) {
+  const int gid = (threadIdx.x & 31) >> 2;
+  load_x16<D>(a, row0 + gid, k0, f.lo);
+  load_x16<D>(a, row0 + gid + 8, k0, f.hi);
+}
+
+// One k tile of one warp: the 16 dequantized B registers (4 steps x 2 n8 tiles x 2) against
+// each m16 tile of activations (m tile 0's loaded ahead by the caller).
+template <class D, int MT>
+__device__ __forceinline__ void tile_mma(const Args& a, float (&acc)[MT][2][4], const uint32_t (&b)[4][2][2],
+                                         int64_t m0, int64_t k0, const XFrag& first) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    if (m0 + 16 * mt >= a.M) break;  // warp-uniform
+    XFrag other;
+    if (mt > 0) load_xfrag<D>(a, m0 + 16 * mt, k0, other);
+    const XFrag& x = mt == 0 ? first : other;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t frag[4] = {x.lo[2 * j], x.hi[2 * j], x.lo[2 * j + 1], x.hi[2 * j + 1]};
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub) ptx::Mma16<D>::mma(acc[mt][sub], frag, b[j][sub][0], b[j][sub][1]);
+    }
+  }
+}
+
+// y[r, n] = F's finish of the sum v (its scale, if any) + bias.
+template <class D, class F>
+__device__ __forceinline__ void store_y(const Args& a, int64_t r, int64_t n, float v) {
+  v = F::finish(a, n, v);
+  if (a.bias) v += load_f32(a.bias, a.bias_dtype, n);
+  static_cast<typename D::T*>(a.y)[r * a.ldy + n] = D::from_f32(v);
+}
+
+// ---- the kernel -----------------------------------------------------------------------
+// F, the weight format: F::Ring (the block's rings: kWarps x kStages slots of 32 lanes),
+// F::Cursor (a lane's position in its column tile: constructed at the warp's first tile,
+// issue(ring, warp, slot, lane, i) copies its relative tile i into the slot),
+// F::Tile / F::read(ring, warp, slot, lane) (a lane's slot back in registers),
+// F::dequant<D>(tile, b) (the 16 B registers) and F::finish(a, n, sum).
+template <class D, class F, int MT>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const int64_t nt = int64_t(blockIdx.x) * kWarps + warp;  // this warp's 16-column tile
+  const bool active = nt < a.Np / kTileN;                   // warp-uniform; idle warps still meet the barriers
+  const int split = blockIdx.y;
+  const int64_t t_begin = split * a.tiles_per_split;
+  const int64_t t_end = t_begin + a.tiles_per_split < a.ktiles ? t_begin + a.tiles_per_split : a.ktiles;
+  const int64_t mblocks = (a.M + 16 * MT - 1) / (16 * MT);
+  __shared__ typename F::Ring ring;
+
+  for (int64_t mb = blockIdx.z; mb < mblocks; mb += gridDim.z) {
+    const int64_t m0 = mb * 16 * MT;
+    float acc[MT][2][4] = {};
+    if (active) {
+      // 32-bit tile arithmetic from here (K < 2^37); the per-tile loop is instruction-bound.
+      typename F::Cursor cur(a, nt, t_begin, lane);
+      const int count = int(t_end - t_begin), k_lane = int(t_begin) * kTileK + 16 * tig;
+      auto issue = [&](int i) {  // tile t_begin + i into slot i % kStages (always one commit group)
+        if (i < count) cur.issue(ring, warp, i & (kStages - 1), lane, i);
+        ptx::cp_async_commit();
+      };
+      for (int i = 0; i < kStages - 1; ++i) issue(i);
+      XFrag x_cur, x_next;  // m tile 0's activations, one k tile ahead (an L1/L2 round trip off the chain)
+      if (count > 0) load_xfrag<D>(a, m0, k_lane, x_cur);
+      for (int i = 0; i < count; ++i) {
+        ptx::cp_async_wait<kStages - 2>();  // tile i has landed
+        const typename F::Tile w = F::read(ring, warp, i & (kStages - 1), lane);
+        issue(i + kStages - 1);  // into the slot tile i - 1 used (already read)
+        if (i + 1 < count) load_xfrag<D>(a, m0, k_lane + (i + 1) * kTileK, x_next);
+        uint32_t b[4][2][2];
+        F::template dequant<D>(w, b);
+        tile_mma<D, MT>(a, acc, b, m0, k_lane + i * kTileK, x_cur);
+        x_cur = x_next;
+      }
+      ptx::cp_async_wait<0>();  // (empty groups) before the ring is reused
+    }
+
+    // Fragment (mt, sub) element e: row m0 + 16 mt + gid + 8 (e >> 1), column nt * 16 + 8 sub + 2 tig + (e & 1).
+    if (a.splits == 1) {
+      if (!active) continue;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t r = m0 + 16 * mt + gid + 8 * (e >> 1), n = nt * kTileN + 8 * sub + 2 * tig + (e & 1);
+            if (r < a.M && n < a.N) store_y<D, F>(a, r, n, acc[mt][sub][e]);
+          }
+      continue;
+    }
+    // Split K (then gridDim.z == mblocks): partial[split, r, n], then the last block adds up.
+    if (active) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int64_t r = m0 + 16 * mt + gid + 8 * hr, n = nt * kTileN + 8 * sub + 2 * tig;
+            if (r < a.M)
+              *reinterpret_cast<float2*>(a.partial + (split * a.M + r) * a.Np + n) =
+                  make_float2(acc[mt][sub][2 * hr], acc[mt][sub][2 * hr + 1]);
+          }
+    }
+    __threadfence();  // our partials are visible device-wide before we are counted
+    __syncthreads();
+    __shared__ int last;
+    int* counter = a.counters + blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == a.splits - 1;
+    __syncthreads();
+    if (!last) continue;
+    __threadfence();
+    const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
+    const int64_t rows = a.M - m0 < 16 * MT ? a.M - m0 : 16 * MT;
+    for (int64_t i = threadIdx.x; i < rows * kBlockN; i += kThreads) {
+      const int64_t r = m0 + i / kBlockN, n = n0 + i % kBlockN;
+      if (n >= a.N) continue;
+      float v = 0.0f;
+      for (int s = 0; s < a.splits; ++s) v += __ldcg(a.partial + (s * a.M + r) * a.Np + n);  // L2: other SMs wrote it
+      store_y<D, F>(a, r, n, v);
+    }
+    if (threadIdx.x == 0) *counter = 0;  // ready for the next call on this stream
+  }
+}
+
+// ---- host ---------------------------------------------------------------------------------
+inline int pick_mt(int64_t M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
+
+// How to run an [M, K] x [N, K]^T product on a GPU with sm_count SMs: the number of K
+// splits and of int32 counters the call needs (0 when splits == 1).
+inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters) {
+  const int64_t ntiles = cdiv(N, kTileN), ktiles = cdiv(K, kTileK);
+  const int64_t mblocks = cdiv(M < 1 ? 1 : M, 16 * pick_mt(M));
+  // As many splits as fit in one wave of resident blocks (a second, partial wave would idle most SMs).
+  int64_t s = int64_t(sm_count < 1 ? 1 : sm_count) * kBlocksPerSm / (cdiv(ntiles, kWarps) * mblocks);
+  const int64_t most = ktiles / kMinTilesPerSplit < kMaxSplits ? ktiles / kMinTilesPerSplit : kMaxSplits;
+  if (s > most) s = most;
+  if (s < 1 || mblocks > kMaxGridZ) s = 1;
+  s = cdiv(ktiles, cdiv(ktiles, s));  // no empty split
+  *splits = int(s);
+  *counters = s > 1 ? cdiv(ntiles, kWarps) * mblocks : 0;
+}
+
+// The shape and split fields of a (x, weights, bias and y are the caller's); kOk, or
+// kInvalidArgument for a split the plan would not make or scratch that is missing.
+inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int splits, float* partial,
+                     int* counters) {
+  a.M = M, a.K = K, a.ldx = ldx, a.N = N;
+  a.Np = cdiv(N, kTileN) * kTileN, a.ktiles = cdiv(K, kTileK);
+  a.splits = splits, a.tiles_per_split = cdiv(a.ktiles, splits), a.partial = partial, a.counters = counters;
+  if (splits < 1 || splits > a.ktiles) return kInvalidArgument;
+  if (splits > 1 && (!partial || !counters || cdiv(M, 16 * pick_mt(M)) > kMaxGridZ)) return kInvalidArgument;
+  return kOk;
+}
+
+template <class D, class F, int MT>
+void launch_mt(const Args& a, cudaStream_t s) {
+  const int64_t mblocks = cdiv(a.M, 16 * MT);
+  const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
+                  unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
+  woq_kernel<D, F, MT><<<grid, kThreads, 0, s>>>(a);
+}
+
+template <class D, class F>
+void launch(const Args& a, cudaStream_t s) {
+  switch (pick_mt(a.M)) {
+    case 1: return launch_mt<D, F, 1>(a, s);
+    case 2: return launch_mt<D, F, 2>(a, s);
+    default: return launch_mt<D, F, 4>(a, s);
+  }
+}
+
+}  // namespace lowbit::cuda::woq
