@@ -67,7 +67,50 @@ template <> struct Pair<float> {
   __device__ static float2 to_f32(Raw r) { return r; }
 };
 
-// The weight format of woq_kernel: packed codes + the lane's (d, m) pairs (columns na, na + 8).
+// A lane's walk over the packed words of its column tile and over the scale groups (the
+// (d, m) pairs of its columns na, na + 8), one tile per issue. 32-bit offsets (the host
+// checks groups x Np < 2^31).
+template <class S> struct Int4Cursor {
+  using Raw = typename Pair<S>::Raw;
+  const uint4* wp;  // the lane's word of the next tile to issue
+  const Raw* sp;    // column na of group 0
+  int Np, k, last_grp, g_shift;  // k: the lane's first k of the next tile to issue
+  __device__ Int4Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane)
+      : wp(static_cast<const uint4*>(a.qweight) + (nt * a.ktiles + t_begin) * 32 + lane),
+        sp(static_cast<const Raw*>(a.scales) + nt * woq::kTileN + (lane >> 2)),
+        Np(int(a.Np)),
+        k(int(t_begin) * kTileK + 16 * (lane & 3)),
+        last_grp(int(a.groups) - 1),
+        g_shift(a.g_shift) {}
+  // The group of the lane's 16 k at k0 (k past K, where x is zero, takes the last).
+  __device__ int group_at(int k0) const {
+    const int grp = last_grp == 0 ? 0 : k0 >> g_shift;
+    return grp < last_grp ? grp : last_grp;
+  }
+  // The next tile's word and scale row; then the cursor moves to the tile after it.
+  __device__ const Raw* next(const uint4*& word) {
+    word = wp;
+    const Raw* src = sp + group_at(k) * Np;
+    wp += 32;
+    k += kTileK;
+    return src;
+  }
+};
+
+// The 16 B registers of a tile with each code as the magic value (1024 + q fp16, 128 + q bf16).
+template <class D>
+__device__ __forceinline__ void magic_codes(const uint4& w, uint32_t (&b)[4][2][2]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) b[j][sub][h] = ((words[j] >> (8 * sub + 4 * h)) & 0x000f000fu) | Magic<D>::kBias;
+}
+
+// Weight format of woq_kernel, any M and group size: dequantized in registers. A lane copies
+// the (d, m) pairs of the columns it holds in B (na, na + 8).
 template <class S> struct Int4 {
   using Raw = typename Pair<S>::Raw;
   struct Ring {
@@ -78,24 +121,12 @@ template <class S> struct Int4 {
     uint4 w;
     Raw dm[2];
   };
-  struct Cursor {
-    const uint4* wp;  // the lane's word of the warp's first tile
-    const Raw* sp;    // column na of group 0
-    int64_t Np;
-    int k_lane, last_grp, g_shift;
-    __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane)
-        : wp(static_cast<const uint4*>(a.qweight) + (nt * a.ktiles + t_begin) * 32 + lane),
-          sp(static_cast<const Raw*>(a.scales) + nt * woq::kTileN + (lane >> 2)),
-          Np(a.Np),
-          k_lane(int(t_begin) * kTileK + 16 * (lane & 3)),
-          last_grp(int(a.groups) - 1),
-          g_shift(a.g_shift) {}
-    __device__ void issue(Ring& r, int warp, int slot, int lane, int i) const {
-      cp_async16(&r.w[warp][slot][lane], wp + i * 32);
-      // a lane's 16 k lie in one group; k past K (x is zero there) takes the last group
-      int grp = last_grp == 0 ? 0 : (k_lane + i * kTileK) >> g_shift;
-      grp = grp < last_grp ? grp : last_grp;
-      const Raw* src = sp + int64_t(grp) * Np;
+  struct Cursor : Int4Cursor<S> {
+    using Int4Cursor<S>::Int4Cursor;
+    __device__ void issue(Ring& r, int warp, int slot, int lane) {
+      const uint4* word;
+      const Raw* src = this->next(word);
+      cp_async16(&r.w[warp][slot][lane], word);
       Pair<S>::copy(&r.dm[warp][slot][lane][0], src);
       Pair<S>::copy(&r.dm[warp][slot][lane][1], src + 8);
     }
@@ -114,16 +145,14 @@ template <class S> struct Int4 {
       c2[sub] = Mma16<D>::splat(fmaf(8.0f, v.x, v.y));  // m + 8 d
     }
     const H2 off = Magic<D>::bias_plus_8();
-    const uint32_t words[4] = {t.w.x, t.w.y, t.w.z, t.w.w};
+    magic_codes<D>(t.w, b);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int sub = 0; sub < 2; ++sub)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t q = ((words[j] >> (8 * sub + 4 * h)) & 0x000f000fu) | Magic<D>::kBias;
-          b[j][sub][h] = bits(__hfma2(__hsub2(from_bits<H2>(q), off), d2[sub], c2[sub]));
-        }
+        for (int h = 0; h < 2; ++h)
+          b[j][sub][h] = bits(__hfma2(__hsub2(from_bits<H2>(b[j][sub][h]), off), d2[sub], c2[sub]));
   }
   __device__ static float finish(const woq::Args&, int64_t, float v) { return v; }  // scaled while dequantizing
 };
@@ -152,6 +181,7 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
   a.groups = groups, a.g_shift = g_shift;
   a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
   if ((reinterpret_cast<uintptr_t>(qweight) & 15u) != 0) return kInvalidArgument;
+  if (groups * a.Np >= (int64_t(1) << 31)) return kInvalidArgument;  // the cursor's 32-bit scale offsets
   (void)cudaGetLastError();  // report only what our launch does
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == kF16) {

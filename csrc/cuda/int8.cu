@@ -311,11 +311,11 @@ struct Int8W {
   struct Tile {
     uint4 w[2];
   };
-  struct Cursor {
+  struct Cursor {  // one tile per issue
     const int8_t* base;  // any valid address, for copies that read nothing
-    const int8_t* row;   // row na at the lane's first k
+    const int8_t* row;   // row na at the lane's first k of the next tile to issue
     int64_t ld8;         // 8 K: from row na to row na + 8
-    int left;            // codes of the row from the lane's first k to K
+    int left;            // codes of the row from there to K
     bool ok[2];          // rows na, na + 8 exist
     __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane) {
       const int64_t na = nt * woq::kTileN + (lane >> 2), k = t_begin * woq::kTileK + 16 * (lane & 3);
@@ -325,15 +325,15 @@ struct Int8W {
       ld8 = 8 * a.K;
       left = int(a.K - k);
     }
-    __device__ void issue(Ring& r, int warp, int slot, int lane, int i) const {
-      int n = left - i * woq::kTileK;
-      n = n < 0 ? 0 : n > 16 ? 16 : n;
+    __device__ void issue(Ring& r, int warp, int slot, int lane) {
+      const int n = left < 0 ? 0 : left > 16 ? 16 : left;
 #pragma unroll
       for (int sub = 0; sub < 2; ++sub) {
         const bool live = ok[sub] && n > 0;
-        ptx::cp_async16_zfill_n(&r.w[warp][slot][sub][lane], live ? row + sub * ld8 + i * woq::kTileK : base,
-                                live ? n : 0);
+        ptx::cp_async16_zfill_n(&r.w[warp][slot][sub][lane], live ? row + sub * ld8 : base, live ? n : 0);
       }
+      row += woq::kTileK;
+      left -= woq::kTileK;
     }
   };
   __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {

@@ -17,6 +17,12 @@
 // finish (elected by an atomic counter, which it then resets) adds them up in split
 // order (so results do not depend on timing) and writes y.
 //
+// M <= 8 (decode) swaps the operands: y^T = W . x^T, the 16 columns of a warp on the mma's
+// m16 and the (at most 8) rows of x on its n8, so a step is one mma instead of two and the
+// activations need no zero halves (HALF). A warp takes its tiles two at a time (two
+// activation fragments used alternately: no register copies), and its cursor moves through
+// the weights by pointer increments (the loop is short: every address computation shows).
+//
 // The k order. The mma's k slots are mapped to real k so that each lane's 16 k of a tile
 // are contiguous: slot pair (2 tig, 2 tig + 1) of mma step j is k = 64 t + 16 tig + 4 j +
 // {0, 1}, slot pair (2 tig + 8, 2 tig + 9) is + {2, 3} (gid = lane / 4, tig = lane % 4).
@@ -29,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "lowbit/cuda_common.cuh"
@@ -69,16 +76,15 @@ struct Args {
 };
 
 // ---- activations ---------------------------------------------------------------------
-// The 16 activations x[r, k0 .. k0 + 16) as 8 packed pairs (zeros past M and K).
+// The 16 activations p[0 .. 16) of a row (its k0 .. k0 + 16) as 8 packed pairs: zeros for a
+// row past M (p null) and past K.
 template <class D>
-__device__ __forceinline__ void load_x16(const Args& a, int64_t r, int64_t k0, uint32_t (&out)[8]) {
-  using T = typename D::T;
-  if (r >= a.M) {
+__device__ __forceinline__ void load_x16(const Args& a, const typename D::T* p, int64_t k0, uint32_t (&out)[8]) {
+  if (!p) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = 0;
     return;
   }
-  const T* p = static_cast<const T*>(a.x) + r * a.ldx + k0;
   if (a.xvec && k0 + 16 <= a.K) {
     const uint4 lo = __ldg(reinterpret_cast<const uint4*>(p)), hi = __ldg(reinterpret_cast<const uint4*>(p + 8));
     out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
@@ -92,35 +98,82 @@ __device__ __forceinline__ void load_x16(const Args& a, int64_t r, int64_t k0, u
   }
 }
 
-// The activation fragments of one m16 tile for one k tile: rows gid and gid + 8, the lane's 16 k.
+// The activations of one k tile: rows gid and gid + 8 of an m16 tile, the lane's 16 k, as
+// the A operand of x . W^T; HALF (M <= 8): row gid only, as the B operand of the swapped
+// product W . x^T (see tile_mma).
+template <bool HALF>
 struct XFrag {
-  uint32_t lo[8], hi[8];
+  uint32_t lo[8], hi[HALF ? 1 : 8];
+  // The A operand of mma step j (rows gid | gid + 8) x (slot pairs 2 tig | 2 tig + 8).
+  __device__ void frag(int j, uint32_t (&f)[4]) const {
+    static_assert(!HALF, "a half tile is a B operand");
+    f[0] = lo[2 * j], f[1] = hi[2 * j], f[2] = lo[2 * j + 1], f[3] = hi[2 * j + 1];
+  }
 };
 
+// A lane's two activation rows of an m16 tile, at its first k (null past M): computed once
+// per m tile, so a k tile costs an add per row.
 template <class D>
-__device__ __forceinline__ void load_xfrag(const Args& a, int64_t row0, int64_t k0, XFrag& f) {
-  const int gid = (threadIdx.x & 31) >> 2;
-  load_x16<D>(a, row0 + gid, k0, f.lo);
-  load_x16<D>(a, row0 + gid + 8, k0, f.hi);
-}
-
-// One k tile of one warp: the 16 dequantized B registers (4 steps x 2 n8 tiles x 2) against
-// each m16 tile of activations (m tile 0's loaded ahead by the caller).
-template <class D, int MT>
-__device__ __forceinline__ void tile_mma(const Args& a, float (&acc)[MT][2][4], const uint32_t (&b)[4][2][2],
-                                         int64_t m0, int64_t k0, const XFrag& first) {
+struct XRows {
+  const typename D::T* p[2];
+  __device__ XRows(const Args& a, int64_t row0, int64_t k0) {
+    const int gid = (threadIdx.x & 31) >> 2;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    if (m0 + 16 * mt >= a.M) break;  // warp-uniform
-    XFrag other;
-    if (mt > 0) load_xfrag<D>(a, m0 + 16 * mt, k0, other);
-    const XFrag& x = mt == 0 ? first : other;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = row0 + gid + 8 * h;
+      p[h] = r < a.M ? static_cast<const typename D::T*>(a.x) + r * a.ldx + k0 : nullptr;
+    }
+  }
+  template <bool HALF>
+  __device__ void load(const Args& a, int64_t dk, int64_t k, XFrag<HALF>& f) const {  // dk: from the first k
+    load_x16<D>(a, p[0] ? p[0] + dk : nullptr, k, f.lo);
+    if constexpr (!HALF) load_x16<D>(a, p[1] ? p[1] + dk : nullptr, k, f.hi);
+  }
+};
+
+// One k tile of one warp: the 16 dequantized weight registers b[j][sub][h] (4 steps x 2 n8
+// column halves x 2) against each m16 tile of activations (m tile 0's loaded ahead by the
+// caller; the others here). HALF (M <= 8) swaps the operands, y^T = W . x^T: the weights of
+// a step are one A operand (rows = the 16 columns, gid | gid + 8 = sub 0 | 1; k slot pairs
+// 2 tig | 2 tig + 8 = h 0 | 1) and row gid's activations the B operand (n8 = the rows of x),
+// so one mma per step instead of two, with no zero halves to assemble.
+template <class D, int MT, bool HALF>
+__device__ __forceinline__ void tile_mma(const Args& a, float (&acc)[MT][2][4], const uint32_t (&b)[4][2][2],
+                                         int64_t m0, int64_t k0, const XFrag<HALF>& first) {
+  if constexpr (HALF) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t frag[4] = {x.lo[2 * j], x.hi[2 * j], x.lo[2 * j + 1], x.hi[2 * j + 1]};
-#pragma unroll
-      for (int sub = 0; sub < 2; ++sub) ptx::Mma16<D>::mma(acc[mt][sub], frag, b[j][sub][0], b[j][sub][1]);
+      const uint32_t w[4] = {b[j][0][0], b[j][1][0], b[j][0][1], b[j][1][1]};
+      ptx::Mma16<D>::mma(acc[0][0], w, first.lo[2 * j], first.lo[2 * j + 1]);
     }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (m0 + 16 * mt >= a.M) break;  // warp-uniform
+      XFrag<HALF> other;
+      if (mt > 0) XRows<D>(a, m0 + 16 * mt, k0).load(a, 0, k0, other);
+      const XFrag<HALF>& x = mt == 0 ? first : other;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t frag[4];
+        x.frag(j, frag);
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) ptx::Mma16<D>::mma(acc[mt][sub], frag, b[j][sub][0], b[j][sub][1]);
+      }
+    }
+  }
+}
+
+// Where accumulator element (mt, sub, e) of this lane lands in y: x . W^T's layout (row
+// m0 + 16 mt + gid + 8 (e >> 1), column 16 nt + 8 sub + 2 tig + (e & 1)), or with HALF the
+// swapped product's (sub 0 only: row m0 + 2 tig + (e & 1), column 16 nt + gid + 8 (e >> 1)).
+template <bool HALF>
+__device__ __forceinline__ void elem_pos(int64_t m0, int64_t nt, int mt, int sub, int e, int64_t& r, int64_t& n) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  if constexpr (HALF) {
+    r = m0 + 2 * tig + (e & 1), n = nt * kTileN + gid + 8 * (e >> 1);
+  } else {
+    r = m0 + 16 * mt + gid + 8 * (e >> 1), n = nt * kTileN + 8 * sub + 2 * tig + (e & 1);
   }
 }
 
@@ -135,12 +188,13 @@ __device__ __forceinline__ void store_y(const Args& a, int64_t r, int64_t n, flo
 // ---- the kernel -----------------------------------------------------------------------
 // F, the weight format: F::Ring (the block's rings: kWarps x kStages slots of 32 lanes),
 // F::Cursor (a lane's position in its column tile: constructed at the warp's first tile,
-// issue(ring, warp, slot, lane, i) copies its relative tile i into the slot),
+// issue(ring, warp, slot, lane) copies its next tile into the slot and moves on),
 // F::Tile / F::read(ring, warp, slot, lane) (a lane's slot back in registers),
-// F::dequant<D>(tile, b) (the 16 B registers) and F::finish(a, n, sum).
-template <class D, class F, int MT>
+// F::dequant<D>(tile, b) (the 16 weight registers) and F::finish(a, n, sum).
+template <class D, class F, int MT, bool HALF>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  static_assert(!HALF || MT == 1, "a half tile is the only m tile");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tig = lane & 3;
   const int64_t nt = int64_t(blockIdx.x) * kWarps + warp;  // this warp's 16-column tile
   const bool active = nt < a.Np / kTileN;                   // warp-uniform; idle warps still meet the barriers
   const int split = blockIdx.y;
@@ -154,38 +208,52 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
     float acc[MT][2][4] = {};
     if (active) {
       // 32-bit tile arithmetic from here (K < 2^37); the per-tile loop is instruction-bound.
-      typename F::Cursor cur(a, nt, t_begin, lane);
+      typename F::Cursor cur(a, nt, t_begin, lane);  // issues tiles 0, 1, ... in order
       const int count = int(t_end - t_begin), k_lane = int(t_begin) * kTileK + 16 * tig;
-      auto issue = [&](int i) {  // tile t_begin + i into slot i % kStages (always one commit group)
-        if (i < count) cur.issue(ring, warp, i & (kStages - 1), lane, i);
+      auto issue = [&](int i) {  // tile i into slot i % kStages (always one commit group)
+        if (i < count) cur.issue(ring, warp, i & (kStages - 1), lane);
         ptx::cp_async_commit();
       };
       for (int i = 0; i < kStages - 1; ++i) issue(i);
-      XFrag x_cur, x_next;  // m tile 0's activations, one k tile ahead (an L1/L2 round trip off the chain)
-      if (count > 0) load_xfrag<D>(a, m0, k_lane, x_cur);
-      for (int i = 0; i < count; ++i) {
+      const XRows<D> xr(a, m0, k_lane);
+      // Tile i: its weights from the ring, m tile 0's activations loaded one tile ahead (an
+      // L1 / L2 round trip off the chain) into the other fragment.
+      auto step = [&](int i, const XFrag<HALF>& x, XFrag<HALF>& x_next) {
         ptx::cp_async_wait<kStages - 2>();  // tile i has landed
         const typename F::Tile w = F::read(ring, warp, i & (kStages - 1), lane);
         issue(i + kStages - 1);  // into the slot tile i - 1 used (already read)
-        if (i + 1 < count) load_xfrag<D>(a, m0, k_lane + (i + 1) * kTileK, x_next);
+        if (i + 1 < count) xr.load(a, (i + 1) * kTileK, k_lane + (i + 1) * kTileK, x_next);
         uint32_t b[4][2][2];
         F::template dequant<D>(w, b);
-        tile_mma<D, MT>(a, acc, b, m0, k_lane + i * kTileK, x_cur);
-        x_cur = x_next;
+        tile_mma<D, MT, HALF>(a, acc, b, m0, k_lane + i * kTileK, x);
+      };
+      XFrag<HALF> xa, xb;
+      if (count > 0) xr.load(a, 0, k_lane, xa);
+      if constexpr (MT == 1) {  // two by two: no copies between the fragments
+        for (int i = 0; i < count; i += 2) {
+          step(i, xa, xb);
+          if (i + 1 < count) step(i + 1, xb, xa);
+        }
+      } else {  // (the twice-unrolled body of several m tiles would spill)
+        for (int i = 0; i < count; ++i) {
+          step(i, xa, xb);
+          xa = xb;
+        }
       }
       ptx::cp_async_wait<0>();  // (empty groups) before the ring is reused
     }
 
-    // Fragment (mt, sub) element e: row m0 + 16 mt + gid + 8 (e >> 1), column nt * 16 + 8 sub + 2 tig + (e & 1).
+    constexpr int kSubs = HALF ? 1 : 2;  // accumulator quads per m tile
     if (a.splits == 1) {
       if (!active) continue;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int sub = 0; sub < 2; ++sub)
+        for (int sub = 0; sub < kSubs; ++sub)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int64_t r = m0 + 16 * mt + gid + 8 * (e >> 1), n = nt * kTileN + 8 * sub + 2 * tig + (e & 1);
+            int64_t r, n;
+            elem_pos<HALF>(m0, nt, mt, sub, e, r, n);
             if (r < a.M && n < a.N) store_y<D, F>(a, r, n, acc[mt][sub][e]);
           }
       continue;
@@ -195,13 +263,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int sub = 0; sub < 2; ++sub)
+        for (int sub = 0; sub < kSubs; ++sub)
 #pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int64_t r = m0 + 16 * mt + gid + 8 * hr, n = nt * kTileN + 8 * sub + 2 * tig;
-            if (r < a.M)
-              *reinterpret_cast<float2*>(a.partial + (split * a.M + r) * a.Np + n) =
-                  make_float2(acc[mt][sub][2 * hr], acc[mt][sub][2 * hr + 1]);
+          for (int e = 0; e < 4; ++e) {
+            int64_t r, n;
+            elem_pos<HALF>(m0, nt, mt, sub, e, r, n);
+            if (r < a.M) a.partial[(split * a.M + r) * a.Np + n] = acc[mt][sub][e];  // n < Np always
           }
     }
     __threadfence();  // our partials are visible device-wide before we are counted
@@ -255,16 +322,18 @@ inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int 
   return kOk;
 }
 
-template <class D, class F, int MT>
+template <class D, class F, int MT, bool HALF = false>
 void launch_mt(const Args& a, cudaStream_t s) {
   const int64_t mblocks = cdiv(a.M, 16 * MT);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  woq_kernel<D, F, MT><<<grid, kThreads, 0, s>>>(a);
+  woq_kernel<D, F, MT, HALF><<<grid, kThreads, 0, s>>>(a);
 }
 
+// M <= 8 takes the swapped product (HALF: half the activation loads and mmas).
 template <class D, class F>
 void launch(const Args& a, cudaStream_t s) {
+  if (a.M <= 8) return launch_mt<D, F, 1, true>(a, s);
   switch (pick_mt(a.M)) {
     case 1: return launch_mt<D, F, 1>(a, s);
     case 2: return launch_mt<D, F, 2>(a, s);
