@@ -78,7 +78,7 @@ if [ "${RC[build]}" = 0 ]; then
   (cd "$TMP" && step info 60 "$OUT/info.txt" python3 -m lowbit.info)
 
   # 4. CUDA tests (not -x: one run should show every failure; --maxfail stops a cascade)
-  step cuda_tests 180 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
+  step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
 
   # 5. benchmarks: quantized matmul, then attention
