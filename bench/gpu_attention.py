@@ -289,14 +289,51 @@ def bench_decode(B: int, S: int, copy_bw: float, reps: int) -> dict:
     return row
 
 
+def probe_decode() -> int:
+    """Whether the tensor-core decode kernel agrees with the CUDA-core one
+    (LOWBIT_CUDA_DECODE=simt) on small paged bf16 and INT8 caches: exit status 0 if so. Run
+    in its own process before the benchmark (bench/gpu_check.sh), so a wrong or faulting
+    kernel cannot take the benchmark down."""
+    from lowbit import ops
+
+    B, S, hq, hkv, D, bs = 4, 1000, DECODE_HQ, DECODE_HKV, HEAD_DIM, BLOCK
+    nblk = -(-S // bs)
+    kc = torch.randn(B * nblk, bs, hkv, D, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.randperm(B * nblk, device="cuda").to(torch.int32).view(B, nblk)
+    lens = torch.tensor([S, 1, S // 3, 17], dtype=torch.int32, device="cuda")
+    q = torch.randn(B, hq, D, device="cuda", dtype=torch.bfloat16)
+    kc8, vc8 = torch.empty_like(kc, dtype=torch.int8), torch.empty_like(vc, dtype=torch.int8)
+    ks = torch.empty(B * nblk, bs, hkv, device="cuda")
+    vs = torch.empty_like(ks)
+    ops.reshape_and_cache(kc.view(-1, hkv, D), vc.view(-1, hkv, D), kc8, vc8,
+                          torch.arange(B * nblk * bs, device="cuda"), ks, vs)
+    worst = 0.0
+    for args, kw in (((q, kc, vc, table, lens), {}), ((q, kc8, vc8, table, lens), {"k_scale": ks, "v_scale": vs})):
+        y = ops.paged_attention(*args, **kw).float()
+        with env_var("LOWBIT_CUDA_DECODE", "simt"):
+            y_simt = ops.paged_attention(*args, **kw).float()
+        torch.cuda.synchronize()
+        worst = max(worst, _rel_diff(y, y_simt))
+    ok = worst < MMA_VS_SIMT_MAX
+    log(f"probe decode (tensor cores vs CUDA cores): max rel diff {worst:.2e}: {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
 # ---------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--out", help="JSON output path (required unless --probe)")
+    ap.add_argument("--probe", action="store_true",
+                    help="only compare the two decode kernels (exit status 1 if they disagree)")
     ap.add_argument("--reps", type=int, default=5, help="timed graph replays per op (default 5)")
     ap.add_argument("--only", choices=["prefill", "decode"], help="run one half only")
     ap.add_argument("--quick", action="store_true", help="one prefill and one decode row (smoke test)")
     args = ap.parse_args(argv)
+    if args.probe:
+        return probe_decode()
+    if not args.out:
+        ap.error("--out is required")
 
     run = start_run("gpu_attention")
     if run is None:

@@ -4,9 +4,11 @@
 # already be installed for python3).
 #
 # Builds lowbit for this GPU only (LOWBIT_CUDA_ARCHS, default 90a = H100/H200), runs
-# the CUDA tests, the GPU benchmark, a compute-sanitizer memcheck of the small CUDA
-# tests and (time permitting, unless CHECK_CPU_TESTS=0) the CPU tests. Every step has its own timeout and the
-# whole script stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
+# the CUDA tests, the GPU benchmarks (each after a probe that its newest kernel agrees with
+# the one it replaced; a failed probe runs that bench on the old kernel), a
+# compute-sanitizer memcheck of the small CUDA tests and (time permitting, unless
+# CHECK_CPU_TESTS=0) the CPU tests. Every step has its own timeout and the whole script
+# stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
 # is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
 #
 # Writes at most 12 files, all at the top of OUTDIR:
@@ -81,9 +83,18 @@ if [ "${RC[build]}" = 0 ]; then
   step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
 
-  # 5. benchmarks: quantized matmul, then attention
-  step bench 200 "$OUT/bench.log" python3 bench/gpu_matmul.py --out "$OUT/gpu_bench.json"
-  step bench_attention 150 "$OUT/bench_attention.log" python3 bench/gpu_attention.py --out "$OUT/gpu_attention.json"
+  # 5. benchmarks: quantized matmul, then attention. Each first probes, in its own process, that
+  # the newest kernel agrees with the one it replaced (W8A16 on tensor cores vs the CUDA-core
+  # GEMV; tensor-core decode vs CUDA-core decode); if not, that bench runs with the old kernel
+  # (LOWBIT_CUDA_W8A16 / LOWBIT_CUDA_DECODE=simt), so one wrong kernel cannot cost the tables.
+  MM_ENV=() ATT_ENV=()
+  step probe_w8a16 60 "$OUT/bench.log" python3 bench/gpu_matmul.py --probe
+  [ "${RC[probe_w8a16]}" = 0 ] || MM_ENV=(LOWBIT_CUDA_W8A16=simt)
+  step bench 200 "$OUT/bench.log" env "${MM_ENV[@]}" python3 bench/gpu_matmul.py --out "$OUT/gpu_bench.json"
+  step probe_decode 60 "$OUT/bench_attention.log" python3 bench/gpu_attention.py --probe
+  [ "${RC[probe_decode]}" = 0 ] || ATT_ENV=(LOWBIT_CUDA_DECODE=simt)
+  step bench_attention 150 "$OUT/bench_attention.log" env "${ATT_ENV[@]}" python3 bench/gpu_attention.py \
+    --out "$OUT/gpu_attention.json"
 
   # 6. memcheck of the small CUDA tests (each tensor its own allocation so overruns are seen)
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
@@ -147,7 +158,9 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
+  echo "- probe W8A16 tensor cores = CUDA cores: $(status probe_w8a16)${MM_ENV:+ (bench ran with ${MM_ENV[*]})}"
   echo "- benchmark (matmul): $(status bench) (${SECS[bench]:-0}s)"
+  echo "- probe decode tensor cores = CUDA cores: $(status probe_decode)${ATT_ENV:+ (bench ran with ${ATT_ENV[*]})}"
   echo "- benchmark (attention): $(status bench_attention) (${SECS[bench_attention]:-0}s)"
   echo "- profile (ncu, W4A16): $(status profile) (${SECS[profile]:-0}s)"
   echo "- total: $((SECONDS - START))s of a ${BUDGET}s budget"

@@ -262,16 +262,44 @@ def profile_w4a16() -> int:
     return 0
 
 
+def probe_w8a16() -> int:
+    """Whether W8A16's tensor-core kernel agrees with its CUDA-core GEMV (LOWBIT_CUDA_W8A16=simt)
+    on a few decode shapes: exit status 0 if so. Run in its own process before the benchmark
+    (bench/gpu_check.sh), so a wrong or faulting kernel cannot take the benchmark down."""
+    from lowbit import ref
+    from lowbit.ops import int8 as int8_ops
+
+    worst = 0.0
+    for dtype in (torch.float16, torch.bfloat16):
+        for M, N, K in ((1, 4096, 4096), (5, 576, 1536), (16, 1024, 4096), (33, 300, 4112)):
+            q, s = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            y = int8_ops.int8_linear_w8a16(x, q, s).float()
+            with env_var("LOWBIT_CUDA_W8A16", "simt"):
+                y_simt = int8_ops.int8_linear_w8a16(x, q, s).float()
+            torch.cuda.synchronize()
+            worst = max(worst, ((y - y_simt).abs().max() / y_simt.abs().max()).item())
+    ok = worst < 2e-2  # both round once to the dtype from fp32 sums (bf16: 2^-8)
+    log(f"probe w8a16 (tensor cores vs CUDA cores): max rel diff {worst:.2e}: {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--out", help="JSON output path (required unless --profile / --probe)")
     ap.add_argument("--reps", type=int, default=15, help="timed graph replays per op (default 15)")
     ap.add_argument("--quick", action="store_true", help="one shape, M=1 only (smoke test)")
     ap.add_argument("--profile", action="store_true",
                     help="only run W4A16 on 4096x11008 at M=1 and 16, a few calls each (for ncu; no timing)")
+    ap.add_argument("--probe", action="store_true",
+                    help="only compare W8A16's two kernels (exit status 1 if they disagree)")
     args = ap.parse_args(argv)
     if args.profile:
         return profile_w4a16()
+    if args.probe:
+        return probe_w8a16()
+    if not args.out:
+        ap.error("--out is required")
 
     run = start_run("gpu_matmul")
     if run is None:

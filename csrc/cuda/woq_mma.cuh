@@ -243,22 +243,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
       ptx::cp_async_wait<0>();  // (empty groups) before the ring is reused
     }
 
+    // y, or with split K (then gridDim.z == mblocks) partial[split, r, n] for the last block to add up.
     constexpr int kSubs = HALF ? 1 : 2;  // accumulator quads per m tile
-    if (a.splits == 1) {
-      if (!active) continue;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int sub = 0; sub < kSubs; ++sub)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            int64_t r, n;
-            elem_pos<HALF>(m0, nt, mt, sub, e, r, n);
-            if (r < a.M && n < a.N) store_y<D, F>(a, r, n, acc[mt][sub][e]);
-          }
-      continue;
-    }
-    // Split K (then gridDim.z == mblocks): partial[split, r, n], then the last block adds up.
     if (active) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -268,9 +254,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
           for (int e = 0; e < 4; ++e) {
             int64_t r, n;
             elem_pos<HALF>(m0, nt, mt, sub, e, r, n);
-            if (r < a.M) a.partial[(split * a.M + r) * a.Np + n] = acc[mt][sub][e];  // n < Np always
+            if (r >= a.M) continue;
+            if (a.splits == 1) {
+              if (n < a.N) store_y<D, F>(a, r, n, acc[mt][sub][e]);
+            } else {
+              a.partial[(split * a.M + r) * a.Np + n] = acc[mt][sub][e];  // n < Np always
+            }
           }
     }
+    if (a.splits == 1) continue;
     __threadfence();  // our partials are visible device-wide before we are counted
     __syncthreads();
     __shared__ int last;
