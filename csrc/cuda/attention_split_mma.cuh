@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   };
 
   // ---- the compute side
-  float o[kTiles16][4] = {};             // O^T tile mt: d rows (see d_of), heads 2 tig, 2 tig + 1
+  float o[kTiles16][4] = {};  // O^T tile mt: rows d (mapped at the end), heads 2 tig, 2 tig + 1
   float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};  // per head 2 tig + hh; l: this lane's keys only
   const float cm = a.scale * kLog2e;
   // ldmatrix row addresses: K (and int8 V) take matrices (keys 0-7 | 8-15) x (chunk c | c + 1)
@@ -190,9 +190,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         for (int x = 0; x < 4; ++x) w[x] ^= 0x80808080u;
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {  // chunk c + cc is k step c + cc
-          const uint32_t lo0 = ptx::CodePair<E>::template get<0, 1>(w[2 * cc]), hi0 = ptx::CodePair<E>::template get<2, 3>(w[2 * cc]);
-          const uint32_t lo1 = ptx::CodePair<E>::template get<0, 1>(w[2 * cc + 1]),
-                         hi1 = ptx::CodePair<E>::template get<2, 3>(w[2 * cc + 1]);
+          using C = ptx::CodePair<E>;  // keys 0-7 | 8-15 x d pairs (0, 1) | (2, 3) of the 4 codes
+          const uint32_t lo0 = C::template get<0, 1>(w[2 * cc]), hi0 = C::template get<2, 3>(w[2 * cc]);
+          const uint32_t lo1 = C::template get<0, 1>(w[2 * cc + 1]), hi1 = C::template get<2, 3>(w[2 * cc + 1]);
           const uint32_t afr[4] = {lo0, lo1, hi0, hi1};
           M::mma(s, afr, qb[c + cc][0], qb[c + cc][1]);
         }
@@ -256,9 +256,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         for (int x = 0; x < 4; ++x) w[x] ^= 0x80808080u;
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {  // chunk c + cc is O^T tile c + cc: rows d even | odd
-          const uint32_t afr[4] = {ptx::CodePair<E>::template get<0, 2>(w[2 * cc]), ptx::CodePair<E>::template get<1, 3>(w[2 * cc]),
-                                   ptx::CodePair<E>::template get<0, 2>(w[2 * cc + 1]),
-                                   ptx::CodePair<E>::template get<1, 3>(w[2 * cc + 1])};
+          using C = ptx::CodePair<E>;  // rows d even | odd x keys 0-7 | 8-15
+          const uint32_t afr[4] = {C::template get<0, 2>(w[2 * cc]), C::template get<1, 3>(w[2 * cc]),
+                                   C::template get<0, 2>(w[2 * cc + 1]), C::template get<1, 3>(w[2 * cc + 1])};
           M::mma(o[c + cc], afr, b0, b1);
         }
       } else {
