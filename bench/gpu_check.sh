@@ -84,12 +84,18 @@ if [ "${RC[build]}" = 0 ]; then
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
 
   # 5. benchmarks: quantized matmul, then attention. Each first probes, in its own process, that
-  # the newest kernel agrees with the one it replaced (W8A16 on tensor cores vs the CUDA-core
-  # GEMV; tensor-core decode vs CUDA-core decode); if not, that bench runs with the old kernel
-  # (LOWBIT_CUDA_W8A16 / LOWBIT_CUDA_DECODE=simt), so one wrong kernel cannot cost the tables.
+  # the newest kernels agree with the ones they replaced (W8A16 on tensor cores vs the CUDA-core
+  # GEMV, W8A8 on wgmma vs mma.sync, tensor-core decode vs CUDA-core decode); if not, that bench
+  # runs with the old kernel (LOWBIT_CUDA_W8A16=simt, LOWBIT_CUDA_W8A8=mma,
+  # LOWBIT_CUDA_DECODE=simt), so one wrong kernel cannot cost the tables.
   MM_ENV=() ATT_ENV=()
-  step probe_w8a16 60 "$OUT/bench.log" python3 bench/gpu_matmul.py --probe
-  [ "${RC[probe_w8a16]}" = 0 ] || MM_ENV=(LOWBIT_CUDA_W8A16=simt)
+  step probe_matmul 60 "$OUT/bench.log" python3 bench/gpu_matmul.py --probe  # bit 0: W8A16, bit 1: W8A8
+  case "${RC[probe_matmul]}" in
+    0) ;;
+    1) MM_ENV=(LOWBIT_CUDA_W8A16=simt) ;;
+    2) MM_ENV=(LOWBIT_CUDA_W8A8=mma) ;;
+    *) MM_ENV=(LOWBIT_CUDA_W8A16=simt LOWBIT_CUDA_W8A8=mma) ;;
+  esac
   step bench 200 "$OUT/bench.log" env "${MM_ENV[@]}" python3 bench/gpu_matmul.py --out "$OUT/gpu_bench.json"
   step probe_decode 60 "$OUT/bench_attention.log" python3 bench/gpu_attention.py --probe
   [ "${RC[probe_decode]}" = 0 ] || ATT_ENV=(LOWBIT_CUDA_DECODE=simt)
@@ -158,7 +164,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
-  echo "- probe W8A16 tensor cores = CUDA cores: $(status probe_w8a16)${MM_ENV:+ (bench ran with ${MM_ENV[*]})}"
+  echo "- probe W8A16 tensor cores = CUDA cores, W8A8 default = mma.sync: $(status probe_matmul)${MM_ENV:+ (bench ran with ${MM_ENV[*]})}"
   echo "- benchmark (matmul): $(status bench) (${SECS[bench]:-0}s)"
   echo "- probe decode tensor cores = CUDA cores: $(status probe_decode)${ATT_ENV:+ (bench ran with ${ATT_ENV[*]})}"
   echo "- benchmark (attention): $(status bench_attention) (${SECS[bench_attention]:-0}s)"

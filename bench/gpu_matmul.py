@@ -31,6 +31,7 @@ import torch.nn.functional as F
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
 MS = [1, 16, 64]
 W8A16_SIMT = "lowbit w8a16 (CUDA cores)"
+W8A8_MMA = "lowbit w8a8 (mma.sync)"
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
@@ -187,8 +188,11 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             "lowbit w8a8": (lambda i: (lambda: int8_ops.int8_linear_w8a8(x, qws[i], scs[i])), nbuf_i8,
                             N * K + 4 * N + 2 * M * K + 2 * M * N),
         }
-        # the CUDA-core W8A16 kernel that the tensor-core one replaced, for comparison
+        # the kernels the newest ones replaced, for comparison: W8A16's CUDA-core GEMV, and on
+        # Hopper W8A8's mma.sync GEMM (M >= 64; the default there is wgmma)
         ops[W8A16_SIMT] = ops["lowbit w8a16"]
+        if M >= 64 and torch.cuda.get_device_capability()[0] == 9:
+            ops[W8A8_MMA] = ops["lowbit w8a8"]
         if M >= 16:
             ops["torch._int_mm (int8 GEMM only)"] = (lambda i: (lambda: torch._int_mm(xq, qws[i].t())), nbuf_i8,
                                                      N * K + M * K + 4 * M * N)
@@ -196,7 +200,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         for op, (make_call, nbuf, nbytes) in ops.items():
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
             try:
-                with env_var("LOWBIT_CUDA_W8A16", "simt") if op == W8A16_SIMT else contextlib.nullcontext():
+                env = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma")}.get(op)
+                with env_var(*env) if env else contextlib.nullcontext():
                     us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -262,13 +267,39 @@ def profile_w4a16() -> int:
     return 0
 
 
-def probe_w8a16() -> int:
-    """Whether W8A16's tensor-core kernel agrees with its CUDA-core GEMV (LOWBIT_CUDA_W8A16=simt)
-    on a few decode shapes: exit status 0 if so. Run in its own process before the benchmark
+def probe() -> int:
+    """Whether the newest kernels agree with the ones they replaced: W8A16 on tensor cores vs
+    its CUDA-core GEMV (LOWBIT_CUDA_W8A16=simt), to rounding, on a few decode shapes; W8A8 on
+    wgmma vs mma.sync (LOWBIT_CUDA_W8A8=mma), bit for bit. Exit status: bit 0 set if W8A16
+    failed, bit 1 if W8A8 did. Run in its own process before the benchmark
     (bench/gpu_check.sh), so a wrong or faulting kernel cannot take the benchmark down."""
     from lowbit import ref
     from lowbit.ops import int8 as int8_ops
 
+    status = 0
+    try:
+        status |= 0 if probe_w8a16(ref, int8_ops) else 1
+    except Exception as e:  # noqa: BLE001 - a fault is a failed probe
+        log(f"probe w8a16: {type(e).__name__}: {e}")
+        return 3  # the CUDA context may be gone: no second probe
+    try:
+        same = True
+        for M, N, K in ((64, 4096, 4096), (300, 1000, 1040), (2048, 4096, 4096)):
+            q, s = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            y = int8_ops.int8_linear_w8a8(x, q, s)
+            with env_var("LOWBIT_CUDA_W8A8", "mma"):
+                same &= torch.equal(y, int8_ops.int8_linear_w8a8(x, q, s))
+        torch.cuda.synchronize()
+        log(f"probe w8a8 (default vs mma.sync, bitwise): {'ok' if same else 'FAILED'}")
+        status |= 0 if same else 2
+    except Exception as e:  # noqa: BLE001
+        log(f"probe w8a8: {type(e).__name__}: {e}")
+        status |= 2
+    return status
+
+
+def probe_w8a16(ref, int8_ops) -> bool:
     worst = 0.0
     for dtype in (torch.float16, torch.bfloat16):
         for M, N, K in ((1, 4096, 4096), (5, 576, 1536), (16, 1024, 4096), (33, 300, 4112)):
@@ -281,7 +312,7 @@ def probe_w8a16() -> int:
             worst = max(worst, ((y - y_simt).abs().max() / y_simt.abs().max()).item())
     ok = worst < 2e-2  # both round once to the dtype from fp32 sums (bf16: 2^-8)
     log(f"probe w8a16 (tensor cores vs CUDA cores): max rel diff {worst:.2e}: {'ok' if ok else 'FAILED'}")
-    return 0 if ok else 1
+    return ok
 
 
 def main(argv=None) -> int:
@@ -292,12 +323,12 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="only run W4A16 on 4096x11008 at M=1 and 16, a few calls each (for ncu; no timing)")
     ap.add_argument("--probe", action="store_true",
-                    help="only compare W8A16's two kernels (exit status 1 if they disagree)")
+                    help="only compare the newest kernels with the ones they replaced (see probe())")
     args = ap.parse_args(argv)
     if args.profile:
         return profile_w4a16()
     if args.probe:
-        return probe_w8a16()
+        return probe()
     if not args.out:
         ap.error("--out is required")
 

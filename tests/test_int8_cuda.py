@@ -431,6 +431,23 @@ def test_w8a8_mma(dtype, M, N, K, cgen):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (2048, 300, 1040)])
+def test_w8a8_tensor_core_kernels_agree_small(dtype, M, N, K, cgen, monkeypatch):
+    """On sm_90a the tensor-core path is the wgmma kernel; LOWBIT_CUDA_W8A8=mma forces mma.sync.
+    Both sum the same int32 products and share the epilogue: equal bit for bit (on other GPUs
+    both calls take mma.sync, and this checks only that the switch is harmless)."""
+    x = randn((M, K), cgen, dtype)
+    qw, s = rand_weight(N, K, cgen)
+    b = randn((N,), cgen, dtype)
+    y = OPS["w8a8"](x, qw, s, b)
+    monkeypatch.setenv("LOWBIT_CUDA_W8A8", "mma")
+    assert torch.equal(y, OPS["w8a8"](x, qw, s, b)), "wgmma and mma.sync differ"
+    assert_linear_close(y, ref_linear64("w8a8", x, qw, s, b), torch_linear_lowp("w8a8", x, qw, s, b),
+                        f"w8a8 {DT_ID[dtype]} M={M} N={N} K={K}")
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("M,N,K", [(64, 100, 48), (130, 129, 4112)])
 def test_w8a8_mma_matches_dp4a_small(dtype, M, N, K, cgen):

@@ -36,6 +36,7 @@
 #include "lowbit/cuda_common.cuh"
 #include "lowbit/int8_format.h"
 #include "ptx.cuh"
+#include "wgmma.cuh"
 #include "woq_mma.cuh"
 
 namespace lowbit::cuda {
@@ -463,7 +464,6 @@ constexpr int kRowStep = kThreads / kChunks;             // tile rows between a 
 constexpr int kBytesA = kBM * kBK, kBytesB = kBN * kBK;
 constexpr int kStageBytes = kBytesA + kBytesB;
 constexpr int kSmemBytes = kStages * kStageBytes;
-constexpr int kGroupM = 8;
 constexpr int64_t kMinM = 64;
 
 static_assert(kChunks == 4, "the swizzle below permutes the 4 chunks of a 64-byte row");
@@ -475,6 +475,20 @@ static_assert(kStages >= 2, "pipeline depth");
 // Byte offset of chunk `chunk` (16 B) of row `row` in a tile of 64-byte rows.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4); }
 }  // namespace mma_tc
+
+// The tensor-core GEMMs' tile order: kGroupM row tiles x all column tiles, column-major
+// inside the group (so a wave of CTAs shares weight tiles in L2). Tile indices (m, n).
+__device__ __forceinline__ void grouped_tile(int64_t tile, int64_t tiles_m, int64_t tiles_n, int64_t& m,
+                                             int64_t& n) {
+  constexpr int64_t kGroupM = 8;
+  const int64_t per_group = kGroupM * tiles_n;
+  const int64_t group = tile / per_group;
+  const int64_t first_m = group * kGroupM;
+  const int64_t group_m = tiles_m - first_m < kGroupM ? tiles_m - first_m : kGroupM;
+  const int64_t in_group = tile - group * per_group;  // < group_m * tiles_n
+  m = first_m + in_group % group_m;
+  n = in_group / group_m;
+}
 
 template <class D>
 __global__ void __launch_bounds__(mma_tc::kThreads, 2)
@@ -492,14 +506,9 @@ __global__ void __launch_bounds__(mma_tc::kThreads, 2)
   const int ktiles = int((K + kBK - 1) / kBK);  // K <= kChunkK
 
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-    // Grouped order: kGroupM row tiles x all column tiles, column-major inside the group.
-    const int64_t per_group = int64_t(kGroupM) * tiles_n;
-    const int64_t group = tile / per_group;
-    const int64_t first_m = group * kGroupM;
-    const int64_t group_m = tiles_m - first_m < kGroupM ? tiles_m - first_m : kGroupM;
-    const int64_t in_group = tile - group * per_group;  // < group_m * tiles_n
-    const int64_t m0 = (first_m + in_group % group_m) * kBM;
-    const int64_t n0 = (in_group / group_m) * kBN;
+    int64_t m0, n0;
+    grouped_tile(tile, tiles_m, tiles_n, m0, n0);
+    m0 *= kBM, n0 *= kBN;
 
     // Stage `stage` <- k tile kt of A (qx rows m0..) and B (qweight rows n0..).
     auto load_stage = [&](int stage, int kt) {
@@ -612,6 +621,138 @@ __global__ void __launch_bounds__(mma_tc::kThreads, 2)
   }
 }
 
+// ---------------------------------------------------------------- W8A8, Hopper wgmma
+// The same GEMM as w8a8_mma_kernel (same conditions, tile order, epilogue and so the same
+// bits) on sm_90a's warpgroup MMA: a CTA of two warpgroups computes a 128 x 128 tile of y,
+// each warpgroup 64 rows with wgmma.m64n128k32 (s8 x s8 -> s32), both operands read from
+// shared memory by descriptor. k goes in stages of 128 bytes: one 128-byte-swizzled row per
+// tile row (the layout qx and qweight already have, K-major), copied by cp.async into a
+// 4-stage ring (128 KB, one CTA per SM), tile kt + 2 issued while kt is multiplied: the stage
+// refilled held tile kt - 2, whose wgmma group every warpgroup has waited for (wait_group 1
+// after kt - 1) before the barrier of kt. Why not mma.sync: on Hopper it reaches about half
+// of the int8 tensor peak (w8a8_mma_kernel: 449 TOPS with the quantizer, 0.60x fp16 cuBLAS).
+namespace wgmma_tc {
+constexpr int kBM = 128, kBN = 128, kBK = 128;  // tile of y; k bytes per stage (one swizzle row)
+constexpr int kStages = 4;
+constexpr int kThreads = 256;                      // two warpgroups of 64 rows
+constexpr int kChunks = kBK / 16;  // 16-byte chunks per tile row
+constexpr int kBytesA = kBM * kBK, kBytesB = kBN * kBK;
+constexpr int kStageBytes = kBytesA + kBytesB;
+constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + room to align the ring to 1024 bytes
+static_assert(kBM == kBN && kChunks == 8, "one load loop for both operands; the swizzle permutes 8 chunks");
+static_assert(kStageBytes % 1024 == 0 && kBytesA % 1024 == 0, "every tile starts a swizzle atom");
+}  // namespace wgmma_tc
+
+template <class D>
+__global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
+    w8a8_wgmma_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, int64_t M, int64_t K,
+                      const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
+                      const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
+#if defined(LOWBIT_WGMMA)
+  using namespace wgmma_tc;
+  namespace ptx = lowbit::cuda::ptx;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wrow = ((tid >> 5) & 3) * 16;
+  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
+  const int ktiles = int((K + kBK - 1) / kBK);
+  constexpr int kLoads = kBM * kChunks / wgmma_tc::kThreads;  // cp.async per thread and operand per stage
+  static_assert((wgmma_tc::kThreads / kChunks) % 8 == 0, "a thread's rows share their swizzle");
+  // Byte offset of chunk c (16 bytes) of row r: the 128-byte swizzle wgmma's descriptor reads.
+  auto swz = [](int r, int c) { return r * kBK + ((c ^ (r & 7)) << 4); };
+
+  for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
+    int64_t m0, n0;
+    grouped_tile(tile, tiles_m, tiles_n, m0, n0);
+    m0 *= kBM, n0 *= kBN;
+
+    // This thread's chunks of a stage: chunk c = tid % 8 of rows tid / 8 + 32 i (i < kLoads) of
+    // both operands; their sources at k 0 (null past M / N), found once per tile.
+    const int c = tid % kChunks, r0 = tid / kChunks, off0 = swz(r0, c);  // row r0 + 32 i: off0 + 4096 i
+    const int8_t* pa[kLoads];
+    const int8_t* pb[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int r = r0 + i * (wgmma_tc::kThreads / kChunks);
+      pa[i] = m0 + r < M ? qx + (m0 + r) * K + 16 * c : nullptr;
+      pb[i] = n0 + r < N ? qw + (n0 + r) * K + 16 * c : nullptr;
+    }
+    // Stage `stage` <- k tile kt of A (qx rows m0..) and B (qweight rows n0..).
+    auto load_stage = [&](int stage, int kt) {
+      uint8_t* sa = smem + stage * kStageBytes;
+      uint8_t* sb = sa + kBytesA;
+      const int64_t k = int64_t(kt) * kBK;
+      const bool kin = k + 16 * c < K;  // K % 16 == 0: a chunk is all in or all out
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const int off = off0 + i * (wgmma_tc::kThreads / kChunks) * kBK;
+        const bool oka = kin && pa[i], okb = kin && pb[i];
+        ptx::cp_async16_zfill(sa + off, oka ? pa[i] + k : qx, oka);
+        ptx::cp_async16_zfill(sb + off, okb ? pb[i] + k : qw, okb);
+      }
+    };
+
+    int acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0;
+
+    // Prologue: k tiles 0 and 1, one commit group each (empty past the end: group g holds tile g).
+#pragma unroll
+    for (int st = 0; st < kStages - 2; ++st) {
+      if (st < ktiles) load_stage(st, st);
+      ptx::cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+      ptx::cp_async_wait<kStages - 3>();  // this thread's copies of tile kt have landed
+      wgmma::fence_proxy_async();         // ... and are visible to wgmma's (async) proxy
+      __syncthreads();                    // everyone's; and both warpgroups are done with tile kt - 2
+      const int next = kt + kStages - 2;
+      if (next < ktiles) load_stage(next % kStages, next);
+      ptx::cp_async_commit();
+
+      const uint8_t* sa = smem + (kt % kStages) * kStageBytes;
+      const uint8_t* sb = sa + kBytesA;
+      wgmma::fence();
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ++ks)
+        wgmma::mma_m64n128k32_s8(acc, wgmma::desc_sw128(sa + wg * 64 * kBK + 32 * ks),
+                                 wgmma::desc_sw128(sb + 32 * ks));
+      wgmma::commit();
+      wgmma::wait<1>();  // tile kt - 1's group has finished (kt's may still run)
+    }
+    wgmma::wait<0>();
+    wgmma::fence_operands(acc);
+    ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the count clean
+    __syncthreads();          // every warpgroup is done with the ring before the next tile's prologue
+
+    // Epilogue: acc[4 i + 2 h + c] is row wrow + gid + 8 h of this warpgroup's 64, column 8 i + 2 tig + c.
+    const int g = lane >> 2, t = lane & 3;
+    float sxm[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + wg * 64 + wrow + g + 8 * h;
+      sxm[h] = m < M ? sx[m] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t n = n0 + 8 * i + 2 * t + c;
+        if (n >= N) continue;
+        const float wsn = ws[n], bn = bias ? load_f32(bias, bias_dtype, n) : 0.0f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t m = m0 + wg * 64 + wrow + g + 8 * h;
+          if (m < M) y[m * ldy + n] = D::from_f32(w8a8_value(float(acc[4 * i + 2 * h + c]), sxm[h], wsn,
+                                                               bias != nullptr, bn));
+        }
+      }
+  }
+#else
+  __trap();  // built without sm_90a code: the host never launches it (w8a8_wgmma_ok)
+#endif
+}
+
 // ---------------------------------------------------------------- launch helpers
 // Rows of x per tile: the smallest of 1, 2, 4, 8, 16 holding min(M, 16).
 int pick_mtile(int64_t M) {
@@ -677,17 +818,15 @@ void launch_w8a8(bool vec, const int8_t* qx, const float* sx, int64_t M, int64_t
   }
 }
 
-// Opts w8a8_mma_kernel<D> into kSmemBytes of dynamic shared memory (> 48 KiB needs
-// it), once per device (the attribute belongs to the device's context); kOk or
-// kCudaError (recorded).
-template <class D>
-int prepare_w8a8_mma() {
-  static std::atomic<uint64_t> done{0};  // bit d: device d is set up (devices 0..63; others every call)
+// Opts `kernel` into `bytes` of dynamic shared memory (> 48 KiB needs it), once per device
+// (the attribute belongs to the device's context; `done` bit d: device d is set up, devices
+// 0..63, others every call); kOk or kCudaError (recorded).
+template <class Kernel>
+int opt_in_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
   int dev = 0;
   const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
   if (known && ((done.load(std::memory_order_acquire) >> dev) & 1u)) return kOk;
-  const cudaError_t e =
-      cudaFuncSetAttribute(w8a8_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, mma_tc::kSmemBytes);
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
     record_cuda_error("int8_linear_w8a8 (cudaFuncSetAttribute)", cudaGetErrorName(e), cudaGetErrorString(e));
@@ -698,12 +837,49 @@ int prepare_w8a8_mma() {
 }
 
 template <class D>
-void launch_w8a8_mma(const int8_t* qx, const float* sx, int64_t M, int64_t K, const int8_t* qw, const float* ws,
-                     int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, cudaStream_t s) {
-  const int64_t tiles = ((M + mma_tc::kBM - 1) / mma_tc::kBM) * ((N + mma_tc::kBN - 1) / mma_tc::kBN);
+int prepare_w8a8_mma() {
+  static std::atomic<uint64_t> done{0};
+  return opt_in_smem(w8a8_mma_kernel<D>, mma_tc::kSmemBytes, done);
+}
+
+template <class D>
+int prepare_w8a8_wgmma() {
+  static std::atomic<uint64_t> done{0};
+  return opt_in_smem(w8a8_wgmma_kernel<D>, wgmma_tc::kSmemBytes, done);
+}
+
+// Whether this device runs w8a8_wgmma_kernel: an sm_90 GPU and the kernel's code built for
+// sm_90a (PTX 9.0: a build without 90a in LOWBIT_CUDA_ARCHS would JIT the trap of an older
+// arch), unless LOWBIT_CUDA_W8A8=mma (read per call) keeps mma.sync. Per device, cached.
+bool w8a8_wgmma_ok() {
+  const char* env = std::getenv("LOWBIT_CUDA_W8A8");
+  if (env && std::strcmp(env, "mma") == 0) return false;
+  static std::atomic<uint64_t> known{0}, ok{0};  // bit d: device d checked / takes wgmma
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  const uint64_t bit = uint64_t(1) << dev;
+  if (known.load(std::memory_order_acquire) & bit) return ok.load(std::memory_order_relaxed) & bit;
+  int major = 0;
+  cudaFuncAttributes attr{};
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                   major == 9 && cudaFuncGetAttributes(&attr, w8a8_wgmma_kernel<F16>) == cudaSuccess &&
+                   attr.ptxVersion >= 90;
+  (void)cudaGetLastError();
+  if (yes) ok.fetch_or(bit, std::memory_order_relaxed);
+  known.fetch_or(bit, std::memory_order_release);
+  return yes;
+}
+
+// One tensor-core W8A8 GEMM launch (w8a8_mma_kernel or w8a8_wgmma_kernel): a CTA per
+// bm x bn tile of y, grid-striding past kMaxGridX tiles.
+template <class D, class Kernel>
+void launch_w8a8_tc(Kernel kernel, int bm, int bn, int threads, int smem, const int8_t* qx, const float* sx,
+                    int64_t M, int64_t K, const int8_t* qw, const float* ws, int64_t N, const void* bias,
+                    int bias_dtype, void* y, int64_t ldy, cudaStream_t s) {
+  const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
   const int64_t grid = tiles < kMaxGridX ? tiles : kMaxGridX;
-  w8a8_mma_kernel<D><<<dim3(unsigned(grid)), dim3(mma_tc::kThreads), mma_tc::kSmemBytes, s>>>(
-      qx, sx, M, K, qw, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
+  kernel<<<dim3(unsigned(grid)), dim3(threads), smem, s>>>(qx, sx, M, K, qw, ws, N, bias, bias_dtype,
+                                                          static_cast<typename D::T*>(y), ldy);
 }
 
 }  // namespace
@@ -771,13 +947,19 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(qx);
   // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
   const bool mma = M >= mma_tc::kMinM && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
+  // On sm_90a, the same GEMM on wgmma (w8a8_wgmma_kernel; same bits).
+  const bool wgmma = mma && w8a8_wgmma_ok();
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
-    if (mma) st = prepare_w8a8_mma<D>();
+    if (mma) st = wgmma ? prepare_w8a8_wgmma<D>() : prepare_w8a8_mma<D>();
     if (st == kOk) {
       launch_quantize<D>(x, M, K, ldx, qx, sx, s);
-      if (mma)
-        launch_w8a8_mma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+      if (wgmma)
+        launch_w8a8_tc<D>(w8a8_wgmma_kernel<D>, wgmma_tc::kBM, wgmma_tc::kBN, wgmma_tc::kThreads,
+                          wgmma_tc::kSmemBytes, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+      else if (mma)
+        launch_w8a8_tc<D>(w8a8_mma_kernel<D>, mma_tc::kBM, mma_tc::kBN, mma_tc::kThreads, mma_tc::kSmemBytes, qx,
+                          sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
       else
         launch_w8a8<D>(vec, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
     }

@@ -1,0 +1,75 @@
+// Hopper warpgroup MMA (wgmma) wrappers: the shared-memory matrix descriptor, the fences
+// and commit / wait of the asynchronous mma, and the one shape lowbit uses (m64n128k32,
+// s8 x s8 -> s32, both operands from shared memory). sm_90a only: every use sits under
+// LOWBIT_WGMMA (defined when nvcc compiles for sm_90a), and the host checks that the
+// kernel's code was built for it (ptxVersion 90) before launching it.
+#pragma once
+#include <cstdint>
+
+#include "ptx.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LOWBIT_WGMMA 1
+#endif
+
+namespace lowbit::cuda::wgmma {
+
+#if defined(LOWBIT_WGMMA)
+// Descriptor of a K-major tile in shared memory with the 128-byte swizzle: rows of 128
+// bytes (chunk c of row r stored at chunk c ^ (r % 8)), 8-row atoms 1024 bytes apart, the
+// tile 1024-byte aligned. Fields (PTX ISA, "matrix descriptor"): start address >> 4 in bits
+// 0-13, leading byte offset >> 4 in 16-29 (unused with a swizzle: 1), stride byte offset >> 4
+// in 32-45 (the atom stride), base offset 0 in 49-51, layout 1 (128-byte swizzle) in 62-63.
+// A k step of 32 bytes inside the atom advances the start address by 32 (the swizzle applies
+// to the address bits, as it did for the writes).
+__device__ __forceinline__ uint64_t desc_sw128(const void* tile) {
+  const uint32_t a = ptx::smem_addr(tile);
+  return uint64_t((a & 0x3FFFFu) >> 4) | uint64_t(1) << 16 | uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
+}
+
+// Shared-memory writes of the generic proxy (cp.async, st.shared) become visible to the
+// async proxy that wgmma reads operands through.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Before the first wgmma of a batch: orders the accumulator registers' earlier accesses.
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Until at most N committed groups of this warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of the accumulators across a wait (the wait's asm
+// does not name them).
+template <int N>
+__device__ __forceinline__ void fence_operands(int (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// d (64 x 128, s32) += a (64 x 32, s8, K-major) . b (128 x 32, s8, K-major)^T. Accumulator
+// layout: warp w of the warpgroup holds rows 16 w + gid (+ 8); d[4 i + e] is row + 8 (e >> 1),
+// column 8 i + 2 tig + (e & 1) (gid = lane / 4, tig = lane % 4).
+__device__ __forceinline__ void mma_m64n128k32_s8(int (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"  // scale-d: accumulate (the accumulators start at zero)
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+#endif
+
+}  // namespace lowbit::cuda::wgmma
