@@ -623,27 +623,30 @@ __global__ void __launch_bounds__(mma_tc::kThreads, 2)
 
 // ---------------------------------------------------------------- W8A8, Hopper wgmma
 // The same GEMM as w8a8_mma_kernel (same conditions, tile order, epilogue and so the same
-// bits) on sm_90a's warpgroup MMA: a CTA of two warpgroups computes a 128 x 128 tile of y,
-// each warpgroup 64 rows with wgmma.m64n128k32 (s8 x s8 -> s32), both operands read from
-// shared memory by descriptor. k goes in stages of 128 bytes: one 128-byte-swizzled row per
-// tile row (the layout qx and qweight already have, K-major), copied by cp.async into a
-// 4-stage ring (128 KB, one CTA per SM), tile kt + 2 issued while kt is multiplied: the stage
-// refilled held tile kt - 2, whose wgmma group every warpgroup has waited for (wait_group 1
-// after kt - 1) before the barrier of kt. Why not mma.sync: on Hopper it reaches about half
-// of the int8 tensor peak (w8a8_mma_kernel: 449 TOPS with the quantizer, 0.60x fp16 cuBLAS).
+// bits) on sm_90a's warpgroup MMA: a CTA of two warpgroups computes a 128 x BN tile of y
+// (BN = 256 where such tiles still fill the GPU, else 128), each warpgroup 64 rows with
+// wgmma.m64nBNk32 (s8 x s8 -> s32), both operands read from shared memory by descriptor.
+// k goes in stages of 128 bytes: one 128-byte-swizzled row per tile row (the layout qx and
+// qweight already have, K-major), copied by cp.async into a 4-stage ring (128 / 192 KB, one
+// CTA per SM), tile kt + 2 issued while kt is multiplied: the stage refilled held tile
+// kt - 2, whose wgmma group every warpgroup has waited for (wait_group 1 after kt - 1) before
+// the barrier of kt. Why: mma.sync reaches about half of Hopper's int8 tensor peak
+// (w8a8_mma_kernel: 449 TOPS with the quantizer, 0.60x fp16 cuBLAS). Why BN = 256: per
+// stage the SM's shared memory moves the cp.async writes plus every wgmma's operand reads,
+// 80 KB per 512 cycles of tensor work at BN = 128 (above its 128 B/cycle), 128 KB per 1024
+// at BN = 256.
 namespace wgmma_tc {
-constexpr int kBM = 128, kBN = 128, kBK = 128;  // tile of y; k bytes per stage (one swizzle row)
+constexpr int kBM = 128, kBK = 128;  // rows of y per CTA; k bytes per stage (one swizzle row)
 constexpr int kStages = 4;
-constexpr int kThreads = 256;                      // two warpgroups of 64 rows
-constexpr int kChunks = kBK / 16;  // 16-byte chunks per tile row
-constexpr int kBytesA = kBM * kBK, kBytesB = kBN * kBK;
-constexpr int kStageBytes = kBytesA + kBytesB;
-constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + room to align the ring to 1024 bytes
-static_assert(kBM == kBN && kChunks == 8, "one load loop for both operands; the swizzle permutes 8 chunks");
-static_assert(kStageBytes % 1024 == 0 && kBytesA % 1024 == 0, "every tile starts a swizzle atom");
+constexpr int kThreads = 256;        // two warpgroups of 64 rows
+constexpr int kChunks = kBK / 16;    // 16-byte chunks per tile row
+constexpr int kBytesA = kBM * kBK;
+template <int BN> constexpr int kStageBytes = kBytesA + BN * kBK;
+template <int BN> constexpr int kSmemBytes = kStages * kStageBytes<BN> + 1024;  // + room to align to 1024 bytes
+static_assert(kChunks == 8 && kBytesA % 1024 == 0, "the swizzle permutes 8 chunks; tiles start swizzle atoms");
 }  // namespace wgmma_tc
 
-template <class D>
+template <class D, int BN>
 __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
     w8a8_wgmma_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, int64_t M, int64_t K,
                       const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
@@ -651,50 +654,58 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
 #if defined(LOWBIT_WGMMA)
   using namespace wgmma_tc;
   namespace ptx = lowbit::cuda::ptx;
+  constexpr int kRowsPerPass = wgmma_tc::kThreads / kChunks;  // 32 tile rows per pass of the threads over a stage
+  constexpr int kLoadsA = kBM / kRowsPerPass, kLoadsB = BN / kRowsPerPass;
+  constexpr int kStage = kStageBytes<BN>;
+  static_assert(kRowsPerPass % 8 == 0, "a thread's rows share their swizzle");
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
   const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wrow = ((tid >> 5) & 3) * 16;
-  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
+  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + BN - 1) / BN;
   const int ktiles = int((K + kBK - 1) / kBK);
-  constexpr int kLoads = kBM * kChunks / wgmma_tc::kThreads;  // cp.async per thread and operand per stage
-  static_assert((wgmma_tc::kThreads / kChunks) % 8 == 0, "a thread's rows share their swizzle");
-  // Byte offset of chunk c (16 bytes) of row r: the 128-byte swizzle wgmma's descriptor reads.
-  auto swz = [](int r, int c) { return r * kBK + ((c ^ (r & 7)) << 4); };
+  // This thread's chunks of a stage: chunk c = tid % 8 of rows tid / 8 + 32 i of both operands.
+  const int c = tid % kChunks, r0 = tid / kChunks;
+  const int off0 = r0 * kBK + ((c ^ (r0 & 7)) << 4);  // the 128-byte swizzle wgmma's descriptor reads
 
   for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
     int64_t m0, n0;
     grouped_tile(tile, tiles_m, tiles_n, m0, n0);
-    m0 *= kBM, n0 *= kBN;
+    m0 *= kBM, n0 *= BN;
 
-    // This thread's chunks of a stage: chunk c = tid % 8 of rows tid / 8 + 32 i (i < kLoads) of
-    // both operands; their sources at k 0 (null past M / N), found once per tile.
-    const int c = tid % kChunks, r0 = tid / kChunks, off0 = swz(r0, c);  // row r0 + 32 i: off0 + 4096 i
-    const int8_t* pa[kLoads];
-    const int8_t* pb[kLoads];
+    // The sources of this thread's chunks at k 0 (null past M / N), found once per tile.
+    const int8_t* pa[kLoadsA];
+    const int8_t* pb[kLoadsB];
 #pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int r = r0 + i * (wgmma_tc::kThreads / kChunks);
-      pa[i] = m0 + r < M ? qx + (m0 + r) * K + 16 * c : nullptr;
-      pb[i] = n0 + r < N ? qw + (n0 + r) * K + 16 * c : nullptr;
+    for (int i = 0; i < kLoadsA; ++i) {
+      const int64_t m = m0 + r0 + i * kRowsPerPass;
+      pa[i] = m < M ? qx + m * K + 16 * c : nullptr;
+    }
+#pragma unroll
+    for (int i = 0; i < kLoadsB; ++i) {
+      const int64_t n = n0 + r0 + i * kRowsPerPass;
+      pb[i] = n < N ? qw + n * K + 16 * c : nullptr;
     }
     // Stage `stage` <- k tile kt of A (qx rows m0..) and B (qweight rows n0..).
     auto load_stage = [&](int stage, int kt) {
-      uint8_t* sa = smem + stage * kStageBytes;
+      uint8_t* sa = smem + stage * kStage;
       uint8_t* sb = sa + kBytesA;
       const int64_t k = int64_t(kt) * kBK;
       const bool kin = k + 16 * c < K;  // K % 16 == 0: a chunk is all in or all out
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int off = off0 + i * (wgmma_tc::kThreads / kChunks) * kBK;
-        const bool oka = kin && pa[i], okb = kin && pb[i];
-        ptx::cp_async16_zfill(sa + off, oka ? pa[i] + k : qx, oka);
-        ptx::cp_async16_zfill(sb + off, okb ? pb[i] + k : qw, okb);
+      for (int i = 0; i < kLoadsA; ++i) {
+        const bool ok = kin && pa[i];
+        ptx::cp_async16_zfill(sa + off0 + i * kRowsPerPass * kBK, ok ? pa[i] + k : qx, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < kLoadsB; ++i) {
+        const bool ok = kin && pb[i];
+        ptx::cp_async16_zfill(sb + off0 + i * kRowsPerPass * kBK, ok ? pb[i] + k : qw, ok);
       }
     };
 
-    int acc[64];
+    int acc[BN / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0;
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
 
     // Prologue: k tiles 0 and 1, one commit group each (empty past the end: group g holds tile g).
 #pragma unroll
@@ -710,13 +721,12 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
       if (next < ktiles) load_stage(next % kStages, next);
       ptx::cp_async_commit();
 
-      const uint8_t* sa = smem + (kt % kStages) * kStageBytes;
+      const uint8_t* sa = smem + (kt % kStages) * kStage;
       const uint8_t* sb = sa + kBytesA;
       wgmma::fence();
 #pragma unroll
       for (int ks = 0; ks < kBK / 32; ++ks)
-        wgmma::mma_m64n128k32_s8(acc, wgmma::desc_sw128(sa + wg * 64 * kBK + 32 * ks),
-                                 wgmma::desc_sw128(sb + 32 * ks));
+        wgmma::mma_s8<BN>(acc, wgmma::desc_sw128(sa + wg * 64 * kBK + 32 * ks), wgmma::desc_sw128(sb + 32 * ks));
       wgmma::commit();
       wgmma::wait<1>();  // tile kt - 1's group has finished (kt's may still run)
     }
@@ -725,7 +735,7 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
     ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the count clean
     __syncthreads();          // every warpgroup is done with the ring before the next tile's prologue
 
-    // Epilogue: acc[4 i + 2 h + c] is row wrow + gid + 8 h of this warpgroup's 64, column 8 i + 2 tig + c.
+    // Epilogue: acc[4 i + 2 h + e] is row wrow + gid + 8 h of this warpgroup's 64, column 8 i + 2 tig + e.
     const int g = lane >> 2, t = lane & 3;
     float sxm[2];
 #pragma unroll
@@ -734,17 +744,18 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
       sxm[h] = m < M ? sx[m] : 0.0f;
     }
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i)
+    for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int64_t n = n0 + 8 * i + 2 * t + c;
+      for (int e = 0; e < 2; ++e) {
+        const int64_t n = n0 + 8 * i + 2 * t + e;
         if (n >= N) continue;
         const float wsn = ws[n], bn = bias ? load_f32(bias, bias_dtype, n) : 0.0f;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t m = m0 + wg * 64 + wrow + g + 8 * h;
-          if (m < M) y[m * ldy + n] = D::from_f32(w8a8_value(float(acc[4 * i + 2 * h + c]), sxm[h], wsn,
-                                                               bias != nullptr, bn));
+          if (m < M)
+            y[m * ldy + n] =
+                D::from_f32(w8a8_value(float(acc[4 * i + 2 * h + e]), sxm[h], wsn, bias != nullptr, bn));
         }
       }
   }
@@ -842,10 +853,18 @@ int prepare_w8a8_mma() {
   return opt_in_smem(w8a8_mma_kernel<D>, mma_tc::kSmemBytes, done);
 }
 
-template <class D>
+template <class D, int BN>
 int prepare_w8a8_wgmma() {
   static std::atomic<uint64_t> done{0};
-  return opt_in_smem(w8a8_wgmma_kernel<D>, wgmma_tc::kSmemBytes, done);
+  return opt_in_smem(w8a8_wgmma_kernel<D, BN>, wgmma_tc::kSmemBytes<BN>, done);
+}
+
+// The current device's SM count (1 if it cannot be read).
+int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    (void)cudaGetLastError();
+  return n > 0 ? n : 1;
 }
 
 // Whether this device runs w8a8_wgmma_kernel: an sm_90 GPU and the kernel's code built for
@@ -862,7 +881,7 @@ bool w8a8_wgmma_ok() {
   int major = 0;
   cudaFuncAttributes attr{};
   const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                   major == 9 && cudaFuncGetAttributes(&attr, w8a8_wgmma_kernel<F16>) == cudaSuccess &&
+                   major == 9 && cudaFuncGetAttributes(&attr, w8a8_wgmma_kernel<F16, 128>) == cudaSuccess &&
                    attr.ptxVersion >= 90;
   (void)cudaGetLastError();
   if (yes) ok.fetch_or(bit, std::memory_order_relaxed);
@@ -947,16 +966,21 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(qx);
   // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
   const bool mma = M >= mma_tc::kMinM && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
-  // On sm_90a, the same GEMM on wgmma (w8a8_wgmma_kernel; same bits).
+  // On sm_90a, the same GEMM on wgmma (w8a8_wgmma_kernel; same bits), with 256-wide tiles
+  // when they still give every SM one.
   const bool wgmma = mma && w8a8_wgmma_ok();
+  const bool wide = wgmma && ((M + wgmma_tc::kBM - 1) / wgmma_tc::kBM) * ((N + 255) / 256) >= sm_count();
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
-    if (mma) st = wgmma ? prepare_w8a8_wgmma<D>() : prepare_w8a8_mma<D>();
+    if (mma) st = wide ? prepare_w8a8_wgmma<D, 256>() : wgmma ? prepare_w8a8_wgmma<D, 128>() : prepare_w8a8_mma<D>();
     if (st == kOk) {
       launch_quantize<D>(x, M, K, ldx, qx, sx, s);
-      if (wgmma)
-        launch_w8a8_tc<D>(w8a8_wgmma_kernel<D>, wgmma_tc::kBM, wgmma_tc::kBN, wgmma_tc::kThreads,
-                          wgmma_tc::kSmemBytes, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+      if (wide)
+        launch_w8a8_tc<D>(w8a8_wgmma_kernel<D, 256>, wgmma_tc::kBM, 256, wgmma_tc::kThreads,
+                          wgmma_tc::kSmemBytes<256>, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+      else if (wgmma)
+        launch_w8a8_tc<D>(w8a8_wgmma_kernel<D, 128>, wgmma_tc::kBM, 128, wgmma_tc::kThreads,
+                          wgmma_tc::kSmemBytes<128>, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
       else if (mma)
         launch_w8a8_tc<D>(w8a8_mma_kernel<D>, mma_tc::kBM, mma_tc::kBN, mma_tc::kThreads, mma_tc::kSmemBytes, qx,
                           sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
