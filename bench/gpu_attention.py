@@ -344,6 +344,13 @@ def main(argv=None) -> int:
     prefill_plan = [] if args.only == "decode" else (PREFILL[1:2] if args.quick else PREFILL)
     decode_plan_ = [] if args.only == "prefill" else (decode_plan([8], [4096]) if args.quick else decode_plan())
     prefill_rows, decode_rows = [], []
+
+    def save(final: bool = False) -> None:  # after every row: a cut-off run still leaves its table
+        targets = evaluate_targets(prefill_rows, decode_rows)
+        md = table(prefill_rows, decode_rows, copy_bw, device, targets)
+        write_result(args.out, {**header, "reps": args.reps, "prefill": prefill_rows, "decode": decode_rows,
+                                "targets": targets, "table_md": md}, t0, final=final)
+
     for i, (B, L, dt) in enumerate(prefill_plan):
         log(f"[prefill {i + 1}/{len(prefill_plan)}] B={B} L={L} {dt} ({time.time() - t0:.0f}s)")
         try:
@@ -354,6 +361,7 @@ def main(argv=None) -> int:
         log("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
                              if k not in ("kind",)))
         prefill_rows.append(r)
+        save()
     for i, (B, S, skip) in enumerate(decode_plan_):
         log(f"[decode {i + 1}/{len(decode_plan_)}] batch={B} tokens={S} ({time.time() - t0:.0f}s)")
         if skip:
@@ -369,19 +377,8 @@ def main(argv=None) -> int:
         log("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
                              if k not in ("kind",)))
         decode_rows.append(r)
-
-    targets = evaluate_targets(prefill_rows, decode_rows)
-    md = table(prefill_rows, decode_rows, copy_bw, device, targets)
-    result = {
-        **header,
-        "reps": args.reps,
-        "prefill": prefill_rows,
-        "decode": decode_rows,
-        "targets": targets,
-        "table_md": md,
-        "seconds": time.time() - t0,
-    }
-    write_result(args.out, result, t0)
+        save()
+    save(final=True)
     return 0
 
 

@@ -181,13 +181,13 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     echo
     echo "## benchmark"
     echo
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["table_md"])' "$OUT/gpu_bench.json" || true
+    python3 -c 'import json,sys; d = json.load(open(sys.argv[1])); print(("(partial: the bench was cut off)\n\n" if d.get("partial") else "") + d["table_md"])' "$OUT/gpu_bench.json" || true
   fi
   if [ -s "$OUT/gpu_attention.json" ]; then
     echo
     echo "## attention benchmark"
     echo
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["table_md"])' "$OUT/gpu_attention.json" || true
+    python3 -c 'import json,sys; d = json.load(open(sys.argv[1])); print(("(partial: the bench was cut off)\n\n" if d.get("partial") else "") + d["table_md"])' "$OUT/gpu_attention.json" || true
   fi
   if [ -f "$TMP/cuda_tests.log" ] && [ "${RC[cuda_tests]:-}" != 0 ]; then
     echo

@@ -95,12 +95,16 @@ def start_run(name: str):
                 "lowbit": lowbit.__version__, "cuda_archs": _native.cuda_built_archs(), "copy_bw_GBps": copy_bw}
 
 
-def write_result(path: str, result: dict, t0: float) -> None:
-    """The run's JSON (with its markdown table under "table_md", printed last) to path."""
+def write_result(path: str, result: dict, t0: float, final: bool = True) -> None:
+    """The run's JSON (with its markdown table under "table_md", printed last) to path. The
+    benches also write it after every shape / row with final=False ("partial": true, nothing
+    printed), so a run cut off by its time limit still leaves its table."""
+    result = {**result, "partial": not final, "seconds": time.time() - t0}
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(result["table_md"])
-    log(f"done in {time.time() - t0:.0f}s; JSON in {path}")
+    if final:
+        print(result["table_md"])
+        log(f"done in {time.time() - t0:.0f}s; JSON in {path}")
 
 
 def measure_copy_bw() -> float:
@@ -347,21 +351,16 @@ def main(argv=None) -> int:
         for shape, m in EXTRA:
             plan[shape].append(m)
     rows = []
+
+    def result() -> dict:
+        return {**header, "fp16_matmul_TFLOPs": peak, "calls_per_graph": CALLS_PER_GRAPH, "reps": args.reps,
+                "rows": rows, "table_md": table(rows, copy_bw, peak, device)}
+
     for i, ((N, K), Ms) in enumerate(plan.items()):
         log(f"[{i + 1}/{len(plan)}] N={N} K={K} M={Ms} ({time.time() - t0:.0f}s)")
         rows += bench_shape(N, K, Ms, copy_bw, args.reps)
-
-    md = table(rows, copy_bw, peak, device)
-    result = {
-        **header,
-        "fp16_matmul_TFLOPs": peak,
-        "calls_per_graph": CALLS_PER_GRAPH,
-        "reps": args.reps,
-        "rows": rows,
-        "table_md": md,
-        "seconds": time.time() - t0,
-    }
-    write_result(args.out, result, t0)
+        write_result(args.out, result(), t0, final=False)
+    write_result(args.out, result(), t0)
     return 0
 
 
