@@ -867,9 +867,29 @@ int sm_count() {
   return n > 0 ? n : 1;
 }
 
-// Whether this device runs w8a8_wgmma_kernel: an sm_90 GPU and the kernel's code built for
-// sm_90a (PTX 9.0: a build without 90a in LOWBIT_CUDA_ARCHS would JIT the trap of an older
-// arch), unless LOWBIT_CUDA_W8A8=mma (read per call) keeps mma.sync. Per device, cached.
+// Whether this build's code for an sm_90 device is sm_90a's, the only one with wgmma:
+// LOWBIT_CUDA_ARCHS (CMake's list, ',' for ';') names 90a and no plain 90 the driver
+// could pick instead.
+bool built_for_sm90a() {
+#if defined(LOWBIT_CUDA_ARCHS)
+  bool a = false, plain = false;
+  const char* p = LOWBIT_CUDA_ARCHS;
+  while (*p) {
+    const char* end = std::strchr(p, ',');
+    const size_t n = end ? size_t(end - p) : std::strlen(p);
+    if (n >= 2 && p[0] == '9' && p[1] == '0') (n > 2 && p[2] == 'a' ? a : plain) = true;
+    if (!end) break;
+    p = end + 1;
+  }
+  return a && !plain;
+#else
+  return false;
+#endif
+}
+
+// Whether this device runs w8a8_wgmma_kernel: an sm_90 GPU running this build's sm_90a code
+// (built_for_sm90a; and the kernel's PTX version 9.0, not an older arch's JIT-compiled trap),
+// unless LOWBIT_CUDA_W8A8=mma (read per call) keeps mma.sync. Per device, cached.
 bool w8a8_wgmma_ok() {
   const char* env = std::getenv("LOWBIT_CUDA_W8A8");
   if (env && std::strcmp(env, "mma") == 0) return false;
@@ -880,7 +900,8 @@ bool w8a8_wgmma_ok() {
   if (known.load(std::memory_order_acquire) & bit) return ok.load(std::memory_order_relaxed) & bit;
   int major = 0;
   cudaFuncAttributes attr{};
-  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+  const bool yes = built_for_sm90a() &&
+                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                    major == 9 && cudaFuncGetAttributes(&attr, w8a8_wgmma_kernel<F16, 128>) == cudaSuccess &&
                    attr.ptxVersion >= 90;
   (void)cudaGetLastError();
