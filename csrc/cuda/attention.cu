@@ -24,8 +24,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "attention.h"
 #include "attention_flash.h"
@@ -87,10 +85,7 @@ void flash_strides(const AttentionArgs& a, int64_t (&st)[12]) {
 
 }  // namespace
 
-bool split_kv::decode_mma_allowed() {
-  const char* v = std::getenv("LOWBIT_CUDA_DECODE");
-  return !(v && std::strcmp(v, "simt") == 0);
-}
+bool split_kv::decode_mma_allowed() { return !env_is("LOWBIT_CUDA_DECODE", "simt"); }
 
 int check_attention_args(const AttentionArgs& a) {
   if (!valid_dtype_code(a.dtype) || (a.kv_dtype != kI8 && !valid_dtype_code(a.kv_dtype))) return kInvalidArgument;

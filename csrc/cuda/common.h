@@ -5,6 +5,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "lowbit/status.h"
@@ -23,6 +25,14 @@ inline void record_cuda_error(const char* where, const char* name, const char* t
 }
 
 inline bool valid_dtype_code(int code) { return code == kF32 || code == kF16 || code == kBF16; }
+
+// Whether environment variable `name` is set to `value`: the kernel switches
+// (LOWBIT_CUDA_DECODE=simt, LOWBIT_CUDA_W8A16=simt, LOWBIT_CUDA_W8A8=mma), read at every
+// call so tests and benchmarks can compare kernels in one process.
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
+}
 
 // kOk, or kCudaError (recorded) if the launches since the last check failed.
 inline int launch_status(const char* where) {

@@ -29,7 +29,6 @@
 #include <atomic>
 #include <cfloat>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #include "int8.h"
@@ -891,8 +890,7 @@ bool built_for_sm90a() {
 // (built_for_sm90a; and the kernel's PTX version 9.0, not an older arch's JIT-compiled trap),
 // unless LOWBIT_CUDA_W8A8=mma (read per call) keeps mma.sync. Per device, cached.
 bool w8a8_wgmma_ok() {
-  const char* env = std::getenv("LOWBIT_CUDA_W8A8");
-  if (env && std::strcmp(env, "mma") == 0) return false;
+  if (env_is("LOWBIT_CUDA_W8A8", "mma")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};  // bit d: device d checked / takes wgmma
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
@@ -939,8 +937,7 @@ namespace {
 // Whether W8A16 takes the tensor-core kernel (woq_mma.cuh): fp16 / bf16 activations,
 // K % 16 == 0 (16-byte weight rows), unless LOWBIT_CUDA_W8A16=simt (read per call).
 bool w8a16_tensor_cores(int x_dtype, int64_t K) {
-  const char* env = std::getenv("LOWBIT_CUDA_W8A16");
-  if (env && std::strcmp(env, "simt") == 0) return false;
+  if (env_is("LOWBIT_CUDA_W8A16", "simt")) return false;
   return (x_dtype == kF16 || x_dtype == kBF16) && K % 16 == 0 && K < (int64_t(1) << 31);
 }
 
