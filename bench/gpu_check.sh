@@ -143,6 +143,11 @@ if [ "${RC[build]}" = 0 ]; then
 fi
 
 # 8. summary
+bench_table() {  # bench_table JSON: the bench's markdown table, marked if the bench was cut off
+  python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+print(("(partial: the bench was cut off)\n\n" if d.get("partial") else "") + d["table_md"])' "$1" || true
+}
 status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   local rc=${RC[$1]:-not run}
   case "$rc" in
@@ -181,13 +186,13 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     echo
     echo "## benchmark"
     echo
-    python3 -c 'import json,sys; d = json.load(open(sys.argv[1])); print(("(partial: the bench was cut off)\n\n" if d.get("partial") else "") + d["table_md"])' "$OUT/gpu_bench.json" || true
+    bench_table "$OUT/gpu_bench.json"
   fi
   if [ -s "$OUT/gpu_attention.json" ]; then
     echo
     echo "## attention benchmark"
     echo
-    python3 -c 'import json,sys; d = json.load(open(sys.argv[1])); print(("(partial: the bench was cut off)\n\n" if d.get("partial") else "") + d["table_md"])' "$OUT/gpu_attention.json" || true
+    bench_table "$OUT/gpu_attention.json"
   fi
   if [ -f "$TMP/cuda_tests.log" ] && [ "${RC[cuda_tests]:-}" != 0 ]; then
     echo

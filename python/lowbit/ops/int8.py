@@ -204,7 +204,7 @@ def _linear_cuda(op, x, qweight, scale, bias):
     mod = _native.cuda_module()
     x2 = chk.rows(x)
     m = x2.shape[0]
-    dev = x.device
+    dev, stream = x.device, _native.stream_of(x)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     code = _native.DTYPE_CODE[x.dtype]
     args = [x2.data_ptr(), code, m, k, chk.row_stride(x2), qweight.data_ptr(), scale.data_ptr(), n,
@@ -218,9 +218,9 @@ def _linear_cuda(op, x, qweight, scale, bias):
         partial = counters = None
         if splits > 1:
             partial = torch.empty((splits, m, (n + 15) // 16 * 16), dtype=torch.float32, device=dev)
-            counters = cuda_counters(dev, _native.stream_of(x), count)
+            counters = cuda_counters(dev, stream, count)
         args += [splits, 0 if partial is None else partial.data_ptr(), 0 if counters is None else counters.data_ptr()]
-    _native.check(getattr(mod, op)(*args, x.device.index, _native.stream_of(x)), op)
+    _native.check(getattr(mod, op)(*args, dev.index, stream), op)
     return y
 
 
