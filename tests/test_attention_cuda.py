@@ -615,10 +615,18 @@ def test_paged_decode(qdtype, cdtype, hq, hkv, d, decode_kernel, cgen):
 @gpu
 @pytest.mark.parametrize("qdtype,cdtype", [(F16, F16), (BF16, I8), (F32, F32)], ids=["fp16", "bf16-int8", "fp32"])
 def test_paged_decode_small(qdtype, cdtype, cgen):
+    """Decode without query_start_loc (the kernel takes token b as sequence b's query: no
+    metadata to build or search) equals the same call with query_start_loc = arange, bitwise,
+    and so does a strided query view (a slice of a fused qkv projection)."""
     lens = [1, 0, 17, 33]
     args = make_paged(cgen, lens, 2, 64, 64, qdtype, cdtype)
     q = randn((len(lens), 4, 64), cgen, qdtype)
-    run_paged(q, args, f"small decode {DT_ID[qdtype]} / {DT_ID[cdtype]}")
+    y = run_paged(q, args, f"small decode {DT_ID[qdtype]} / {DT_ID[cdtype]}")
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
+    _assert_bitwise(paged_attention(q, **args, query_start_loc=qsl), y.cpu(), "decode vs query_start_loc")
+    qkv = randn((len(lens), 4, 64 + 16), cgen, qdtype)
+    qkv[:, :, 8:72] = q
+    _assert_bitwise(paged_attention(qkv[:, :, 8:72], **args), y.cpu(), "strided vs contiguous query")
 
 
 @gpu

@@ -95,7 +95,9 @@ int check_attention_args(const AttentionArgs& a) {
   if (a.Hkv * ((a.Hq / a.Hkv + kMaxG - 1) / kMaxG) > 65535) return kInvalidArgument;
   if (a.tokens > 2147483647LL) return kInvalidArgument;
   const bool paged = a.block_table != nullptr;
-  if (paged != (a.q_start != nullptr) || paged != (a.seq_lens != nullptr)) return kInvalidArgument;
+  // Paged: variable query counts (q_start) or decode (no q_start: L = 1, token b is sequence b's query).
+  if (paged != (a.seq_lens != nullptr) || (a.q_start && !paged)) return kInvalidArgument;
+  if (paged && !a.q_start && (a.L != 1 || a.tokens != a.B)) return kInvalidArgument;
   if (paged && (a.max_blocks < 1 || a.block_size < 1 || a.num_blocks < 1 || a.mask)) return kInvalidArgument;
   if (!paged && (a.L < 0 || a.S < 0 || a.tokens != a.B * a.L)) return kInvalidArgument;
   if ((a.kv_dtype == kI8) != (a.k_scale && a.v_scale)) return kInvalidArgument;

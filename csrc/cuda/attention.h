@@ -6,8 +6,8 @@
 // q [B, Hq, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], out [B, Hq, L, Dv] with element
 // strides (batch, head, seq) and a unit inner stride; or a paged cache (block_table not
 // null): k / v rows at slot * stride[2] + head * stride[1] (stride[0] unused), queries of
-// sequence b at rows q_start[b] .. q_start[b + 1] (bottom-right causal within it), keys
-// seq_lens[b]. Two fields only the GPU needs: num_blocks (block ids outside [0,
+// sequence b at rows q_start[b] .. q_start[b + 1] (bottom-right causal within it), or
+// for decode (q_start null, L = 1) at row b, keys seq_lens[b]. Two fields only the GPU needs: num_blocks (block ids outside [0,
 // num_blocks) are skipped, so a bad table cannot make the kernel read outside the cache
 // even when the ops layer could not check it, e.g. while a CUDA graph is being captured)
 // and tokens (query rows per head in all: B * L, or q_start[B]).

@@ -49,7 +49,7 @@ from .attention import check_head_dims, check_scalars, cuda_tail, parse_window, 
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
 _lib.define("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-            "Tensor seq_lens, Tensor query_start_loc, float? scale, Tensor? k_scale, Tensor? v_scale, "
+            "Tensor seq_lens, Tensor? query_start_loc, float? scale, Tensor? k_scale, Tensor? v_scale, "
             "int window_left, int window_right) -> Tensor")
 
 
@@ -167,14 +167,20 @@ def _check_query(query, key_cache, op: str) -> None:
 
 
 def _check_tables(block_tables, seq_lens, query_start_loc, tokens: int, nb: int, bs: int, device, op: str) -> None:
-    """The sequences' metadata: every block id used is in [0, nb), queries fit their sequences."""
+    """The sequences' metadata: every block id used is in [0, nb), queries fit their sequences
+    (query_start_loc None: decode, one query per sequence; tokens -1: not known here)."""
     _int_tensor(block_tables, "block_tables", torch.int32, 2, op, device)
     _int_tensor(seq_lens, "seq_lens", torch.int32, 1, op, device)
-    _int_tensor(query_start_loc, "query_start_loc", torch.int32, 1, op, device)
     n = seq_lens.shape[0]
     if block_tables.shape[0] != n:
         raise ValueError(f"lowbit.{op}: block_tables has {block_tables.shape[0]} rows for {n} sequences (seq_lens)")
-    if query_start_loc.shape[0] != n + 1:
+    if query_start_loc is None:
+        if tokens not in (-1, n):
+            raise ValueError(f"lowbit.{op}: decode takes one query per sequence: {tokens} query tokens for {n} "
+                             "sequences (pass query_start_loc for chunked prefill)")
+    else:
+        _int_tensor(query_start_loc, "query_start_loc", torch.int32, 1, op, device)
+    if query_start_loc is not None and query_start_loc.shape[0] != n + 1:
         raise ValueError(f"lowbit.{op}: query_start_loc must have num_seqs + 1 = {n + 1} entries, got "
                          f"{query_start_loc.shape[0]}")
     chk.contiguous(block_tables, "block_tables", op)
@@ -191,6 +197,8 @@ def _check_tables(block_tables, seq_lens, query_start_loc, tokens: int, nb: int,
     if bool(bad.any()):
         raise ValueError(f"lowbit.{op}: block_tables holds block {int(block_tables[bad][0])}, outside the cache's "
                          f"[0, {nb}) blocks")
+    if query_start_loc is None:
+        return
     qsl = query_start_loc.to(torch.int64)
     qlen = qsl[1:] - qsl[:-1]
     if int(qsl[0]) != 0 or int(qsl[-1]) != tokens or bool((qlen < 0).any()):
@@ -219,21 +227,25 @@ def _paged_fake(query, key_cache, value_cache, block_tables, seq_lens, query_sta
 def _paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
                 window_left, window_right, out) -> tuple:
     """The attention kernel's shared arguments (query with unit inner stride, out [tokens, hq, dv]
-    contiguous), without the device's tail."""
+    contiguous), without the device's tail. Decode (query_start_loc None) is L = 1 query per
+    sequence, token b the query of sequence b: no query_start_loc to build or to search."""
     tokens, hq, d = query.shape
     dv = value_cache.shape[3]
     nb, bs, hkv = key_cache.shape[:3]
+    if query_start_loc is None:  # (batch, head, query) strides
+        L, q_st, out_st, qsl_ptr = 1, (query.stride(0), query.stride(1), 0), (hq * dv, dv, 0), 0
+    else:
+        L, q_st, out_st, qsl_ptr = 0, (0, query.stride(1), query.stride(0)), (0, dv, hq * dv), query_start_loc.data_ptr()
     return (query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr(),
-            _native.DTYPE_CODE[query.dtype], _native.DTYPE_CODE[key_cache.dtype], seq_lens.shape[0], hq, hkv, 0, 0, d,
-            dv, (0, query.stride(1), query.stride(0)), (0, d, hkv * d), (0, dv, hkv * dv), (0, dv, hq * dv),
-            query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], bs,
+            _native.DTYPE_CODE[query.dtype], _native.DTYPE_CODE[key_cache.dtype], seq_lens.shape[0], hq, hkv, L, 0, d,
+            dv, q_st, (0, d, hkv * d), (0, dv, hkv * dv), out_st, qsl_ptr, seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], bs,
             0 if k_scale is None else k_scale.data_ptr(), 0 if v_scale is None else v_scale.data_ptr(), 0, 0,
             (0, 0, 0, 0), resolve_scale(scale, d), 1, 1, window_left, window_right)
 
 
 def _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
                window_left, window_right) -> torch.Tensor:
-    """The device's kernel on validated arguments (contiguous seq_lens / query_start_loc)."""
+    """The device's kernel on validated arguments (contiguous seq_lens / query_start_loc, or None)."""
     tokens, hq, d = query.shape
     dv = value_cache.shape[3]
     check_head_dims(query.device, d, dv, "paged_attention")
@@ -257,7 +269,8 @@ def _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_star
 def _paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
                         v_scale, window_left, window_right):
     # The kernel reads these through raw pointers: dense copies of any strided views.
-    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+    seq_lens = seq_lens.contiguous()
+    query_start_loc = None if query_start_loc is None else query_start_loc.contiguous()
     validate_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
                    window_left, window_right)
     return _run_paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
@@ -275,11 +288,6 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale
     chk.tensors(op, ("query_start_loc", "k_scale", "v_scale"), query=query, key_cache=key_cache,
                 value_cache=value_cache, block_tables=block_tables, seq_lens=seq_lens,
                 query_start_loc=query_start_loc, k_scale=k_scale, v_scale=v_scale)
-    if query_start_loc is None:  # decode: one query per sequence
-        if query.dim() >= 1 and query.shape[0] != seq_lens.shape[0]:
-            raise ValueError(f"lowbit.{op}: decode takes one query per sequence: query has {query.shape[0]} tokens "
-                             f"for {seq_lens.shape[0]} sequences (pass query_start_loc for chunked prefill)")
-        query_start_loc = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
     left, right = parse_window(window, op)
     check_scalars(scale, left, right)
     return torch.ops.lowbit.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
@@ -308,11 +316,10 @@ class PagedStep:
                     query_start_loc=query_start_loc, k_scale=k_scale, v_scale=v_scale)
         nb, bs, _ = check_caches(key_cache, value_cache, k_scale, v_scale, op)
         tokens = slot_mapping.shape[0] if slot_mapping.dim() == 1 else -1
-        if query_start_loc is None:
-            query_start_loc = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
         self.window = parse_window(window, op)
         check_scalars(None, *self.window)
-        seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+        seq_lens = seq_lens.contiguous()
+        query_start_loc = None if query_start_loc is None else query_start_loc.contiguous()
         _check_tables(block_tables, seq_lens, query_start_loc, tokens, nb, bs, key_cache.device, op)
         _check_slots(slot_mapping, tokens, nb, bs, key_cache.device, op)
         self.slots = slot_mapping.contiguous()
