@@ -142,6 +142,25 @@ int int4_linear_w4a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ld
                                  stream_ptr(stream));
 }
 
+// The dense weights of large-M W4A16 / W8A16 (then one cuBLAS GEMM from torch).
+int int4_dequantize_w4a16(uintptr_t qweight, uintptr_t scales, int scales_dtype, int64_t groups, int64_t N, int64_t K,
+                          uintptr_t w, int w_dtype, int device, uintptr_t stream) {
+  if (device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::int4_dequantize_w4a16(ptr<const uint32_t>(qweight), ptr<const void>(scales), scales_dtype, groups, N, K,
+                                     ptr<void>(w), w_dtype, stream_ptr(stream));
+}
+
+int int8_dequantize_w8a16(uintptr_t qweight, uintptr_t wscale, int64_t N, int64_t K, uintptr_t w, int w_dtype,
+                          int device, uintptr_t stream) {
+  if (device < 0) return kInvalidArgument;
+  DeviceScope scope(device);
+  if (!scope.ok()) return kCudaError;
+  return cuda::int8_dequantize_w8a16(ptr<const int8_t>(qweight), ptr<const float>(wscale), N, K, ptr<void>(w), w_dtype,
+                                     stream_ptr(stream));
+}
+
 // Arguments in the order of lowbit._C.attention (AttentionArgs' fields), then what only the
 // GPU takes: num_blocks, tokens, the split plan and its scratch, device and stream.
 int attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int dtype, int kv_dtype, int64_t B, int64_t Hq,
@@ -224,6 +243,11 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("ldx"), py::arg("qweight"), py::arg("scales"), py::arg("scales_dtype"), py::arg("groups"),
         py::arg("N"), py::arg("bias"), py::arg("bias_dtype"), py::arg("y"), py::arg("ldy"), py::arg("splits"),
         py::arg("partial"), py::arg("counters"), py::arg("device"), py::arg("stream"));
+  m.def("int4_dequantize_w4a16", &int4_dequantize_w4a16, nogil, py::arg("qweight"), py::arg("scales"),
+        py::arg("scales_dtype"), py::arg("groups"), py::arg("N"), py::arg("K"), py::arg("w"), py::arg("w_dtype"),
+        py::arg("device"), py::arg("stream"));
+  m.def("int8_dequantize_w8a16", &int8_dequantize_w8a16, nogil, py::arg("qweight"), py::arg("wscale"), py::arg("N"),
+        py::arg("K"), py::arg("w"), py::arg("w_dtype"), py::arg("device"), py::arg("stream"));
   m.def("attention", &attention, nogil);
   m.def("attention_plan", &attention_plan, py::arg("tokens"), py::arg("Hq"), py::arg("Hkv"), py::arg("max_keys"),
         py::arg("Dv"), py::arg("sm_count"),

@@ -157,6 +157,41 @@ template <class S> struct Int4 {
   __device__ static float finish(const woq::Args&, int64_t, float v) { return v; }  // scaled while dequantizing
 };
 
+// The dense weight W [N, K] (row-major, x's type) exactly as the tensor-core kernel's
+// dequantization gives it: for large M, one cuBLAS GEMM on it beats dequantizing every
+// weight again for each block of rows. One lane per word of the packed layout: its tile's
+// registers b[j][sub][h] hold columns 16 p + 8 sub + gid at k = kb + 2 h, kb + 2 h + 1
+// (kb = 64 t + 16 tig + 4 j), i.e. 4 consecutive k per (j, sub).
+template <class D, class S>
+__global__ void __launch_bounds__(256) dequantize_kernel(const woq::Args a, uint16_t* __restrict__ w) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int64_t tile = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;  // (p, t), t fastest
+  if (tile >= a.Np / woq::kTileN * a.ktiles) return;
+  const int64_t p = tile / a.ktiles, t = tile % a.ktiles;
+  Int4Cursor<S> cur(a, p, t, lane);
+  const uint4* word;
+  const typename Pair<S>::Raw* dm = cur.next(word);
+  const typename Int4<S>::Tile tl{__ldg(word), {dm[0], dm[8]}};
+  uint32_t b[4][2][2];
+  Int4<S>::template dequant<D>(tl, b);
+  const bool vec = a.K % 4 == 0;  // 8-byte stores stay aligned
+#pragma unroll
+  for (int sub = 0; sub < 2; ++sub) {
+    const int64_t n = p * woq::kTileN + 8 * sub + gid;
+    if (n >= a.N) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = t * kTileK + 16 * tig + 4 * j;
+      uint16_t* dst = w + n * a.K + k;
+      if (vec && k + 4 <= a.K) {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(b[j][sub][0], b[j][sub][1]);
+      } else {
+        for (int e = 0; e < 4 && k + e < a.K; ++e) dst[e] = uint16_t(b[j][sub][e >> 1] >> (16 * (e & 1)));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters) {
@@ -190,6 +225,32 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
     scales_dtype == kF16 ? woq::launch<BF16, Int4<uint16_t>>(a, s) : woq::launch<BF16, Int4<float>>(a, s);
   }
   return launch_status("int4_linear_w4a16");
+}
+
+int int4_dequantize_w4a16(const uint32_t* qweight, const void* scales, int scales_dtype, int64_t groups, int64_t N,
+                          int64_t K, void* w, int w_dtype, void* stream) {
+  if (N < 1 || K < 1 || groups < 1 || K % groups != 0 || !qweight || !scales || !w) return kInvalidArgument;
+  if ((w_dtype != kF16 && w_dtype != kBF16) || (scales_dtype != kF16 && scales_dtype != kF32)) return kInvalidArgument;
+  woq::Args a{};
+  a.N = N, a.K = K, a.Np = woq::cdiv(N, woq::kTileN) * woq::kTileN, a.ktiles = woq::cdiv(K, kTileK);
+  a.qweight = qweight, a.scales = scales, a.groups = groups;
+  while (groups > 1 && (int64_t(1) << a.g_shift) < K / groups) ++a.g_shift;
+  if (groups > 1 && (int64_t(1) << a.g_shift) != K / groups) return kInvalidArgument;
+  if (groups * a.Np >= (int64_t(1) << 31)) return kInvalidArgument;
+  const int64_t blocks = woq::cdiv(a.Np / woq::kTileN * a.ktiles * 32, 256);
+  if (blocks > 2147483647LL) return kInvalidArgument;
+  (void)cudaGetLastError();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  auto* wp = static_cast<uint16_t*>(w);
+  const unsigned grid = unsigned(blocks);
+  if (w_dtype == kF16) {
+    scales_dtype == kF16 ? dequantize_kernel<F16, uint16_t><<<grid, 256, 0, s>>>(a, wp)
+                         : dequantize_kernel<F16, float><<<grid, 256, 0, s>>>(a, wp);
+  } else {
+    scales_dtype == kF16 ? dequantize_kernel<BF16, uint16_t><<<grid, 256, 0, s>>>(a, wp)
+                         : dequantize_kernel<BF16, float><<<grid, 256, 0, s>>>(a, wp);
+  }
+  return launch_status("int4_dequantize_w4a16");
 }
 
 }  // namespace lowbit::cuda

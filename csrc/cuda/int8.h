@@ -50,6 +50,11 @@ int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
                       const float* wscale, int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy,
                       int splits, float* partial, int* counters, void* stream);
 
+// w [N, K] (row-major, w_dtype) = qweight * wscale per row: the dense weight that large-M
+// W8A16 multiplies on cuBLAS.
+int int8_dequantize_w8a16(const int8_t* qweight, const float* wscale, int64_t N, int64_t K, void* w, int w_dtype,
+                          void* stream);
+
 int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,
                      const float* wscale, int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy,
                      int8_t* qx, float* sx, void* stream);

@@ -33,7 +33,7 @@ import torch
 from .. import _native
 from ..formats import int4 as fmt
 from . import _check as chk
-from .int8 import bias_args, cuda_counters
+from .int8 import DENSE_MIN_M, bias_args, cuda_counters, dense_linear
 from .int8 import run_cpu_kernel, validate_x
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
@@ -156,8 +156,14 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     x2 = chk.rows(x)
     m = x2.shape[0]
     dev = x.device
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     stream = _native.stream_of(x)
+    if m > DENSE_MIN_M:  # one dequantization, then cuBLAS (see ops/int8.py)
+        w = torch.empty((n, k), dtype=x.dtype, device=dev)
+        _native.check(mod.int4_dequantize_w4a16(qweight.data_ptr(), scales.data_ptr(), _native.DTYPE_CODE[scales.dtype],
+                                                scales.shape[0], n, k, w.data_ptr(), _native.DTYPE_CODE[x.dtype],
+                                                dev.index, stream), op)
+        return dense_linear(x, w, bias)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     splits, count = mod.int4_w4a16_plan(m, k, n, _native.sm_count(dev))
     partial = counters = None
     if splits > 1:  # per-split fp32 sums, from torch's allocator

@@ -16,6 +16,7 @@ check it exactly against in_features).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import _native
 from ..formats import int8 as fmt
@@ -199,12 +200,30 @@ def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor
     return buf
 
 
+# Weight-only layers (W8A16, W4A16) with more than DENSE_MIN_M rows: a CUDA kernel writes the
+# weights dequantized (x's dtype, [N, K]) into a temporary and one cuBLAS GEMM takes them. The
+# tensor-core kernel dequantizes every weight again for each block of 16-64 rows; past a few
+# dozen rows one dequantization (~3 bytes written and read per weight) plus the GEMM costs less
+# (bench/gpu_matmul.py, M = 64 .. 2048).
+DENSE_MIN_M = 32
+
+
+def dense_linear(x, w, bias) -> torch.Tensor:
+    """y = x . w^T + bias on cuBLAS, w the dense dequantized weight (x's dtype)."""
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 def _linear_cuda(op, x, qweight, scale, bias):
     n, k = validate_linear(x, qweight, scale, bias, op)
     mod = _native.cuda_module()
     x2 = chk.rows(x)
     m = x2.shape[0]
     dev, stream = x.device, _native.stream_of(x)
+    if op == "int8_linear_w8a16" and m > DENSE_MIN_M:
+        w = torch.empty((n, k), dtype=x.dtype, device=dev)
+        _native.check(mod.int8_dequantize_w8a16(qweight.data_ptr(), scale.data_ptr(), n, k, w.data_ptr(),
+                                                _native.DTYPE_CODE[x.dtype], dev.index, stream), op)
+        return dense_linear(x, w, bias)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     code = _native.DTYPE_CODE[x.dtype]
     args = [x2.data_ptr(), code, m, k, chk.row_stride(x2), qweight.data_ptr(), scale.data_ptr(), n,
