@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Design-space sweep on a GPU (a developer tool, not part of gpu_check): times the CUDA
+kernels with their launch plan forced to other values than the shipped plan picks, and the
+paged decode with sequential instead of random block tables, so that a tuning decision rests
+on one run's numbers. Prints one line per measurement.
+
+    python3 dev/gpu_sweep.py [decode] [woq] [w8a8]      (run from the checkout, lowbit installed)
+
+decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64} x {4k, 32k},
+        bf16 / INT8 cache, random / sequential tables, key splits x {1/2, 1, 2} of the plan.
+woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
+w8a8:   W8A8 with wgmma (default) and mma.sync at M in {512, 1024, 2048, 4096}.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from gpu_matmul import ROTATE_BYTES, env_var, measure_copy_bw, time_per_call, w4_weights  # noqa: E402
+
+from lowbit import _native, ops, ref  # noqa: E402
+from lowbit.ops import int4 as int4_ops  # noqa: E402
+from lowbit.ops import int8 as int8_ops  # noqa: E402
+
+REPS = 15
+MOD = _native.cuda_module()
+
+
+def force_plan(name: str, splits_of):
+    """Replaces MOD.<name> (a plan function returning (splits, n)) by one whose splits are
+    splits_of(original splits, *args); n is recomputed by the caller's rule."""
+    orig = getattr(MOD, name)
+
+    def plan(*args):
+        s, n = orig(*args)
+        want = max(1, splits_of(s, *args))
+        if name == "attention_plan":
+            tokens, hq, _, _, dv = args[:5]
+            return want, (tokens * hq * want * (dv + 2) if want > 1 else 0)
+        n_cols = args[2]
+        col_blocks = -(-(-(-n_cols // 16)) // 4)  # cdiv(cdiv(N, 16), 4); M <= 16: one m block
+        return want, (col_blocks if want > 1 else 0)
+    setattr(MOD, name, plan)
+    return orig
+
+
+def decode(copy_bw: float) -> None:
+    hq, hkv, D, bs = 32, 8, 128, 16
+    for B, S in ((8, 4096), (8, 32768), (64, 4096), (64, 32768)):
+        nblk = S // bs
+        bytes_bf16 = B * S * hkv * D * 2 * 2
+        nbuf = max(1, math.ceil(ROTATE_BYTES / bytes_bf16))
+        nb = nbuf * B * nblk
+        kc = torch.randn(nb, bs, hkv, D, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        kc8 = torch.empty(nb, bs, hkv, D, device="cuda", dtype=torch.int8)
+        vc8 = torch.empty_like(kc8)
+        ks, vs = torch.empty(nb, bs, hkv, device="cuda"), torch.empty(nb, bs, hkv, device="cuda")
+        ops.reshape_and_cache(kc.view(-1, hkv, D), vc.view(-1, hkv, D), kc8, vc8, torch.arange(nb * bs, device="cuda"),
+                              ks, vs)
+        q = torch.randn(B, hq, D, device="cuda", dtype=torch.bfloat16)
+        seq = torch.full((B,), S, dtype=torch.int32, device="cuda")
+        perms = {"random": torch.randperm(nb, device="cuda").to(torch.int32),
+                 "sequential": torch.arange(nb, device="cuda", dtype=torch.int32)}
+        for order, perm in perms.items():
+            tables = [perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk).contiguous() for i in range(nbuf)]
+            for factor in ((0.5, 1, 2) if order == "random" else (1,)):
+                orig = force_plan("attention_plan", lambda s, *a: int(s * factor))
+                try:
+                    for cache in ("bf16", "int8"):
+                        if cache == "bf16":
+                            def make(i):
+                                return lambda: ops.paged_attention(q, kc, vc, tables[i], seq)
+                            nbytes = bytes_bf16
+                        else:
+                            def make(i):
+                                return lambda: ops.paged_attention(q, kc8, vc8, tables[i], seq, k_scale=ks, v_scale=vs)
+                            nbytes = bytes_bf16 // 2 + B * S * hkv * 4 * 2
+                        us = time_per_call(make, nbuf, REPS)
+                        s0 = orig(B, hq, hkv, S, D, _native.sm_count(q.device))[0]
+                        print(f"decode B={B} S={S} {cache} tables={order} splits={max(1, int(s0 * factor))} "
+                              f"(plan {s0}): {us:.1f} us, {100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW",
+                              flush=True)
+                finally:
+                    setattr(MOD, "attention_plan", orig)
+        torch.cuda.empty_cache()
+
+
+def woq() -> None:
+    for N, K in ((4096, 11008), (11008, 4096)):
+        nbuf4 = max(2, -(-ROTATE_BYTES // (N * K // 2)))
+        w4s = [w4_weights(N, K) for _ in range(nbuf4)]
+        nbuf8 = max(2, -(-ROTATE_BYTES // (N * K)))
+        w8s = [ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02) for _ in range(nbuf8)]
+        w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(2, nbuf8 // 2))]
+        for M in (1, 16):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            base = time_per_call(lambda i: (lambda: F.linear(x, w16[i])), len(w16), REPS)
+            print(f"woq {N}x{K} M={M} torch fp16: {base:.1f} us", flush=True)
+            for name, plan, make, nbuf in (
+                    ("w4a16", "int4_w4a16_plan", lambda i: (lambda: int4_ops.int4_linear_w4a16(x, w4s[i][0], w4s[i][1],
+                                                                                            None, N)), nbuf4),
+                    ("w8a16", "int8_w8a16_plan", lambda i: (lambda: int8_ops.int8_linear_w8a16(x, *w8s[i])), nbuf8)):
+                for forced in (None, 1, 2, 4, 8, 12, 16):
+                    orig = force_plan(plan, (lambda s, *a: s) if forced is None else (lambda s, *a: forced))
+                    try:
+                        us = time_per_call(make, nbuf, REPS)
+                    except Exception as e:  # noqa: BLE001 - a split the kernel refuses
+                        print(f"woq {N}x{K} M={M} {name} splits={forced}: {type(e).__name__}: {e}", flush=True)
+                        continue
+                    finally:
+                        setattr(MOD, plan, orig)
+                    print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
+                          f"{base / us:.2f}x fp16", flush=True)
+        torch.cuda.empty_cache()
+
+
+def w8a8() -> None:
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
+        q, s = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
+        w16 = q.to(torch.float16)
+        for M in (512, 1024, 2048, 4096):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            base = time_per_call(lambda i: (lambda: F.linear(x, w16)), 1, REPS)
+            line = f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us"
+            for kernel in ("wgmma", "mma"):
+                with env_var("LOWBIT_CUDA_W8A8", "mma") if kernel == "mma" else contextlib.nullcontext():
+                    us = time_per_call(lambda i: (lambda: int8_ops.int8_linear_w8a8(x, q, s)), 1, REPS)
+                line += f", {kernel} {us:.1f} us ({base / us:.2f}x)"
+            print(line, flush=True)
+        torch.cuda.empty_cache()
+
+
+def profile() -> None:
+    """A few eager calls of the decode kernel (B 64, S 32k, bf16, random tables) and of W4A16
+    at M = 1 (4096 x 11008), for Nsight Compute."""
+    B, S, hkv, D = 64, 32768, 8, 128
+    nb = B * S // 16
+    kc = torch.randn(nb, 16, hkv, D, device="cuda", dtype=torch.bfloat16)
+    tab = torch.randperm(nb, device="cuda").to(torch.int32).view(B, S // 16)
+    q = torch.randn(B, 32, D, device="cuda", dtype=torch.bfloat16)
+    seq = torch.full((B,), S, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        ops.paged_attention(q, kc, kc, tab, seq)
+    del kc
+    qw, sc = w4_weights(4096, 11008)
+    x = torch.randn(1, 11008, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        int4_ops.int4_linear_w4a16(x, qw, sc, None, 4096)
+    torch.cuda.synchronize()
+
+
+def main(argv: list) -> int:
+    parts = argv or ["decode", "woq", "w8a8"]
+    if parts == ["profile"]:
+        profile()
+        return 0
+    torch.manual_seed(0)
+    copy_bw = measure_copy_bw()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw:.0f} GB/s", flush=True)
+    for p in parts:
+        {"decode": lambda: decode(copy_bw), "woq": woq, "w8a8": w8a8}[p]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
