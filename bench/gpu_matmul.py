@@ -192,7 +192,7 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             "lowbit w8a8": (lambda i: (lambda: int8_ops.int8_linear_w8a8(x, qws[i], scs[i])), nbuf_i8,
                             N * K + 4 * N + 2 * M * K + 2 * M * N),
         }
-        # the kernels the newest ones replaced, for comparison: W8A16's CUDA-core GEMV (M <= 32;
+        # the kernels the newest ones replaced, for comparison: W8A16's CUDA-core GEMV (M <= 128;
         # larger M takes the dequantize + cuBLAS path either way), and on Hopper W8A8's mma.sync
         # GEMM (M >= 64; the default there is wgmma)
         if M <= int8_ops.DENSE_MIN_M:

@@ -1,6 +1,6 @@
 // Weight-only quantized linear layers on tensor cores (mma.sync m16n8k16, fp32
 // accumulation): y[M, N] = x[M, K] . W^T (+ bias), x and y fp16 or bf16, for decode and
-// small batches (M = 1..32 per block; the ops take larger M to a dequantized weight and
+// small batches (M = 1..64 per block; the ops take M > 128 to a dequantized weight and
 // cuBLAS, ops/int8.py DENSE_MIN_M) and correct for any M, N, K >= 1. One kernel
 // template; the weight format is a policy: W4A16 (int4.cu: packed nibbles, group scales
 // applied while dequantizing) and W8A16 (int8.cu: the canonical int8 [N, K] rows, the
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
 }
 
 // ---- host ---------------------------------------------------------------------------------
-inline int pick_mt(int64_t M) { return M <= 16 ? 1 : 2; }
+inline int pick_mt(int64_t M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
 
 // How to run an [M, K] x [N, K]^T product on a GPU with sm_count SMs: the number of K
 // splits and of int32 counters the call needs (0 when splits == 1).
@@ -327,7 +327,11 @@ void launch_mt(const Args& a, cudaStream_t s) {
 template <class D, class F>
 void launch(const Args& a, cudaStream_t s) {
   if (a.M <= 8) return launch_mt<D, F, 1, true>(a, s);
-  pick_mt(a.M) == 1 ? launch_mt<D, F, 1>(a, s) : launch_mt<D, F, 2>(a, s);
+  switch (pick_mt(a.M)) {
+    case 1: return launch_mt<D, F, 1>(a, s);
+    case 2: return launch_mt<D, F, 2>(a, s);
+    default: return launch_mt<D, F, 4>(a, s);
+  }
 }
 
 }  // namespace lowbit::cuda::woq

@@ -202,10 +202,11 @@ def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor
 
 # Weight-only layers (W8A16, W4A16) with more than DENSE_MIN_M rows: a CUDA kernel writes the
 # weights dequantized (x's dtype, [N, K]) into a temporary and one cuBLAS GEMM takes them. The
-# tensor-core kernel dequantizes every weight again for each block of 16-64 rows; past a few
-# dozen rows one dequantization (~3 bytes written and read per weight) plus the GEMM costs less
-# (bench/gpu_matmul.py, M = 64 .. 2048).
-DENSE_MIN_M = 32
+# tensor-core kernel dequantizes every weight again for each block of 16-64 rows, so its time
+# grows with M; the dense path costs one dequantization plus the GEMM. Measured (H200, one
+# run): the dense path is 1.8-5x faster at M = 256 and 2048, but at M = 64 up to 1.8x slower
+# (its dequantization writes at only ~1-2 TB/s), hence the threshold between the two.
+DENSE_MIN_M = 128
 
 
 def dense_linear(x, w, bias) -> torch.Tensor:
