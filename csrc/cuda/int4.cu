@@ -159,34 +159,37 @@ template <class S> struct Int4 {
 
 // The dense weight W [N, K] (row-major, x's type) exactly as the tensor-core kernel's
 // dequantization gives it: for large M, one cuBLAS GEMM on it beats dequantizing every
-// weight again for each block of rows. One lane per word of the packed layout: its tile's
-// registers b[j][sub][h] hold columns 16 p + 8 sub + gid at k = kb + 2 h, kb + 2 h + 1
-// (kb = 64 t + 16 tig + 4 j), i.e. 4 consecutive k per (j, sub).
+// weight again for each block of rows. One lane per word of the packed layout (grid: x =
+// k tiles, 8 warps a block; y = column tiles): its tile's registers b[j][sub][h] hold
+// columns 16 p + 8 sub + gid at k = kb + 4 j + 2 h + {0, 1} (kb = 64 t + 16 tig), i.e. the
+// lane's 16 consecutive k of each of its two columns, stored as two 16-byte writes each.
+constexpr int kDequantWarps = 8;
 template <class D, class S>
-__global__ void __launch_bounds__(256) dequantize_kernel(const woq::Args a, uint16_t* __restrict__ w) {
+__global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const woq::Args a, uint16_t* __restrict__ w) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  const int64_t tile = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;  // (p, t), t fastest
-  if (tile >= a.Np / woq::kTileN * a.ktiles) return;
-  const int64_t p = tile / a.ktiles, t = tile % a.ktiles;
+  const int64_t t = int64_t(blockIdx.x) * kDequantWarps + (threadIdx.x >> 5), p = blockIdx.y;
+  if (t >= a.ktiles) return;
   Int4Cursor<S> cur(a, p, t, lane);
   const uint4* word;
   const typename Pair<S>::Raw* dm = cur.next(word);
   const typename Int4<S>::Tile tl{__ldg(word), {dm[0], dm[8]}};
   uint32_t b[4][2][2];
   Int4<S>::template dequant<D>(tl, b);
-  const bool vec = a.K % 4 == 0;  // 8-byte stores stay aligned
+  const bool vec = a.K % 8 == 0;  // 16-byte stores stay aligned
 #pragma unroll
   for (int sub = 0; sub < 2; ++sub) {
     const int64_t n = p * woq::kTileN + 8 * sub + gid;
     if (n >= a.N) continue;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t k = t * kTileK + 16 * tig + 4 * j;
+    for (int half = 0; half < 2; ++half) {  // k = kb + 8 half .. + 7: steps j = 2 half, 2 half + 1
+      const int64_t k = t * kTileK + 16 * tig + 8 * half;
+      const uint32_t v[4] = {b[2 * half][sub][0], b[2 * half][sub][1], b[2 * half + 1][sub][0],
+                             b[2 * half + 1][sub][1]};
       uint16_t* dst = w + n * a.K + k;
-      if (vec && k + 4 <= a.K) {
-        *reinterpret_cast<uint2*>(dst) = make_uint2(b[j][sub][0], b[j][sub][1]);
+      if (vec && k + 8 <= a.K) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
       } else {
-        for (int e = 0; e < 4 && k + e < a.K; ++e) dst[e] = uint16_t(b[j][sub][e >> 1] >> (16 * (e & 1)));
+        for (int e = 0; e < 8 && k + e < a.K; ++e) dst[e] = uint16_t(v[e >> 1] >> (16 * (e & 1)));
       }
     }
   }
@@ -236,19 +239,20 @@ int int4_dequantize_w4a16(const uint32_t* qweight, const void* scales, int scale
   a.qweight = qweight, a.scales = scales, a.groups = groups;
   while (groups > 1 && (int64_t(1) << a.g_shift) < K / groups) ++a.g_shift;
   if (groups > 1 && (int64_t(1) << a.g_shift) != K / groups) return kInvalidArgument;
-  if (groups * a.Np >= (int64_t(1) << 31)) return kInvalidArgument;
-  const int64_t blocks = woq::cdiv(a.Np / woq::kTileN * a.ktiles * 32, 256);
-  if (blocks > 2147483647LL) return kInvalidArgument;
+  if (groups * a.Np >= (int64_t(1) << 31) || a.Np / woq::kTileN > 65535) return kInvalidArgument;
+  if (reinterpret_cast<uintptr_t>(w) % 16 != 0 || (reinterpret_cast<uintptr_t>(qweight) & 15u) != 0)
+    return kInvalidArgument;
   (void)cudaGetLastError();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   auto* wp = static_cast<uint16_t*>(w);
-  const unsigned grid = unsigned(blocks);
+  const dim3 grid(unsigned(woq::cdiv(a.ktiles, kDequantWarps)), unsigned(a.Np / woq::kTileN));
+  constexpr int kThreads = kDequantWarps * 32;
   if (w_dtype == kF16) {
-    scales_dtype == kF16 ? dequantize_kernel<F16, uint16_t><<<grid, 256, 0, s>>>(a, wp)
-                         : dequantize_kernel<F16, float><<<grid, 256, 0, s>>>(a, wp);
+    scales_dtype == kF16 ? dequantize_kernel<F16, uint16_t><<<grid, kThreads, 0, s>>>(a, wp)
+                         : dequantize_kernel<F16, float><<<grid, kThreads, 0, s>>>(a, wp);
   } else {
-    scales_dtype == kF16 ? dequantize_kernel<BF16, uint16_t><<<grid, 256, 0, s>>>(a, wp)
-                         : dequantize_kernel<BF16, float><<<grid, 256, 0, s>>>(a, wp);
+    scales_dtype == kF16 ? dequantize_kernel<BF16, uint16_t><<<grid, kThreads, 0, s>>>(a, wp)
+                         : dequantize_kernel<BF16, float><<<grid, kThreads, 0, s>>>(a, wp);
   }
   return launch_status("int4_dequantize_w4a16");
 }

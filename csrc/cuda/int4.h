@@ -36,7 +36,8 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
                       int bias_dtype, void* y, int64_t ldy, int splits, float* partial, int* counters, void* stream);
 
 // The weights dequantized as int4_linear_w4a16 dequantizes them: w [N, K] row-major in
-// w_dtype (fp16 / bf16), for large M (one GEMM on the dense weight).
+// w_dtype (fp16 / bf16), for large M (one GEMM on the dense weight). qweight and w 16-byte
+// aligned, N <= 65535 * 16.
 int int4_dequantize_w4a16(const uint32_t* qweight, const void* scales, int scales_dtype, int64_t groups, int64_t N,
                           int64_t K, void* w, int w_dtype, void* stream);
 

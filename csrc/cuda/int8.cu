@@ -941,28 +941,36 @@ bool w8a16_tensor_cores(int x_dtype, int64_t K) {
   return (x_dtype == kF16 || x_dtype == kBF16) && K % 16 == 0 && K < (int64_t(1) << 31);
 }
 
-// w[n, k] = q[n, k] * scale[n] in D (row-major [N, K]): the dense weight of large-M W8A16,
-// 4 consecutive k per thread (vec: one 4-byte load and one 8-byte store).
+// w[n, k] = q[n, k] * scale[n] in D (row-major [N, K]): the dense weight of large-M W8A16.
+// A block per row (no index division), 16 consecutive k per thread: vec, one 16-byte load
+// and two 16-byte stores.
+constexpr int kDequantThreads = 256;
 template <class D>
-__global__ void __launch_bounds__(256)
-    dequantize_w8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scale, int64_t N, int64_t K,
-                         bool vec, typename D::T* __restrict__ w) {
-  const int64_t quads = (K + 3) / 4;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= N * quads) return;
-  const int64_t n = i / quads, k = 4 * (i % quads);
+__global__ void __launch_bounds__(kDequantThreads)
+    dequantize_w8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scale, int64_t K, bool vec,
+                         typename D::T* __restrict__ w) {
+  const int64_t n = blockIdx.x;
   const float s = __ldg(scale + n);
-  const int8_t* src = q + n * K + k;
-  typename D::T* dst = w + n * K + k;
-  if constexpr (sizeof(typename D::T) == 2) {
-    if (vec) {
-      const char4 c = __ldg(reinterpret_cast<const char4*>(src));
-      const uint32_t v[4] = {D::from_f32(c.x * s), D::from_f32(c.y * s), D::from_f32(c.z * s), D::from_f32(c.w * s)};
-      *reinterpret_cast<uint2*>(dst) = make_uint2(v[0] | v[1] << 16, v[2] | v[3] << 16);
-      return;
+  for (int64_t k = 16 * int64_t(threadIdx.x); k < K; k += 16 * kDequantThreads) {
+    const int8_t* src = q + n * K + k;
+    typename D::T* dst = w + n * K + k;
+    if constexpr (sizeof(typename D::T) == 2) {
+      if (vec) {
+        const int4 c = __ldg(reinterpret_cast<const int4*>(src));
+        const uint32_t words[4] = {uint32_t(c.x), uint32_t(c.y), uint32_t(c.z), uint32_t(c.w)};
+        uint32_t h[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {  // codes 2 i, 2 i + 1 (little-endian bytes of words[i / 2])
+          const uint32_t pair = words[i >> 1] >> (16 * (i & 1));
+          h[i] = D::from_f32(float(int8_t(pair)) * s) | uint32_t(D::from_f32(float(int8_t(pair >> 8)) * s)) << 16;
+        }
+        reinterpret_cast<uint4*>(dst)[0] = make_uint4(h[0], h[1], h[2], h[3]);
+        reinterpret_cast<uint4*>(dst)[1] = make_uint4(h[4], h[5], h[6], h[7]);
+        continue;
+      }
     }
+    for (int e = 0; e < 16 && k + e < K; ++e) dst[e] = D::from_f32(src[e] * s);
   }
-  for (int e = 0; e < 4 && k + e < K; ++e) dst[e] = D::from_f32(src[e] * s);
 }
 
 }  // namespace
@@ -999,15 +1007,13 @@ int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
 int int8_dequantize_w8a16(const int8_t* qweight, const float* wscale, int64_t N, int64_t K, void* w, int w_dtype,
                           void* stream) {
   if (N < 1 || K < 1 || !qweight || !wscale || !w || !valid_dtype_code(w_dtype)) return kInvalidArgument;
-  const bool vec = K % 4 == 0 && (reinterpret_cast<uintptr_t>(w) & 7u) == 0 &&
-                   (reinterpret_cast<uintptr_t>(qweight) & 3u) == 0 && dtype_size(w_dtype) == 2;
-  const int64_t blocks = (N * ((K + 3) / 4) + 255) / 256;
-  if (blocks > 2147483647LL) return kInvalidArgument;
+  const bool vec = K % 16 == 0 && aligned16(w) && aligned16(qweight) && dtype_size(w_dtype) == 2;
+  if (N > 2147483647LL) return kInvalidArgument;
   (void)cudaGetLastError();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   LOWBIT_DISPATCH_DTYPE(w_dtype, D,
-                        (dequantize_w8_kernel<D><<<unsigned(blocks), 256, 0, s>>>(
-                            qweight, wscale, N, K, vec, static_cast<typename D::T*>(w))));
+                        (dequantize_w8_kernel<D><<<unsigned(N), kDequantThreads, 0, s>>>(
+                            qweight, wscale, K, vec, static_cast<typename D::T*>(w))));
   return launch_status("int8_dequantize_w8a16");
 }
 
