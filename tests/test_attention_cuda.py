@@ -644,6 +644,20 @@ def test_paged_decode_mma_small(qdtype, cdtype, decode_kernel, cgen):
 
 
 @gpu
+@pytest.mark.parametrize("qscale", [1e6, 1e-7], ids=["large", "tiny"])
+def test_paged_decode_int8_bf16_query_range(qscale, decode_kernel, cgen):
+    """bf16 queries with an INT8 cache: the tensor-core kernel multiplies Q.K^T in fp16 after a
+    power-of-two scale per head; queries past fp16's range (1e6) or deep in its subnormals
+    (1e-7), with heads 8x apart, must still give the reference (the softmax scale keeps the
+    scores moderate)."""
+    lens = [1, 17, 300]
+    args = make_paged(cgen, lens, 2, 128, 128, BF16, I8)
+    heads = torch.tensor([1.0, 8.0, 0.125, 64.0, 1.0, 0.5, 2.0, 16.0], device="cuda")[None, :, None]
+    q = (randn((len(lens), 8, 128), cgen) * heads * qscale).to(BF16)
+    run_paged(q, args, f"{decode_kernel} decode bf16 / int8 |q| ~ {qscale:g}", scale=0.1 / qscale)
+
+
+@gpu
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("qdtype,cdtype", [(BF16, BF16), (BF16, I8), (F16, F16), (F32, F32)],
                          ids=["bf16", "bf16-int8", "fp16", "fp32"])

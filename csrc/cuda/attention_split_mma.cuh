@@ -28,8 +28,12 @@
 // For V^T a lane receives codes of d = 2 gid, 2 gid + 1 of two keys: the A rows gid /
 // gid + 8 of a 16-d tile are taken as d = 2 gid / 2 gid + 1, and the output store undoes
 // that. Codes become fp16 exactly by the 0x6400 magic (1024 + code + 128, minus 1152) and
-// bf16 exactly through fp32 (0x4B000000 magic, then a rounding that is exact on
-// integers). The key's scale multiplies its score, the value's scale its probability.
+// bf16 exactly as a difference of two halves (ptx::CodePair). Q.K^T of an INT8 cache
+// always runs in fp16 (2 instructions per code pair against 4 for bf16): bf16 queries are
+// converted with a power-of-two scale per head that puts max |q| in [2^14, 2^15), exact
+// (fp16 has 3 more significand bits than bf16) and undone on the fp32 scores, so the scores
+// are the bf16 path's. The key's scale multiplies its score, the value's scale its
+// probability.
 //
 // Pipeline. Each warp owns every 4th tile of 16 keys of the block's range and streams
 // that tile's K and V (two "items", one cp.async group each) through its own ring of
@@ -76,8 +80,10 @@ template <class E, class KV>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     split_kernel_mma(const AttentionArgs a, int hpb, int groups, int splits, int64_t chunk, float* __restrict__ part) {
   using R = MmaRing<KV>;
-  using M = ptx::Mma16<E>;
   constexpr bool kInt8 = R::kInt8;
+  using EK = std::conditional_t<kInt8, F16, E>;  // the type of the Q.K^T mma
+  using MK = ptx::Mma16<EK>;
+  using MV = ptx::Mma16<E>;
   constexpr int kTiles16 = kMmaHeadDim / 16;  // k steps of S^T, m tiles of O^T
   extern __shared__ __align__(16) unsigned char smem[];
 
@@ -88,9 +94,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int nh = bw.nh;
   const bool row_ok = bw.row_ok;
 
-  // Q^T as B operands, raw (the scale goes on the fp32 scores): qb[ks][0] holds the d of
-  // k slots 2 tig, 2 tig + 1 of step ks for head gid, qb[ks][1] those of slots + 8, + 9.
+  // Q^T as B operands (the softmax scale goes on the fp32 scores): qb[ks][0] holds the d of
+  // k slots 2 tig, 2 tig + 1 of step ks for head gid, qb[ks][1] those of slots + 8, + 9; raw,
+  // or (bf16 queries, INT8 cache) in fp16 times 2^-e, with 2^e of head gid in q_exp.
   uint32_t qb[kTiles16][2];
+  float q_exp = 1.0f;
   {
     const bool mine = row_ok && gid < nh;
     const uint16_t* qp = static_cast<const uint16_t*>(a.q) + (mine ? row_offset(a, a.q_stride, r, bw.h0 + gid) : 0);
@@ -101,6 +109,26 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         const int d = kInt8 ? 16 * ks + 4 * tig + 2 * hh : 16 * ks + 8 * hh + 2 * tig;
         qb[ks][hh] = mine ? uint32_t(qp[d]) | uint32_t(qp[d + 1]) << 16 : 0u;
       }
+    if constexpr (!std::is_same_v<EK, E>) {  // bf16 -> fp16: max |q| of the head (its 4 lanes)
+      float mx = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kTiles16; ++ks)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+          mx = fmaxf(mx, fmaxf(fabsf(__uint_as_float(qb[ks][hh] << 16)), fabsf(__uint_as_float(qb[ks][hh] & 0xffff0000u))));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // (0, inf and NaN keep e = 0; |e| <= 100 keeps 2^e and 2^-e normal floats)
+      const int e = mx > 0.0f && mx <= 3.0e38f ? max(-100, min(100, ilogbf(mx) - 14)) : 0;
+      q_exp = ldexpf(1.0f, e);
+      const float down = ldexpf(1.0f, -e);
+#pragma unroll
+      for (int ks = 0; ks < kTiles16; ++ks)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+          qb[ks][hh] = MK::pack(__uint_as_float(qb[ks][hh] << 16) * down,
+                                __uint_as_float(qb[ks][hh] & 0xffff0000u) * down);
+    }
   }
 
   // ---- the copy side: lane pair (2 row, 2 row + 1) copies key row `row` of each item
@@ -167,6 +195,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   float o[kTiles16][4] = {};  // O^T tile mt: rows d (mapped at the end), heads 2 tig, 2 tig + 1
   float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};  // per head 2 tig + hh; l: this lane's keys only
   const float cm = a.scale * kLog2e;
+  float cmh[2] = {cm, cm};  // the scores' multipliers per column (heads 2 tig, 2 tig + 1)
+  if constexpr (!std::is_same_v<EK, E>) {  // times the heads' 2^e (head h's lanes: 4 h ..)
+    cmh[0] *= __shfl_sync(0xffffffffu, q_exp, 8 * tig);
+    cmh[1] *= __shfl_sync(0xffffffffu, q_exp, 8 * tig + 4);
+  }
   // ldmatrix row addresses: K (and int8 V) take matrices (keys 0-7 | 8-15) x (chunk c | c + 1)
   // in that order; 16-bit V^T takes (chunk c | c + 1) x (keys 0-7 | 8-15).
   const int krow = (lane & 7) + 8 * ((lane >> 3) & 1), kc = lane >> 4;
@@ -186,33 +219,33 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       uint32_t w[4];
       ptx::ldmatrix_x4(w, kt + krow * R::kRowBytes + (((c + kc) ^ (krow & 7)) << 4));
       if constexpr (kInt8) {
+        using C = ptx::CodePair<EK>;  // keys 0-7 | 8-15 x d pairs (0, 1) | (2, 3) of the 4 codes
 #pragma unroll
-        for (int x = 0; x < 4; ++x) w[x] ^= 0x80808080u;
+        for (int x = 0; x < 4; ++x) w[x] ^= C::kFlip;
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {  // chunk c + cc is k step c + cc
-          using C = ptx::CodePair<E>;  // keys 0-7 | 8-15 x d pairs (0, 1) | (2, 3) of the 4 codes
           const uint32_t lo0 = C::template get<0, 1>(w[2 * cc]), hi0 = C::template get<2, 3>(w[2 * cc]);
           const uint32_t lo1 = C::template get<0, 1>(w[2 * cc + 1]), hi1 = C::template get<2, 3>(w[2 * cc + 1]);
           const uint32_t afr[4] = {lo0, lo1, hi0, hi1};
-          M::mma(s, afr, qb[c + cc][0], qb[c + cc][1]);
+          MK::mma(s, afr, qb[c + cc][0], qb[c + cc][1]);
         }
       } else {
         const uint32_t afr[4] = {w[0], w[1], w[2], w[3]};
-        M::mma(s, afr, qb[c / 2][0], qb[c / 2][1]);
+        MK::mma(s, afr, qb[c / 2][0], qb[c / 2][1]);
       }
     }
     const uint32_t ok = valid[0];
-    float mul0 = cm, mul1 = cm;
+    float k0 = 1.0f, k1 = 1.0f;  // the scales of keys gid, gid + 8 (INT8)
     if constexpr (kInt8) {
       const float* ksc = reinterpret_cast<const float*>(kt + kMmaKeys * R::kRowBytes);
-      mul0 *= ksc[gid];
-      mul1 *= ksc[gid + 8];
+      k0 = ksc[gid];
+      k1 = ksc[gid + 8];
     }
     const bool ok0 = (ok >> (2 * gid)) & 1u, ok1 = (ok >> (2 * gid + 16)) & 1u;
-    s[0] = ok0 ? s[0] * mul0 : kNegInf;
-    s[1] = ok0 ? s[1] * mul0 : kNegInf;
-    s[2] = ok1 ? s[2] * mul1 : kNegInf;
-    s[3] = ok1 ? s[3] * mul1 : kNegInf;
+    s[0] = ok0 ? s[0] * (k0 * cmh[0]) : kNegInf;
+    s[1] = ok0 ? s[1] * (k0 * cmh[1]) : kNegInf;
+    s[2] = ok1 ? s[2] * (k1 * cmh[0]) : kNegInf;
+    s[3] = ok1 ? s[3] * (k1 * cmh[1]) : kNegInf;
     float p[4], alpha[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -245,25 +278,25 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     }
     // P^T as B: the accumulator layout of keys 0-7 (rows) x heads is one 8x8 fragment;
     // its transpose is exactly b0 (keys 2 tig, 2 tig + 1 of head gid); keys 8-15 give b1.
-    const uint32_t b0 = ptx::movmatrix_trans(M::pack(p[0], p[1]));
-    const uint32_t b1 = ptx::movmatrix_trans(M::pack(p[2], p[3]));
+    const uint32_t b0 = ptx::movmatrix_trans(MV::pack(p[0], p[1]));
+    const uint32_t b1 = ptx::movmatrix_trans(MV::pack(p[2], p[3]));
 #pragma unroll
     for (int c = 0; c < R::kChunks; c += 2) {
       uint32_t w[4];
       ptx::ldmatrix_x4_trans(w, vt + vrow * R::kRowBytes + (((c + vc) ^ (vrow & 7)) << 4));
       if constexpr (kInt8) {
+        using C = ptx::CodePair<E>;  // rows d even | odd x keys 0-7 | 8-15
 #pragma unroll
-        for (int x = 0; x < 4; ++x) w[x] ^= 0x80808080u;
+        for (int x = 0; x < 4; ++x) w[x] ^= C::kFlip;
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {  // chunk c + cc is O^T tile c + cc: rows d even | odd
-          using C = ptx::CodePair<E>;  // rows d even | odd x keys 0-7 | 8-15
           const uint32_t afr[4] = {C::template get<0, 2>(w[2 * cc]), C::template get<1, 3>(w[2 * cc]),
                                    C::template get<0, 2>(w[2 * cc + 1]), C::template get<1, 3>(w[2 * cc + 1])};
-          M::mma(o[c + cc], afr, b0, b1);
+          MV::mma(o[c + cc], afr, b0, b1);
         }
       } else {
         const uint32_t afr[4] = {w[0], w[1], w[2], w[3]};
-        M::mma(o[c / 2], afr, b0, b1);
+        MV::mma(o[c / 2], afr, b0, b1);
       }
     }
   }

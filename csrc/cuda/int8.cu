@@ -346,7 +346,7 @@ struct Int8W {
       const uint32_t words[4] = {t.w[sub].x, t.w[sub].y, t.w[sub].z, t.w[sub].w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint32_t u = words[j] ^ 0x80808080u;
+        const uint32_t u = words[j] ^ ptx::CodePair<D>::kFlip;
         b[j][sub][0] = ptx::CodePair<D>::template get<0, 1>(u);
         b[j][sub][1] = ptx::CodePair<D>::template get<2, 3>(u);
       }

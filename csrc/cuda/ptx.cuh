@@ -114,9 +114,10 @@ template <> struct Mma16<BF16> {
 };
 
 // Two int8 codes of a word (bytes I and J) as an exact packed pair of the mma type E,
-// from u = word ^ 0x80808080 (each code + 128, as an unsigned byte).
+// from u = word ^ kFlip (XOR-ed once per word by the caller).
 template <class E> struct CodePair;
 template <> struct CodePair<F16> {
+  static constexpr uint32_t kFlip = 0x80808080u;  // each code + 128, as an unsigned byte
   template <int I, int J>
   __device__ static uint32_t get(uint32_t u) {
     // fp16 0x64XX is 1024 + XX; minus 1152 leaves the code.
@@ -126,12 +127,17 @@ template <> struct CodePair<F16> {
   }
 };
 template <> struct CodePair<BF16> {
+  static constexpr uint32_t kFlip = 0;  // the signed codes themselves
   template <int I, int J>
   __device__ static uint32_t get(uint32_t u) {
-    // bf16 has no magic that spans 256 codes; fp32 0x4B0000XX is 2^23 + XX.
-    const float lo = __uint_as_float(__byte_perm(u, 0x4B000000u, I | 4 << 4 | 5 << 8 | 7 << 12)) - 8388736.0f;
-    const float hi = __uint_as_float(__byte_perm(u, 0x4B000000u, J | 4 << 4 | 5 << 8 | 7 << 12)) - 8388736.0f;
-    return Mma16<BF16>::pack(lo, hi);
+    // bf16 has no magic that spans 256 codes, but two halves do: with c the code's byte,
+    // 0x43 | (c & 0x7f) is 128 + (c & 0x7f) and 0x43 | (c & 0x80) is 128 or 256 (sign
+    // set), so their difference is the signed code, exactly.
+    const uint32_t x = __byte_perm(u, 0x43434343u, I | 4 << 4 | J << 8 | 4 << 12);
+    const uint32_t t = x & 0xff7fff7fu, s = x & 0xff80ff80u;
+    const __nv_bfloat162 h =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&t), *reinterpret_cast<const __nv_bfloat162*>(&s));
+    return *reinterpret_cast<const uint32_t*>(&h);
   }
 };
 

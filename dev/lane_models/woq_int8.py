@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from decode_mma import code_pair, dec16, enc16, mma, pack16
+from decode_mma import code_pair, dec16, enc16, flip, mma, pack16
 
 
 def warp_tile(x16, codes, scale, kind, mut=""):
@@ -41,7 +41,7 @@ def warp_tile(x16, codes, scale, kind, mut=""):
                     n = max(0, min(16, K - k0))
                     row[:n] = codes[na, k0:k0 + n].tobytes()
                 for j in range(4):
-                    u = int.from_bytes(row[4 * j:4 * j + 4], "little") ^ 0x80808080
+                    u = int.from_bytes(row[4 * j:4 * j + 4], "little") ^ flip(kind)
                     sel = ((0, 1), (2, 3)) if "pair" not in mut else ((0, 2), (1, 3))
                     b[lane][j][sub] = [code_pair(u, *sel[0], kind), code_pair(u, *sel[1], kind)]
             xs = []
