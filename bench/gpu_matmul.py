@@ -290,7 +290,7 @@ def probe() -> int:
         return 3  # the CUDA context may be gone: no second probe
     try:
         same = True
-        for M, N, K in ((64, 4096, 4096), (300, 1000, 1040), (2048, 4096, 4096)):
+        for M, N, K in ((64, 4096, 4096), (300, 1000, 1040), (2048, 4096, 11008)):  # (wgmma's both tiles)
             q, s = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             y = int8_ops.int8_linear_w8a8(x, q, s)

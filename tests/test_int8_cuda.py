@@ -432,12 +432,13 @@ def test_w8a8_mma(dtype, M, N, K, cgen):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (2048, 2600, 1040)])
+@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (2048, 2600, 10240)])
 def test_w8a8_tensor_core_kernels_agree_small(dtype, M, N, K, cgen, monkeypatch):
-    """On sm_90a the tensor-core path is the wgmma kernel (128 x 256 tiles where they fill the
-    GPU, as at M = 2048, N = 2600 on an H100, else 128 x 128); LOWBIT_CUDA_W8A8=mma forces
-    mma.sync. Both sum the same int32 products and share the epilogue: equal bit for bit (on
-    other GPUs both calls take mma.sync, and this checks only that the switch is harmless)."""
+    """On sm_90a the tensor-core path is the wgmma kernel where it is the faster one (outputs
+    up to 4M elements, or K >= 10240), with 128 x 256 tiles where they fill the GPU (as at
+    M = 2048, N = 2600 on an H100), else 128 x 128; LOWBIT_CUDA_W8A8=mma forces mma.sync.
+    Both sum the same int32 products and share the epilogue: equal bit for bit (on other
+    GPUs both calls take mma.sync, and this checks only that the switch is harmless)."""
     x = randn((M, K), cgen, dtype)
     qw, s = rand_weight(N, K, cgen)
     b = randn((N,), cgen, dtype)

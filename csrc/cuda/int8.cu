@@ -1030,8 +1030,12 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
   const bool mma = M >= mma_tc::kMinM && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
   // On sm_90a, the same GEMM on wgmma (w8a8_wgmma_kernel; same bits), with 256-wide tiles
-  // when they still give every SM one.
-  const bool wgmma = mma && w8a8_wgmma_ok();
+  // when they still give every SM one; but only where it measured faster than mma.sync
+  // (H200, dev/gpu_sweep.py w8a8: M = 64-4096 on four Llama shapes). Its one CTA per SM
+  // pays each tile's pipeline fill, drain and epilogue with nothing to overlap them, so it
+  // loses once the output is large (M x N > 4M elements: 0.84-0.98x the speed of mma.sync
+  // at M = 2048) unless a long K amortizes them (K = 11008: 1.10-1.66x at every M).
+  const bool wgmma = mma && w8a8_wgmma_ok() && (M * N <= (int64_t(4) << 20) || K >= 10240);
   const bool wide = wgmma && ((M + wgmma_tc::kBM - 1) / wgmma_tc::kBM) * ((N + 255) / 256) >= sm_count();
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
