@@ -262,6 +262,12 @@ def test_cuda_build_has_attention():
     assert call(q=0) == bad
     assert call(window_left=-2) == bad
     assert call(block_table=16) == bad                      # paged without q_start / seq_lens
+    # paged decode without q_start: L == 1 and one query per sequence (device 1000: the valid
+    # call stops at the missing device, the invalid ones before it)
+    paged = dict(block_table=16, seq_lens=16, max_blocks=1, block_size=16, num_blocks=1, device=1000)
+    assert call(**paged, L=1, B=2, tokens=2) == _native.CUDA_ERROR
+    assert call(**paged, L=2, B=2, tokens=4) == bad
+    assert call(**paged, L=1, B=2, tokens=3) == bad
     assert call(tokens=3) == bad                            # tokens != B * L (contiguous)
     # a device that cannot exist: CUDA_ERROR (nothing launched), and last_error() says why
     assert call(L=1, tokens=1, device=1000) == _native.CUDA_ERROR
