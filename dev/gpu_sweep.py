@@ -4,11 +4,12 @@ kernels with their launch plan forced to other values than the shipped plan pick
 paged decode with sequential instead of random block tables, so that a tuning decision rests
 on one run's numbers. Prints one line per measurement.
 
-    python3 dev/gpu_sweep.py [decode] [woq] [w8a8]      (run from the checkout, lowbit installed)
+    python3 dev/gpu_sweep.py [decode] [woq] [dense] [w8a8] | profile   (from the checkout, lowbit installed)
 
 decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64} x {4k, 32k},
         bf16 / INT8 cache, random / sequential tables, key splits x {1/2, 1, 2} of the plan.
 woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
+dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 w8a8:   W8A8 with wgmma (default) and mma.sync at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
@@ -121,6 +122,30 @@ def woq() -> None:
         torch.cuda.empty_cache()
 
 
+def dense() -> None:
+    """Where the weight-only layers should switch to the dense path (ops/int8.py DENSE_MIN_M):
+    W4A16 and W8A16 at M in 32 .. 256 through the tensor-core kernel and through dequantize +
+    cuBLAS, forced by moving the threshold."""
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
+        w4 = w4_weights(N, K)
+        w8 = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
+        for M in (32, 48, 64, 96, 128, 192, 256):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            line = f"dense {N}x{K} M={M}:"
+            for name, call in (("w4a16", lambda: int4_ops.int4_linear_w4a16(x, *w4, None, N)),
+                               ("w8a16", lambda: int8_ops.int8_linear_w8a16(x, *w8))):
+                for path, threshold in (("kernel", 1 << 30), ("dense", 0)):
+                    saved = int8_ops.DENSE_MIN_M
+                    int8_ops.DENSE_MIN_M = int4_ops.DENSE_MIN_M = threshold
+                    try:
+                        us = time_per_call(lambda i: call, 1, REPS)
+                    finally:
+                        int8_ops.DENSE_MIN_M = int4_ops.DENSE_MIN_M = saved
+                    line += f" {name} {path} {us:.1f} us"
+            print(line, flush=True)
+        torch.cuda.empty_cache()
+
+
 def w8a8() -> None:
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
         q, s = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
@@ -157,7 +182,7 @@ def profile() -> None:
 
 
 def main(argv: list) -> int:
-    parts = argv or ["decode", "woq", "w8a8"]
+    parts = argv or ["decode", "woq", "dense", "w8a8"]
     if parts == ["profile"]:
         profile()
         return 0
@@ -165,7 +190,7 @@ def main(argv: list) -> int:
     copy_bw = measure_copy_bw()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw:.0f} GB/s", flush=True)
     for p in parts:
-        {"decode": lambda: decode(copy_bw), "woq": woq, "w8a8": w8a8}[p]()
+        {"decode": lambda: decode(copy_bw), "woq": woq, "dense": dense, "w8a8": w8a8}[p]()
     return 0
 
 
