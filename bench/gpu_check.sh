@@ -6,14 +6,15 @@
 # Builds lowbit for this GPU only (LOWBIT_CUDA_ARCHS, default 90a = H100/H200), runs
 # the CUDA tests, the GPU benchmarks (each after a probe that its newest kernel agrees with
 # the one it replaced; a failed probe runs that bench on the old kernel), a
-# compute-sanitizer memcheck of the small CUDA tests and (time permitting, unless
-# CHECK_CPU_TESTS=0) the CPU tests. Every step has its own timeout and the whole script
+# compute-sanitizer memcheck of the small CUDA tests and, time permitting, the tuning
+# sweeps of dev/gpu_sweep.py (unless CHECK_SWEEP=0) and the CPU tests (unless
+# CHECK_CPU_TESTS=0). Every step has its own timeout and the whole script
 # stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
 # is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
 #
 # Writes at most 12 files, all at the top of OUTDIR:
 #   nvidia-smi.txt build.log info.txt tests.log memcheck.log profile.txt bench.log gpu_bench.json
-#   bench_attention.log gpu_attention.json summary.md
+#   bench_attention.log gpu_attention.json sweep.txt summary.md
 # and prints summary.md last. Exit status: 0 if the build, the tests and memcheck passed.
 set -euo pipefail
 
@@ -125,6 +126,12 @@ if [ "${RC[build]}" = 0 ]; then
     RC[profile]=missing
   fi
 
+  # 6c. the tuning sweeps of dev/gpu_sweep.py (dense-path threshold, wgmma vs mma.sync, decode
+  # splits and tables), with what time is left: data for the next tuning decision
+  if [ "${CHECK_SWEEP:-1}" != 0 ]; then
+    step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py dense w8a8 decode
+  fi
+
   # 7. the CPU tests, with what time is left
   CPU_FILES=$(ls tests/test_*.py 2>/dev/null | grep -v '_cuda.py' || true)
   if [ -n "$CPU_FILES" ] && [ "${CHECK_CPU_TESTS:-1}" != 0 ]; then
@@ -174,6 +181,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- probe decode tensor cores = CUDA cores: $(status probe_decode)${ATT_ENV:+ (bench ran with ${ATT_ENV[*]})}"
   echo "- benchmark (attention): $(status bench_attention) (${SECS[bench_attention]:-0}s)"
   echo "- profile (ncu, W4A16): $(status profile) (${SECS[profile]:-0}s)"
+  echo "- sweep (dev/gpu_sweep.py, in sweep.txt): $(status sweep) (${SECS[sweep]:-0}s)"
   echo "- total: $((SECONDS - START))s of a ${BUDGET}s budget"
   if [ "${RC[build]}" != 0 ]; then
     echo
