@@ -127,9 +127,9 @@ if [ "${RC[build]}" = 0 ]; then
   fi
 
   # 6c. the tuning sweeps of dev/gpu_sweep.py (dense-path threshold, wgmma vs mma.sync, decode
-  # splits and tables), with what time is left: data for the next tuning decision
+  # layout, splits and tables), with what time is left: data for the next tuning decision
   if [ "${CHECK_SWEEP:-1}" != 0 ]; then
-    step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py dense w8a8 decode
+    step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py dense w8a8 layout decode
   fi
 
   # 7. the CPU tests, with what time is left

@@ -4,10 +4,11 @@ kernels with their launch plan forced to other values than the shipped plan pick
 paged decode with sequential instead of random block tables, so that a tuning decision rests
 on one run's numbers. Prints one line per measurement.
 
-    python3 dev/gpu_sweep.py [decode] [woq] [dense] [w8a8] | profile   (from the checkout, lowbit installed)
+    python3 dev/gpu_sweep.py [decode] [layout] [woq] [dense] [w8a8] | profile   (from the checkout, lowbit installed)
 
 decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64} x {4k, 32k},
         bf16 / INT8 cache, random / sequential tables, key splits x {1/2, 1, 2} of the plan.
+layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 w8a8:   W8A8 with wgmma (default) and mma.sync at M in {512, 1024, 2048, 4096}.
@@ -90,6 +91,27 @@ def decode(copy_bw: float) -> None:
                               flush=True)
                 finally:
                     setattr(MOD, "attention_plan", orig)
+        torch.cuda.empty_cache()
+
+
+def decode_layout(copy_bw: float) -> None:
+    """Whether the paged layout's interleaving of kv heads costs bandwidth: the same bytes and
+    the same 64 (sequence, kv head) streams, as batch 8 x 8 kv heads (a head's 16-token block
+    is 16 pieces of 256 bytes, 2 KB apart) and as batch 64 x 1 kv head (one 4 KB piece), bf16,
+    32k tokens, sequential tables. If the second is clearly faster, a CTA that reads every kv
+    head of its tokens together is worth building."""
+    D, bs, S = 128, 16, 32768
+    for B, hkv in ((8, 8), (64, 1)):
+        nb = B * S // bs
+        kc = torch.randn(nb, bs, hkv, D, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        tab = torch.arange(nb, device="cuda", dtype=torch.int32).view(B, S // bs)
+        q = torch.randn(B, 8 * hkv, D, device="cuda", dtype=torch.bfloat16)
+        seq = torch.full((B,), S, dtype=torch.int32, device="cuda")
+        us = time_per_call(lambda i: (lambda: ops.paged_attention(q, kc, vc, tab, seq)), 1, REPS)
+        nbytes = 2 * kc.numel() * 2
+        print(f"decode layout B={B} Hkv={hkv} Hq={8 * hkv} S={S}: {us:.1f} us, "
+              f"{100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW", flush=True)
         torch.cuda.empty_cache()
 
 
@@ -182,7 +204,7 @@ def profile() -> None:
 
 
 def main(argv: list) -> int:
-    parts = argv or ["decode", "woq", "dense", "w8a8"]
+    parts = argv or ["decode", "layout", "woq", "dense", "w8a8"]
     if parts == ["profile"]:
         profile()
         return 0
@@ -190,7 +212,8 @@ def main(argv: list) -> int:
     copy_bw = measure_copy_bw()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw:.0f} GB/s", flush=True)
     for p in parts:
-        {"decode": lambda: decode(copy_bw), "woq": woq, "dense": dense, "w8a8": w8a8}[p]()
+        {"decode": lambda: decode(copy_bw), "layout": lambda: decode_layout(copy_bw), "woq": woq, "dense": dense,
+         "w8a8": w8a8}[p]()
     return 0
 
 
