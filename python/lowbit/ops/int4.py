@@ -33,8 +33,7 @@ import torch
 from .. import _native
 from ..formats import int4 as fmt
 from . import _check as chk
-from .int8 import DENSE_MIN_M, bias_args, cuda_counters, dense_linear
-from .int8 import run_cpu_kernel, validate_x
+from .int8 import DENSE_MIN_M, bias_args, cuda_counters, dense_linear, run_cpu_kernel, validate_x
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
 for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):

@@ -180,9 +180,9 @@ def _check_tables(block_tables, seq_lens, query_start_loc, tokens: int, nb: int,
                              "sequences (pass query_start_loc for chunked prefill)")
     else:
         _int_tensor(query_start_loc, "query_start_loc", torch.int32, 1, op, device)
-    if query_start_loc is not None and query_start_loc.shape[0] != n + 1:
-        raise ValueError(f"lowbit.{op}: query_start_loc must have num_seqs + 1 = {n + 1} entries, got "
-                         f"{query_start_loc.shape[0]}")
+        if query_start_loc.shape[0] != n + 1:
+            raise ValueError(f"lowbit.{op}: query_start_loc must have num_seqs + 1 = {n + 1} entries, got "
+                             f"{query_start_loc.shape[0]}")
     chk.contiguous(block_tables, "block_tables", op)
     if n == 0 or chk.capturing(device):
         return
