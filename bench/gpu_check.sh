@@ -12,10 +12,11 @@
 # stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
 # is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
 #
-# Writes at most 12 files, all at the top of OUTDIR:
-#   nvidia-smi.txt build.log info.txt tests.log memcheck.log profile.txt bench.log gpu_bench.json
-#   bench_attention.log gpu_attention.json sweep.txt summary.md
-# and prints summary.md last. Exit status: 0 if the build, the tests and memcheck passed.
+# Writes at most 8 files (all a device lease brings back), all at the top of OUTDIR:
+#   build.log (nvidia-smi, build, lowbit.info)  tests.log (CUDA tests, memcheck, CPU tests)
+#   bench.log (probes and benches)  gpu_bench.json  gpu_attention.json  profile.txt  sweep.txt
+#   summary.md
+# and prints summary.md last, its status lines at the very end. Exit status: 0 if the build, the tests and memcheck passed.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -69,7 +70,7 @@ pytest_line() {
 echo "lowbit gpu_check: archs=$ARCHS budget=${BUDGET}s out=$OUT"
 
 # 1. the GPU
-step nvidia_smi 30 "$OUT/nvidia-smi.txt" nvidia-smi
+step nvidia_smi 30 "$OUT/build.log" nvidia-smi
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)
 
 # 2. build + install, for this GPU only
@@ -78,7 +79,7 @@ step build 300 "$OUT/build.log" env LOWBIT_CUDA=on LOWBIT_CUDA_ARCHS="$ARCHS" CM
 
 if [ "${RC[build]}" = 0 ]; then
   # 3. what was built and what it sees (run outside the checkout: import the installed package)
-  (cd "$TMP" && step info 60 "$OUT/info.txt" python3 -m lowbit.info)
+  (cd "$TMP" && step info 60 "$OUT/build.log" python3 -m lowbit.info)
 
   # 4. CUDA tests (not -x: one run should show every failure; --maxfail stops a cascade)
   step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
@@ -98,22 +99,22 @@ if [ "${RC[build]}" = 0 ]; then
     *) MM_ENV=(LOWBIT_CUDA_W8A16=simt LOWBIT_CUDA_W8A8=mma) ;;
   esac
   step bench 200 "$OUT/bench.log" env "${MM_ENV[@]}" python3 bench/gpu_matmul.py --out "$OUT/gpu_bench.json"
-  step probe_decode 60 "$OUT/bench_attention.log" python3 bench/gpu_attention.py --probe
+  step probe_decode 60 "$OUT/bench.log" python3 bench/gpu_attention.py --probe
   [ "${RC[probe_decode]}" = 0 ] || ATT_ENV=(LOWBIT_CUDA_DECODE=simt)
-  step bench_attention 150 "$OUT/bench_attention.log" env "${ATT_ENV[@]}" python3 bench/gpu_attention.py \
+  step bench_attention 150 "$OUT/bench.log" env "${ATT_ENV[@]}" python3 bench/gpu_attention.py \
     --out "$OUT/gpu_attention.json"
 
   # 6. memcheck of the small CUDA tests (each tensor its own allocation so overruns are seen)
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
   if [ -n "$SANITIZER" ]; then
-    step memcheck 150 "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    step memcheck 150 "$TMP/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -k "small and not nobias" $CUDA_FILES
   else
-    echo "compute-sanitizer not found" >"$OUT/memcheck.log"
+    echo "compute-sanitizer not found" >"$TMP/memcheck.log"
     RC[memcheck]=missing
     SECS[memcheck]=0
   fi
-  MEMCHECK=$( (grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" || true) | tail -n 1)
+  MEMCHECK=$( (grep -E 'ERROR SUMMARY' "$TMP/memcheck.log" || true) | tail -n 1)
 
   # 6b. a profile of the W4A16 kernel (stall reasons, instruction mix), when Nsight Compute is here
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)
@@ -146,6 +147,9 @@ if [ "${RC[build]}" = 0 ]; then
     echo "===== CPU tests: ${CPU_FILES:-none}" | tr '\n' ' '
     echo
     cat "$TMP/cpu_tests.log" 2>/dev/null || true
+    echo
+    echo "===== memcheck"
+    cat "$TMP/memcheck.log" 2>/dev/null || true
   } >"$OUT/tests.log"
 fi
 
@@ -183,6 +187,8 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- profile (ncu, W4A16): $(status profile) (${SECS[profile]:-0}s)"
   echo "- sweep (dev/gpu_sweep.py, in sweep.txt): $(status sweep) (${SECS[sweep]:-0}s)"
   echo "- total: $((SECONDS - START))s of a ${BUDGET}s budget"
+} >"$TMP/head.md"
+{
   if [ "${RC[build]}" != 0 ]; then
     echo
     echo "## build log (tail)"
@@ -210,9 +216,11 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     tail -n 30 "$TMP/cuda_tests.log"
     echo '```'
   fi
-} >"$OUT/summary.md"
+} >"$TMP/body.md"
 
-cat "$OUT/summary.md"
+cat "$TMP/head.md" "$TMP/body.md" >"$OUT/summary.md"
+# printed with the status lines last: a caller that keeps only the tail of the output sees them
+cat "$TMP/body.md" "$TMP/head.md"
 for s in build cuda_tests memcheck; do
   case "${RC[$s]:-}" in
     0 | missing | skipped) ;;
