@@ -7,8 +7,8 @@
 # the CUDA tests, the GPU benchmarks (each after a probe that its newest kernel agrees with
 # the one it replaced; a failed probe runs that bench on the old kernel), a
 # compute-sanitizer memcheck of the small CUDA tests and, time permitting, the tuning
-# sweeps of dev/gpu_sweep.py (unless CHECK_SWEEP=0) and the CPU tests (unless
-# CHECK_CPU_TESTS=0). Every step has its own timeout and the whole script
+# sweeps of dev/gpu_sweep.py (unless CHECK_SWEEP=0; CHECK_SWEEP_PARTS picks the parts) and
+# the CPU tests (unless CHECK_CPU_TESTS=0). Every step has its own timeout and the whole script
 # stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
 # is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
 #
@@ -127,10 +127,12 @@ if [ "${RC[build]}" = 0 ]; then
     RC[profile]=missing
   fi
 
-  # 6c. the tuning sweeps of dev/gpu_sweep.py (dense-path threshold, wgmma vs mma.sync, decode
-  # layout, splits and tables), with what time is left: data for the next tuning decision
+  # 6c. the tuning sweeps of dev/gpu_sweep.py (default: decode layout, merge overlap and
+  # splits; the dequantization and the dense-path threshold), with what time is left: data
+  # for the next tuning decision
   if [ "${CHECK_SWEEP:-1}" != 0 ]; then
-    step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py dense w8a8 layout decode
+    # shellcheck disable=SC2086
+    step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py ${CHECK_SWEEP_PARTS:-layout decode dense}
   fi
 
   # 7. the CPU tests, with what time is left

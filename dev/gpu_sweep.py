@@ -7,10 +7,12 @@ on one run's numbers. Prints one line per measurement.
     python3 dev/gpu_sweep.py [decode] [layout] [woq] [dense] [w8a8] | profile   (from the checkout, lowbit installed)
 
 decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64} x {4k, 32k},
-        bf16 / INT8 cache, random / sequential tables, key splits x {1/2, 1, 2} of the plan.
+        bf16 / INT8 cache, random tables: the plan's key splits with the merge launched to overlap
+        the split kernel (LOWBIT_CUDA_PDL) or not, and half the splits.
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
-dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
+dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS; the
+        dequantization alone (GB/s read + written).
 w8a8:   W8A8 with wgmma (default) and mma.sync at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
@@ -68,29 +70,28 @@ def decode(copy_bw: float) -> None:
                               ks, vs)
         q = torch.randn(B, hq, D, device="cuda", dtype=torch.bfloat16)
         seq = torch.full((B,), S, dtype=torch.int32, device="cuda")
-        perms = {"random": torch.randperm(nb, device="cuda").to(torch.int32),
-                 "sequential": torch.arange(nb, device="cuda", dtype=torch.int32)}
-        for order, perm in perms.items():
-            tables = [perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk).contiguous() for i in range(nbuf)]
-            for factor in ((0.5, 1, 2) if order == "random" else (1,)):
-                orig = force_plan("attention_plan", lambda s, *a: int(s * factor))
-                try:
-                    for cache in ("bf16", "int8"):
-                        if cache == "bf16":
-                            def make(i):
-                                return lambda: ops.paged_attention(q, kc, vc, tables[i], seq)
-                            nbytes = bytes_bf16
-                        else:
-                            def make(i):
-                                return lambda: ops.paged_attention(q, kc8, vc8, tables[i], seq, k_scale=ks, v_scale=vs)
-                            nbytes = bytes_bf16 // 2 + B * S * hkv * 4 * 2
+        perm = torch.randperm(nb, device="cuda").to(torch.int32)
+        tables = [perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk).contiguous() for i in range(nbuf)]
+        for factor, pdl in ((1, "1"), (1, "0"), (0.5, "1")):
+            orig = force_plan("attention_plan", lambda s, *a: int(s * factor))
+            try:
+                for cache in ("bf16", "int8"):
+                    if cache == "bf16":
+                        def make(i):
+                            return lambda: ops.paged_attention(q, kc, vc, tables[i], seq)
+                        nbytes = bytes_bf16
+                    else:
+                        def make(i):
+                            return lambda: ops.paged_attention(q, kc8, vc8, tables[i], seq, k_scale=ks, v_scale=vs)
+                        nbytes = bytes_bf16 // 2 + B * S * hkv * 4 * 2
+                    with env_var("LOWBIT_CUDA_PDL", pdl):
                         us = time_per_call(make, nbuf, REPS)
-                        s0 = orig(B, hq, hkv, S, D, _native.sm_count(q.device))[0]
-                        print(f"decode B={B} S={S} {cache} tables={order} splits={max(1, int(s0 * factor))} "
-                              f"(plan {s0}): {us:.1f} us, {100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW",
-                              flush=True)
-                finally:
-                    setattr(MOD, "attention_plan", orig)
+                    s0 = orig(B, hq, hkv, S, D, _native.sm_count(q.device))[0]
+                    print(f"decode B={B} S={S} {cache} splits={max(1, int(s0 * factor))} (plan {s0}) "
+                          f"merge overlap={pdl}: {us:.1f} us, {100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW",
+                          flush=True)
+            finally:
+                setattr(MOD, "attention_plan", orig)
         torch.cuda.empty_cache()
 
 
@@ -151,7 +152,20 @@ def dense() -> None:
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
         w4 = w4_weights(N, K)
         w8 = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
-        for M in (32, 48, 64, 96, 128, 192, 256):
+        w = torch.empty(N, K, device="cuda", dtype=torch.float16)
+        code = _native.DTYPE_CODE[w.dtype]
+        dev, stream = w.device.index, _native.stream_of(w)
+        for name, call, nbytes in (
+                ("w4a16", lambda: MOD.int4_dequantize_w4a16(w4[0].data_ptr(), w4[1].data_ptr(),
+                                                            _native.DTYPE_CODE[w4[1].dtype], w4[1].shape[0], N, K,
+                                                            w.data_ptr(), code, dev, stream),
+                 N * K // 2 + w4[1].numel() * w4[1].element_size() + 2 * N * K),
+                ("w8a16", lambda: MOD.int8_dequantize_w8a16(w8[0].data_ptr(), w8[1].data_ptr(), N, K, w.data_ptr(),
+                                                            code, dev, stream),
+                 N * K + 4 * N + 2 * N * K)):
+            us = time_per_call(lambda i: call, 1, REPS)
+            print(f"dequantize {name} {N}x{K}: {us:.1f} us, {nbytes / (us * 1e3):.0f} GB/s", flush=True)
+        for M in (32, 64, 96, 128, 192, 256):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             line = f"dense {N}x{K} M={M}:"
             for name, call in (("w4a16", lambda: int4_ops.int4_linear_w4a16(x, *w4, None, N)),

@@ -636,6 +636,30 @@ def test_paged_decode_small(qdtype, cdtype, cgen):
 
 
 @gpu
+@pytest.mark.parametrize("cdtype", [BF16, I8], ids=["bf16", "int8"])
+def test_paged_decode_merge_overlap(cdtype, monkeypatch, cgen):
+    """The split merge is launched to overlap the split kernel's end (programmatic dependent
+    launch on sm_90+, attention.cu merge_overlaps): it must still wait for every partial.
+    Eager calls (the partials' scratch poisoned first) and graph replays with many splits
+    equal LOWBIT_CUDA_PDL=0's output bitwise, which matches the reference."""
+    lens = [4096, 3000, 17, 4095, 1, 2048, 4000, 64]
+    args = make_paged(cgen, lens, 8, 128, 128, BF16, cdtype)
+    q = randn((len(lens), 32, 128), cgen, BF16)
+    monkeypatch.setenv("LOWBIT_CUDA_PDL", "0")
+    want = run_paged(q, args, f"serial merge, {DT_ID[cdtype]} cache").cpu()
+    monkeypatch.delenv("LOWBIT_CUDA_PDL")
+    scratch = len(lens) * 32 * 64 * 130 * 4  # tokens x Hq x (at most 64 splits) x (Dv + 2) fp32
+    for i in range(3):
+        poison_allocator(scratch)
+        _assert_bitwise(paged_attention(q, **args), want, f"overlapped merge, call {i}")
+    g, out = capture_graph(lambda: paged_attention(q, **args), warmup=1)
+    for i in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        _assert_bitwise(out, want, f"overlapped merge, graph replay {i}")
+
+
+@gpu
 @pytest.mark.parametrize("qdtype,cdtype", [(F16, F16), (BF16, BF16), (F16, I8), (BF16, I8)],
                          ids=["fp16", "bf16", "fp16-int8", "bf16-int8"])
 def test_paged_decode_mma_small(qdtype, cdtype, decode_kernel, cgen):

@@ -23,6 +23,7 @@
 // read), seq_lens are clamped to the table's width, slots never leave the cache.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "attention.h"
@@ -47,6 +48,7 @@ constexpr int kMaxSplits = 64;
 __global__ void __launch_bounds__(kThreads)
     merge_kernel(const AttentionArgs a, int splits, const float* __restrict__ part) {
   __shared__ float weight[kWarps][kMaxSplits];
+  wait_prerequisites();  // the split kernel's partials are complete (launched to overlap its end)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row = int64_t(blockIdx.x) * kWarps + warp;
   if (row >= a.tokens * a.Hq) return;
@@ -81,6 +83,41 @@ void flash_strides(const AttentionArgs& a, int64_t (&st)[12]) {
     st[6 + i] = a.v_stride[i];
     st[9 + i] = a.out_stride[i];
   }
+}
+
+// Whether merge_kernel may be launched to overlap the split kernel's end (programmatic
+// dependent launch, which hides its launch latency): a device of compute capability 9+
+// running this build's sm_90+ code of it (so that it waits for the partials: code JIT-compiled
+// from older PTX lacks the wait), unless LOWBIT_CUDA_PDL=0 (read per call). Per device, cached.
+bool merge_overlaps() {
+  if (env_is("LOWBIT_CUDA_PDL", "0")) return false;
+  static std::atomic<uint64_t> known{0}, ok{0};  // bit d: device d checked / overlaps
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  const uint64_t bit = uint64_t(1) << dev;
+  if (known.load(std::memory_order_acquire) & bit) return ok.load(std::memory_order_relaxed) & bit;
+  int major = 0;
+  cudaFuncAttributes attr{};
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                   major >= 9 && cudaFuncGetAttributes(&attr, merge_kernel) == cudaSuccess && attr.ptxVersion >= 90;
+  (void)cudaGetLastError();
+  if (yes) ok.fetch_or(bit, std::memory_order_relaxed);
+  known.fetch_or(bit, std::memory_order_release);
+  return yes;
+}
+
+void launch_merge(const AttentionArgs& a, int splits, const float* scratch, cudaStream_t s) {
+  const int64_t rows = a.tokens * a.Hq;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned((rows + kWarps - 1) / kWarps));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = merge_overlaps() ? 1 : 0;
+  (void)cudaLaunchKernelEx(&cfg, merge_kernel, a, splits, scratch);  // (errors: launch_status)
 }
 
 }  // namespace
@@ -144,10 +181,7 @@ int attention(const AttentionArgs& a, int splits, float* scratch, void* stream) 
     case kI8: launch_split_kv<I8>(a, splits, scratch, s); break;
     default: return kInvalidArgument;
   }
-  if (splits > 1) {
-    const int64_t rows = a.tokens * a.Hq;
-    merge_kernel<<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, s>>>(a, splits, scratch);
-  }
+  if (splits > 1) launch_merge(a, splits, scratch, s);
   return launch_status("attention");
 }
 

@@ -116,6 +116,7 @@ struct BlockWork {
 };
 
 __device__ __forceinline__ BlockWork block_work(const AttentionArgs& a, int hpb, int groups, int64_t chunk) {
+  launch_dependents();  // merge_kernel's blocks may start now (they wait for this grid to end)
   BlockWork w;
   w.t = blockIdx.x;
   const int64_t g = a.Hq / a.Hkv;

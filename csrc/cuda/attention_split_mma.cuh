@@ -42,9 +42,11 @@
 // of D codes, 16-byte chunk c of row r stored at c ^ (r & 7) so every ldmatrix phase
 // reads 8 distinct bank groups; the copies go 32 bytes per lane pair and row, so each
 // request is one whole L2 sector. A lane pair copies one key row: its slot (paged: the
-// block id, prefetched one tile ahead) is looked up once per tile, and whether the key
+// block id, read ahead) is looked up once per tile, and whether the key
 // exists (inside the range, valid block id) travels as a ballot in registers to the lanes
-// that mask its scores; invalid rows are zero-filled, so 0 x garbage never meets a P.
+// that mask its scores; invalid rows are zero-filled, so 0 x garbage never meets a P. The
+// block ids are read as many tiles ahead as K items are in flight, so in the INT8 kernel's
+// deeper pipeline no copy waits for its table lookup either.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -88,6 +90,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   extern __shared__ __align__(16) unsigned char smem[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const int row = lane >> 1, half = lane & 1;  // the copy side: lane pair (2 row, 2 row + 1) copies key row `row`
+  // Paged: the block ids of this lane's key in the next kTilesAhead tiles whose K is issued.
+  // Decode (no q_start: sequence = query row) reads the first ones before block_work has the
+  // sequence length, taking the block's first key to be its chunk's (no window moved it; if
+  // one did, they are read again below): the first copies then wait for one memory round
+  // trip, not two.
+  constexpr int kTilesAhead = R::kAhead / 2;
+  const bool speculate = a.block_table && !a.q_start;
+  const int64_t spec_first = int64_t(blockIdx.z) * chunk + kMmaKeys * warp;
+  const int bs = int(a.block_size);
+  int32_t blocks[kTilesAhead];
+#pragma unroll
+  for (int i = 0; i < kTilesAhead; ++i) {
+    const int64_t j = spec_first + kMmaKeys * kWarps * i + row;
+    blocks[i] = speculate && j < a.max_blocks * bs ? __ldg(a.block_table + blockIdx.x * a.max_blocks + int(j) / bs) : -1;
+  }
   const BlockWork bw = block_work(a, hpb, groups, chunk);
   const Row& r = bw.r;
   const int64_t kv = bw.kv, lo = bw.lo, hi = bw.hi;
@@ -131,22 +149,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     }
   }
 
-  // ---- the copy side: lane pair (2 row, 2 row + 1) copies key row `row` of each item
-  const int row = lane >> 1, half = lane & 1;
+  // ---- the copy side
   const int64_t first = lo + kMmaKeys * warp;  // this warp's tiles: first + 64 i
   const int tiles = first < hi ? int((hi - first + kMmaKeys * kWarps - 1) / (kMmaKeys * kWarps)) : 0;
   unsigned char* ring = smem + warp * (R::kRing * R::kItemBytes);
   const auto* K = static_cast<const unsigned char*>(a.k);
   const auto* V = static_cast<const unsigned char*>(a.v);
   constexpr int kElem = kInt8 ? 1 : 2;
-  // Paged: the block id of this lane's key in the next tile whose K is issued.
   const int32_t* table = a.block_table ? a.block_table + r.b * a.max_blocks : nullptr;
-  const int bs = int(a.block_size);
   auto block_of = [&](int tile) -> int32_t {
     const int64_t j = first + kMmaKeys * kWarps * int64_t(tile) + row;
     return (table && tile < tiles && j < hi) ? __ldg(table + int(j) / bs) : -1;
   };
-  int32_t next_block = block_of(0);
+  if (!speculate || first != spec_first) {
+#pragma unroll
+    for (int i = 0; i < kTilesAhead; ++i) blocks[i] = block_of(i);
+  }
   int64_t slot = -1;  // this lane's key row of the last K issued (the V after it reuses it)
   // valid[0]: ballot of "key row exists" for the oldest tile not yet computed (bit 2 k: key k)
   constexpr int kFifo = R::kAhead / 2 + 1;
@@ -157,9 +175,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     if (!(n & 1)) {
       const int64_t j = first + kMmaKeys * kWarps * int64_t(tile) + row;
       bool ok = tile < tiles && j < hi;
-      if (table) {
-        const int32_t blk = next_block;
-        next_block = block_of(tile + 1);
+      if (table) {  // (a speculated id past the range is never used: ok is false there)
+        const int32_t blk = blocks[0];
+#pragma unroll
+        for (int i = 0; i + 1 < kTilesAhead; ++i) blocks[i] = blocks[i + 1];
+        blocks[kTilesAhead - 1] = block_of(tile + kTilesAhead);
         ok = ok && blk >= 0 && blk < a.num_blocks;
         slot = ok ? int64_t(blk) * bs + int(j) % bs : -1;
       } else {

@@ -159,38 +159,46 @@ template <class S> struct Int4 {
 
 // The dense weight W [N, K] (row-major, x's type) exactly as the tensor-core kernel's
 // dequantization gives it: for large M, one cuBLAS GEMM on it beats dequantizing every
-// weight again for each block of rows. One lane per word of the packed layout (grid: x =
-// k tiles, 8 warps a block; y = column tiles): its tile's registers b[j][sub][h] hold
-// columns 16 p + 8 sub + gid at k = kb + 4 j + 2 h + {0, 1} (kb = 64 t + 16 tig), i.e. the
-// lane's 16 consecutive k of each of its two columns, stored as two 16-byte writes each.
+// weight again for each block of rows. A block takes one column tile (16 rows of W) and
+// kDequantWarps k tiles, a warp per k tile and a lane per word of the packed layout, whose
+// registers b[j][sub][h] hold columns 8 sub + gid at k = 64 t + 16 tig + 4 j + 2 h + {0, 1}:
+// 16 consecutive k of each of two rows. Written straight to W, a warp's store would put 64
+// bytes into each of 8 rows; so the tile goes through shared memory first and each warp
+// then writes 512 contiguous bytes of one row per store (whole 128-byte lines).
 constexpr int kDequantWarps = 8;
+constexpr int kDequantK = kDequantWarps * kTileK;  // k of a block
+constexpr int kDequantPitch = kDequantK + 8;       // elements per staged row (+16 bytes: no bank conflicts)
 template <class D, class S>
 __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const woq::Args a, uint16_t* __restrict__ w) {
-  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  const int64_t t = int64_t(blockIdx.x) * kDequantWarps + (threadIdx.x >> 5), p = blockIdx.y;
-  if (t >= a.ktiles) return;
-  Int4Cursor<S> cur(a, p, t, lane);
-  const uint4* word;
-  const typename Pair<S>::Raw* dm = cur.next(word);
-  const typename Int4<S>::Tile tl{__ldg(word), {dm[0], dm[8]}};
-  uint32_t b[4][2][2];
-  Int4<S>::template dequant<D>(tl, b);
+  __shared__ __align__(16) uint16_t tile[woq::kTileN][kDequantPitch];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const int64_t k0 = int64_t(blockIdx.x) * kDequantK, t = k0 / kTileK + warp, p = blockIdx.y;
+  if (t < a.ktiles) {
+    Int4Cursor<S> cur(a, p, t, lane);
+    const uint4* word;
+    const typename Pair<S>::Raw* dm = cur.next(word);
+    const typename Int4<S>::Tile tl{__ldg(word), {dm[0], dm[8]}};
+    uint32_t b[4][2][2];
+    Int4<S>::template dequant<D>(tl, b);
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)  // k + 8 half .. + 7: steps j = 2 half, 2 half + 1
+        *reinterpret_cast<uint4*>(&tile[8 * sub + gid][kTileK * warp + 16 * tig + 8 * half]) =
+            make_uint4(b[2 * half][sub][0], b[2 * half][sub][1], b[2 * half + 1][sub][0], b[2 * half + 1][sub][1]);
+  }
+  __syncthreads();
   const bool vec = a.K % 8 == 0;  // 16-byte stores stay aligned
-#pragma unroll
-  for (int sub = 0; sub < 2; ++sub) {
-    const int64_t n = p * woq::kTileN + 8 * sub + gid;
-    if (n >= a.N) continue;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {  // k = kb + 8 half .. + 7: steps j = 2 half, 2 half + 1
-      const int64_t k = t * kTileK + 16 * tig + 8 * half;
-      const uint32_t v[4] = {b[2 * half][sub][0], b[2 * half][sub][1], b[2 * half + 1][sub][0],
-                             b[2 * half + 1][sub][1]};
-      uint16_t* dst = w + n * a.K + k;
-      if (vec && k + 8 <= a.K) {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
-      } else {
-        for (int e = 0; e < 8 && k + e < a.K; ++e) dst[e] = uint16_t(v[e >> 1] >> (16 * (e & 1)));
-      }
+  constexpr int kChunks = kDequantK / 8;  // 16-byte chunks per staged row
+  for (int i = threadIdx.x; i < woq::kTileN * kChunks; i += kDequantWarps * 32) {
+    const int r = i / kChunks, c = 8 * (i % kChunks);
+    const int64_t n = p * woq::kTileN + r, k = k0 + c;
+    if (n >= a.N || k >= a.K) continue;
+    uint16_t* dst = w + n * a.K + k;
+    if (vec && k + 8 <= a.K) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&tile[r][c]);
+    } else {
+      for (int e = 0; e < 8 && k + e < a.K; ++e) dst[e] = tile[r][c + e];
     }
   }
 }
@@ -245,7 +253,7 @@ int int4_dequantize_w4a16(const uint32_t* qweight, const void* scales, int scale
   (void)cudaGetLastError();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   auto* wp = static_cast<uint16_t*>(w);
-  const dim3 grid(unsigned(woq::cdiv(a.ktiles, kDequantWarps)), unsigned(a.Np / woq::kTileN));
+  const dim3 grid(unsigned(woq::cdiv(K, kDequantK)), unsigned(a.Np / woq::kTileN));
   constexpr int kThreads = kDequantWarps * 32;
   if (w_dtype == kF16) {
     scales_dtype == kF16 ? dequantize_kernel<F16, uint16_t><<<grid, kThreads, 0, s>>>(a, wp)

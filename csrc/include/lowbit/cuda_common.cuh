@@ -131,6 +131,23 @@ __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+
+// ---- programmatic dependent launch (sm_90 and newer; no-ops in older code) -----------
+// A grid launched with cudaLaunchAttributeProgrammaticStreamSerialization may start once
+// every block of the grid before it has called launch_dependents() (or ended); it must
+// call wait_prerequisites() before it reads what that grid writes (the wait returns when
+// that grid has completed and its writes are visible; at once without the attribute).
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
 #endif
 
 }  // namespace lowbit::cuda
