@@ -4,15 +4,16 @@ kernels with their launch plan forced to other values than the shipped plan pick
 paged decode with sequential instead of random block tables, so that a tuning decision rests
 on one run's numbers. Prints one line per measurement.
 
-    python3 dev/gpu_sweep.py [decode] [layout] [woq] [dense] [w8a8] | profile   (from the checkout, lowbit installed)
+    python3 dev/gpu_sweep.py [decode] [layout] [woq] [dense] [dequant] [w8a8] | profile   (from the checkout, lowbit installed)
 
 decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64} x {4k, 32k},
         bf16 / INT8 cache, random tables: the plan's key splits with the merge launched to overlap
-        the split kernel (LOWBIT_CUDA_PDL) or not, and half the splits.
+        the split kernel (LOWBIT_CUDA_PDL) or not, twice the splits, and at most 2 resident
+        blocks per SM (LOWBIT_CUDA_DECODE_RESIDENT).
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
-dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS; the
-        dequantization alone (GB/s read + written).
+dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
+dequant: the dense path's dequantization kernels alone (GB/s read + written).
 w8a8:   W8A8 with wgmma (default) and mma.sync at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ def decode(copy_bw: float) -> None:
         seq = torch.full((B,), S, dtype=torch.int32, device="cuda")
         perm = torch.randperm(nb, device="cuda").to(torch.int32)
         tables = [perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk).contiguous() for i in range(nbuf)]
-        for factor, pdl in ((1, "1"), (1, "0"), (0.5, "1")):
+        for factor, pdl, resident in ((1, "1", "4"), (1, "0", "4"), (2, "1", "4"), (1, "1", "2")):
             orig = force_plan("attention_plan", lambda s, *a: int(s * factor))
             try:
                 for cache in ("bf16", "int8"):
@@ -84,11 +85,11 @@ def decode(copy_bw: float) -> None:
                         def make(i):
                             return lambda: ops.paged_attention(q, kc8, vc8, tables[i], seq, k_scale=ks, v_scale=vs)
                         nbytes = bytes_bf16 // 2 + B * S * hkv * 4 * 2
-                    with env_var("LOWBIT_CUDA_PDL", pdl):
+                    with env_var("LOWBIT_CUDA_PDL", pdl), env_var("LOWBIT_CUDA_DECODE_RESIDENT", resident):
                         us = time_per_call(make, nbuf, REPS)
                     s0 = orig(B, hq, hkv, S, D, _native.sm_count(q.device))[0]
                     print(f"decode B={B} S={S} {cache} splits={max(1, int(s0 * factor))} (plan {s0}) "
-                          f"merge overlap={pdl}: {us:.1f} us, {100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW",
+                          f"merge overlap={pdl} resident={resident}/SM: {us:.1f} us, {100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW",
                           flush=True)
             finally:
                 setattr(MOD, "attention_plan", orig)
@@ -152,19 +153,6 @@ def dense() -> None:
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
         w4 = w4_weights(N, K)
         w8 = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
-        w = torch.empty(N, K, device="cuda", dtype=torch.float16)
-        code = _native.DTYPE_CODE[w.dtype]
-        dev, stream = w.device.index, _native.stream_of(w)
-        for name, call, nbytes in (
-                ("w4a16", lambda: MOD.int4_dequantize_w4a16(w4[0].data_ptr(), w4[1].data_ptr(),
-                                                            _native.DTYPE_CODE[w4[1].dtype], w4[1].shape[0], N, K,
-                                                            w.data_ptr(), code, dev, stream),
-                 N * K // 2 + w4[1].numel() * w4[1].element_size() + 2 * N * K),
-                ("w8a16", lambda: MOD.int8_dequantize_w8a16(w8[0].data_ptr(), w8[1].data_ptr(), N, K, w.data_ptr(),
-                                                            code, dev, stream),
-                 N * K + 4 * N + 2 * N * K)):
-            us = time_per_call(lambda i: call, 1, REPS)
-            print(f"dequantize {name} {N}x{K}: {us:.1f} us, {nbytes / (us * 1e3):.0f} GB/s", flush=True)
         for M in (32, 64, 96, 128, 192, 256):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             line = f"dense {N}x{K} M={M}:"
@@ -179,6 +167,28 @@ def dense() -> None:
                         int8_ops.DENSE_MIN_M = int4_ops.DENSE_MIN_M = saved
                     line += f" {name} {path} {us:.1f} us"
             print(line, flush=True)
+        torch.cuda.empty_cache()
+
+
+def dequant() -> None:
+    """The dense path's dequantization kernels alone: GB/s read + written (the copy bandwidth
+    is the ceiling)."""
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
+        w4 = w4_weights(N, K)
+        w8 = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
+        w = torch.empty(N, K, device="cuda", dtype=torch.float16)
+        code = _native.DTYPE_CODE[w.dtype]
+        dev = w.device.index
+        for name, call, nbytes in (  # (the stream read at each call: the capturing one in the graph)
+                ("w4a16", lambda: MOD.int4_dequantize_w4a16(w4[0].data_ptr(), w4[1].data_ptr(),
+                                                            _native.DTYPE_CODE[w4[1].dtype], w4[1].shape[0], N, K,
+                                                            w.data_ptr(), code, dev, _native.stream_of(w)),
+                 N * K // 2 + w4[1].numel() * w4[1].element_size() + 2 * N * K),
+                ("w8a16", lambda: MOD.int8_dequantize_w8a16(w8[0].data_ptr(), w8[1].data_ptr(), N, K, w.data_ptr(),
+                                                            code, dev, _native.stream_of(w)),
+                 N * K + 4 * N + 2 * N * K)):
+            us = time_per_call(lambda i: call, 1, REPS)
+            print(f"dequantize {name} {N}x{K}: {us:.1f} us, {nbytes / (us * 1e3):.0f} GB/s", flush=True)
         torch.cuda.empty_cache()
 
 
@@ -227,7 +237,7 @@ def main(argv: list) -> int:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw:.0f} GB/s", flush=True)
     for p in parts:
         {"decode": lambda: decode(copy_bw), "layout": lambda: decode_layout(copy_bw), "woq": woq, "dense": dense,
-         "w8a8": w8a8}[p]()
+         "w8a8": w8a8, "dequant": dequant}[p]()
     return 0
 
 

@@ -215,7 +215,7 @@ def check(dtype, M, N, K, g, symmetric, gen, bias=True, scale_dtype=torch.float1
     return y
 
 
-# M > 128 takes the dense path (ops/int8.py DENSE_MIN_M): a dequantization kernel, then cuBLAS
+# M > 48 takes the dense path (ops/int8.py DENSE_MIN_M): a dequantization kernel, then cuBLAS
 SMALL = [(1, 16, 64, 64), (3, 24, 96, 32), (1, 40, 100, 100), (17, 48, 128, 128), (5, 8, 320, 64),
          (40, 20, 192, 64), (129, 24, 98, 98), (160, 20, 192, 64)]
 LARGE = [(1, 4096, 4096, 128), (16, 4096, 11008, 128), (1, 11008, 4096, 32), (33, 1000, 2048, 64),

@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "attention.h"
 #include "attention_flash.h"
@@ -124,6 +125,23 @@ void launch_merge(const AttentionArgs& a, int splits, const float* scratch, cuda
 
 bool split_kv::decode_mma_allowed() { return !env_is("LOWBIT_CUDA_DECODE", "simt"); }
 
+int split_kv::decode_smem_bytes(const void* kernel, int bytes) {
+  const char* v = std::getenv("LOWBIT_CUDA_DECODE_RESIDENT");
+  const int n = v ? std::atoi(v) : 0;
+  int dev = 0, per_sm = 0;
+  if (n < 1 || n >= kBlocksPerSm || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return bytes;
+  }
+  constexpr int kReservedPerBlock = 1024;  // what the runtime keeps per block (sm_80+)
+  const int padded = per_sm / n - kReservedPerBlock;
+  if (padded <= bytes) return bytes;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, padded) != cudaSuccess)
+    return -1;  // (the error stays for launch_status)
+  return padded;
+}
+
 int check_attention_args(const AttentionArgs& a) {
   if (!valid_dtype_code(a.dtype) || (a.kv_dtype != kI8 && !valid_dtype_code(a.kv_dtype))) return kInvalidArgument;
   if (!a.q || !a.k || !a.v || !a.out) return kInvalidArgument;
@@ -150,7 +168,7 @@ void attention_plan(int64_t tokens, int64_t Hq, int64_t Hkv, int64_t max_keys, i
   if (tokens < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || max_keys < 1) return;
   const int64_t g = Hq / Hkv, G = heads_per_block(g);
   const int64_t blocks = tokens * Hkv * ((g + G - 1) / G);
-  const int64_t target = int64_t(sm_count > 0 ? sm_count : 1) * kBlocksPerSm;
+  const int64_t target = int64_t(sm_count > 0 ? sm_count : 1) * kPlanBlocksPerSm;
   // As many splits as fit in one wave of resident blocks, never more: a few blocks past a
   // full wave would double the time (measured: 576 blocks for 528 slots ran at half speed).
   int64_t s = target / blocks;

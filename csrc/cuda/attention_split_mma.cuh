@@ -363,8 +363,9 @@ template <class E, class KV>
 void launch_split_mma(const AttentionArgs& a, int splits, float* scratch, cudaStream_t stream) {
   const int hpb = heads_per_block(a.Hq / a.Hkv);
   const SplitGrid sg = split_grid(a, hpb, splits);
-  split_kernel_mma<E, KV>
-      <<<sg.grid, kThreads, MmaRing<KV>::kSmemBytes, stream>>>(a, hpb, sg.groups, splits, sg.chunk, scratch);
+  const int smem = decode_smem_bytes(reinterpret_cast<const void*>(split_kernel_mma<E, KV>), MmaRing<KV>::kSmemBytes);
+  if (smem < 0) return;  // nothing launched: launch_status reports the error
+  split_kernel_mma<E, KV><<<sg.grid, kThreads, smem, stream>>>(a, hpb, sg.groups, splits, sg.chunk, scratch);
 }
 
 template <class KV>

@@ -1,6 +1,6 @@
 // Weight-only quantized linear layers on tensor cores (mma.sync m16n8k16, fp32
 // accumulation): y[M, N] = x[M, K] . W^T (+ bias), x and y fp16 or bf16, for decode and
-// small batches (M = 1..64 per block; the ops take M > 128 to a dequantized weight and
+// small batches (M = 1..64 per block; the ops take M > 48 to a dequantized weight and
 // cuBLAS, ops/int8.py DENSE_MIN_M) and correct for any M, N, K >= 1. One kernel
 // template; the weight format is a policy: W4A16 (int4.cu: packed nibbles, group scales
 // applied while dequantizing) and W8A16 (int8.cu: the canonical int8 [N, K] rows, the

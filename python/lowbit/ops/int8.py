@@ -203,10 +203,11 @@ def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor
 # Weight-only layers (W8A16, W4A16) with more than DENSE_MIN_M rows: a CUDA kernel writes the
 # weights dequantized (x's dtype, [N, K]) into a temporary and one cuBLAS GEMM takes them. The
 # tensor-core kernel dequantizes every weight again for each block of 16-64 rows, so its time
-# grows with M; the dense path costs one dequantization plus the GEMM. Measured (H200, one
-# run): the dense path is 1.8-5x faster at M = 256 and 2048, but at M = 64 up to 1.8x slower
-# (its dequantization writes at only ~1-2 TB/s), hence the threshold between the two.
-DENSE_MIN_M = 128
+# grows with M; the dense path costs one dequantization plus the GEMM. Measured (H100, one
+# run of dev/gpu_sweep.py dense on 4096x4096 .. 28672x8192): the kernel is faster at M = 32
+# (up to 2x, but for W4A16 on 4096x4096), the dense path from M = 64 (1.0-1.9x; within 2%
+# slower on 28672x8192) and 1.4-4.4x faster from M = 96 up, hence the threshold.
+DENSE_MIN_M = 48
 
 
 def dense_linear(x, w, bias) -> torch.Tensor:
