@@ -641,13 +641,17 @@ def test_paged_decode_merge_overlap(cdtype, monkeypatch, cgen):
     """The split merge is launched to overlap the split kernel's end (programmatic dependent
     launch on sm_90+, attention.cu merge_overlaps): it must still wait for every partial.
     Eager calls (the partials' scratch poisoned first) and graph replays with many splits
-    equal LOWBIT_CUDA_PDL=0's output bitwise, which matches the reference."""
+    equal LOWBIT_CUDA_PDL=0's output bitwise, which matches the reference; so does a launch
+    without the shared-memory padding that keeps 2 blocks per SM (LOWBIT_CUDA_DECODE_RESIDENT=4)."""
     lens = [4096, 3000, 17, 4095, 1, 2048, 4000, 64]
     args = make_paged(cgen, lens, 8, 128, 128, BF16, cdtype)
     q = randn((len(lens), 32, 128), cgen, BF16)
     monkeypatch.setenv("LOWBIT_CUDA_PDL", "0")
     want = run_paged(q, args, f"serial merge, {DT_ID[cdtype]} cache").cpu()
     monkeypatch.delenv("LOWBIT_CUDA_PDL")
+    monkeypatch.setenv("LOWBIT_CUDA_DECODE_RESIDENT", "4")
+    _assert_bitwise(paged_attention(q, **args), want, "4 blocks per SM")
+    monkeypatch.delenv("LOWBIT_CUDA_DECODE_RESIDENT")
     scratch = len(lens) * 32 * 64 * 130 * 4  # tokens x Hq x (at most 64 splits) x (Dv + 2) fp32
     for i in range(3):
         poison_allocator(scratch)

@@ -127,7 +127,7 @@ bool split_kv::decode_mma_allowed() { return !env_is("LOWBIT_CUDA_DECODE", "simt
 
 int split_kv::decode_smem_bytes(const void* kernel, int bytes) {
   const char* v = std::getenv("LOWBIT_CUDA_DECODE_RESIDENT");
-  const int n = v ? std::atoi(v) : 0;
+  const int n = v ? std::atoi(v) : kDecodeBlocksPerSm;
   int dev = 0, per_sm = 0;
   if (n < 1 || n >= kBlocksPerSm || cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
@@ -168,9 +168,9 @@ void attention_plan(int64_t tokens, int64_t Hq, int64_t Hkv, int64_t max_keys, i
   if (tokens < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || max_keys < 1) return;
   const int64_t g = Hq / Hkv, G = heads_per_block(g);
   const int64_t blocks = tokens * Hkv * ((g + G - 1) / G);
-  const int64_t target = int64_t(sm_count > 0 ? sm_count : 1) * kPlanBlocksPerSm;
+  const int64_t target = int64_t(sm_count > 0 ? sm_count : 1) * kDecodeBlocksPerSm;
   // As many splits as fit in one wave of resident blocks, never more: a few blocks past a
-  // full wave would double the time (measured: 576 blocks for 528 slots ran at half speed).
+  // full wave would double the time (measured at 4 per SM: 576 blocks for 528 slots ran at half speed).
   int64_t s = target / blocks;
   const int64_t by_keys = (max_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
   s = s < by_keys ? s : by_keys;

@@ -19,9 +19,11 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxG = 8;                  // query heads per block (larger GQA groups take several blocks)
 constexpr int kBlocksPerSm = 4;           // resident blocks per SM the launch bounds guarantee
-// Blocks per SM the key splits aim at: half the resident slots measured 5-8% faster than all
-// of them (H100, batch 8 at 4k and 32k tokens, bf16 and INT8: 4 splits instead of 8).
-constexpr int kPlanBlocksPerSm = 2;
+// Blocks per SM of the tensor-core split kernel (its launch pads the shared memory so that no
+// more fit) and what the key splits aim at. Fewer concurrent key streams per SM stream faster:
+// 2 against 4 measured (H100, one run) 80-81% -> 87-89% of the copy bandwidth at batch 64
+// (bf16; INT8 +3-4%), and at batch 8 half the splits (4, not 8) 5-8% faster.
+constexpr int kDecodeBlocksPerSm = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -395,10 +397,10 @@ void launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStr
 // every call, so tests and benchmarks can compare the two kernels in one process).
 bool decode_mma_allowed();
 
-// The dynamic shared memory of a tensor-core split kernel launch: its rings' `bytes`, or with
-// LOWBIT_CUDA_DECODE_RESIDENT=n (1 <= n < kBlocksPerSm; read per call) enough more that only
-// n blocks fit on an SM (fewer concurrent key streams; an experiment for dev/gpu_sweep.py).
-// Opts the kernel in above 48 KB; -1 if that fails.
+// The dynamic shared memory of a tensor-core split kernel launch: its rings' `bytes` padded so
+// that only kDecodeBlocksPerSm blocks fit on an SM (LOWBIT_CUDA_DECODE_RESIDENT=n, read per
+// call, asks for n instead; n >= kBlocksPerSm: no padding). Opts the kernel in above 48 KB;
+// -1 if that fails.
 int decode_smem_bytes(const void* kernel, int bytes);
 
 }  // namespace lowbit::cuda::split_kv
