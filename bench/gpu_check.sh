@@ -119,9 +119,11 @@ if [ "${RC[build]}" = 0 ]; then
   # 6b. a profile of the W4A16 kernel (stall reasons, instruction mix), when Nsight Compute is here
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)
   if [ -n "$NCU" ] && [ "${CHECK_PROFILE:-1}" != 0 ]; then
-    step profile 90 "$OUT/profile.txt" "$NCU" --kernel-name regex:w4a16 --launch-skip 2 --launch-count 2 \
+    # (the kernel is woq_kernel<..., Int4<...>>; ncu matches the base name, not the template
+    # arguments: the 3rd and 4th launches are W4A16 at M = 1 and M = 16, see --profile)
+    step profile 90 "$OUT/profile.txt" "$NCU" --kernel-name regex:woq_kernel --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section InstructionStats \
-      --section SchedulerStats python3 bench/gpu_matmul.py --profile
+      --section SchedulerStats --section MemoryWorkloadAnalysis python3 bench/gpu_matmul.py --profile
   else
     echo "Nsight Compute (ncu) not found, or CHECK_PROFILE=0" >"$OUT/profile.txt"
     RC[profile]=missing

@@ -8,8 +8,8 @@ on one run's numbers. Prints one line per measurement.
 
 decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64} x {4k, 32k},
         bf16 / INT8 cache, random tables: the plan's key splits with the merge launched to overlap
-        the split kernel (LOWBIT_CUDA_PDL) or not, twice the splits, and at most 2 resident
-        blocks per SM (LOWBIT_CUDA_DECODE_RESIDENT).
+        the split kernel (LOWBIT_CUDA_PDL) or not, half the splits, and 4 resident blocks per SM
+        instead of 2 (LOWBIT_CUDA_DECODE_RESIDENT).
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
@@ -73,7 +73,7 @@ def decode(copy_bw: float) -> None:
         seq = torch.full((B,), S, dtype=torch.int32, device="cuda")
         perm = torch.randperm(nb, device="cuda").to(torch.int32)
         tables = [perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk).contiguous() for i in range(nbuf)]
-        for factor, pdl, resident in ((1, "1", "4"), (1, "0", "4"), (2, "1", "4"), (1, "1", "2")):
+        for factor, pdl, resident in ((1, "1", "2"), (1, "0", "2"), (0.5, "1", "2"), (1, "1", "4")):
             orig = force_plan("attention_plan", lambda s, *a: int(s * factor))
             try:
                 for cache in ("bf16", "int8"):
