@@ -92,19 +92,8 @@ void flash_strides(const AttentionArgs& a, int64_t (&st)[12]) {
 // from older PTX lacks the wait), unless LOWBIT_CUDA_PDL=0 (read per call). Per device, cached.
 bool merge_overlaps() {
   if (env_is("LOWBIT_CUDA_PDL", "0")) return false;
-  static std::atomic<uint64_t> known{0}, ok{0};  // bit d: device d checked / overlaps
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  const uint64_t bit = uint64_t(1) << dev;
-  if (known.load(std::memory_order_acquire) & bit) return ok.load(std::memory_order_relaxed) & bit;
-  int major = 0;
-  cudaFuncAttributes attr{};
-  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                   major >= 9 && cudaFuncGetAttributes(&attr, merge_kernel) == cudaSuccess && attr.ptxVersion >= 90;
-  (void)cudaGetLastError();
-  if (yes) ok.fetch_or(bit, std::memory_order_relaxed);
-  known.fetch_or(bit, std::memory_order_release);
-  return yes;
+  static std::atomic<uint64_t> known{0}, ok{0};
+  return cached_per_device(known, ok, [](int dev) { return runs_sm90_code(dev, merge_kernel, 1 << 30); });
 }
 
 void launch_merge(const AttentionArgs& a, int splits, const float* scratch, cudaStream_t s) {

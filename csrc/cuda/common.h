@@ -5,6 +5,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -32,6 +34,32 @@ inline bool valid_dtype_code(int code) { return code == kF32 || code == kF16 || 
 inline bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v && std::strcmp(v, value) == 0;
+}
+
+// A yes / no about the current device, worked out once by check(device) and cached: bit d of
+// `known` says device d was checked, bit d of `ok` the answer. False if the device is unknown.
+template <class Check>
+bool cached_per_device(std::atomic<uint64_t>& known, std::atomic<uint64_t>& ok, Check check) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  const uint64_t bit = uint64_t(1) << dev;
+  if (known.load(std::memory_order_acquire) & bit) return ok.load(std::memory_order_relaxed) & bit;
+  const bool yes = check(dev);
+  (void)cudaGetLastError();
+  if (yes) ok.fetch_or(bit, std::memory_order_relaxed);
+  known.fetch_or(bit, std::memory_order_release);
+  return yes;
+}
+
+// Whether device `dev` (compute capability 9 .. max_major) runs `kernel` from code built for
+// sm_90 or newer: its PTX version is 9.0+, so it is not an older arch's PTX JIT-compiled,
+// which lacks the sm_90 instructions (wgmma, griddepcontrol) the kernel then does without.
+template <class Kernel>
+bool runs_sm90_code(int dev, Kernel kernel, int max_major) {
+  int major = 0;
+  cudaFuncAttributes attr{};
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+         major <= max_major && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
 }
 
 // kOk, or kCudaError (recorded) if the launches since the last check failed.

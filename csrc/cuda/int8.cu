@@ -891,21 +891,10 @@ bool built_for_sm90a() {
 // unless LOWBIT_CUDA_W8A8=mma (read per call) keeps mma.sync. Per device, cached.
 bool w8a8_wgmma_ok() {
   if (env_is("LOWBIT_CUDA_W8A8", "mma")) return false;
-  static std::atomic<uint64_t> known{0}, ok{0};  // bit d: device d checked / takes wgmma
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  const uint64_t bit = uint64_t(1) << dev;
-  if (known.load(std::memory_order_acquire) & bit) return ok.load(std::memory_order_relaxed) & bit;
-  int major = 0;
-  cudaFuncAttributes attr{};
-  const bool yes = built_for_sm90a() &&
-                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                   major == 9 && cudaFuncGetAttributes(&attr, w8a8_wgmma_kernel<F16, 128>) == cudaSuccess &&
-                   attr.ptxVersion >= 90;
-  (void)cudaGetLastError();
-  if (yes) ok.fetch_or(bit, std::memory_order_relaxed);
-  known.fetch_or(bit, std::memory_order_release);
-  return yes;
+  static std::atomic<uint64_t> known{0}, ok{0};
+  return cached_per_device(known, ok, [](int dev) {
+    return built_for_sm90a() && runs_sm90_code(dev, w8a8_wgmma_kernel<F16, 128>, 9);
+  });
 }
 
 // One tensor-core W8A8 GEMM launch (w8a8_mma_kernel or w8a8_wgmma_kernel): a CTA per
