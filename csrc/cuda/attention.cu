@@ -34,10 +34,10 @@
 
 namespace lowbit::cuda {
 // Instantiated in attention_split_f16.cu and attention_split_f32_i8.cu.
-extern template void split_kv::launch_split_kv<F32>(const AttentionArgs&, int, float*, cudaStream_t);
-extern template void split_kv::launch_split_kv<F16>(const AttentionArgs&, int, float*, cudaStream_t);
-extern template void split_kv::launch_split_kv<BF16>(const AttentionArgs&, int, float*, cudaStream_t);
-extern template void split_kv::launch_split_kv<split_kv::I8>(const AttentionArgs&, int, float*, cudaStream_t);
+extern template int split_kv::launch_split_kv<F32>(const AttentionArgs&, int, float*, cudaStream_t);
+extern template int split_kv::launch_split_kv<F16>(const AttentionArgs&, int, float*, cudaStream_t);
+extern template int split_kv::launch_split_kv<BF16>(const AttentionArgs&, int, float*, cudaStream_t);
+extern template int split_kv::launch_split_kv<split_kv::I8>(const AttentionArgs&, int, float*, cudaStream_t);
 
 namespace {
 
@@ -114,7 +114,7 @@ void launch_merge(const AttentionArgs& a, int splits, const float* scratch, cuda
 
 bool split_kv::decode_mma_allowed() { return !env_is("LOWBIT_CUDA_DECODE", "simt"); }
 
-int split_kv::decode_smem_bytes(const void* kernel, int bytes) {
+int split_kv::decode_smem_bytes(const void* kernel, int bytes, std::atomic<uint64_t>& opted) {
   const char* v = std::getenv("LOWBIT_CUDA_DECODE_RESIDENT");
   const int n = v ? std::atoi(v) : kDecodeBlocksPerSm;
   int dev = 0, per_sm = 0;
@@ -126,8 +126,8 @@ int split_kv::decode_smem_bytes(const void* kernel, int bytes) {
   constexpr int kReservedPerBlock = 1024;  // what the runtime keeps per block (sm_80+)
   const int padded = per_sm / n - kReservedPerBlock;
   if (padded <= bytes) return bytes;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, padded) != cudaSuccess)
-    return -1;  // (the error stays for launch_status)
+  // once per device, the most any n asks for (one block per SM: the per-block opt-in limit)
+  if (opt_in_smem(kernel, per_sm - kReservedPerBlock, opted, "paged_attention") != kOk) return -1;
   return padded;
 }
 
@@ -181,13 +181,15 @@ int attention(const AttentionArgs& a, int splits, float* scratch, void* stream) 
     return attention_flash(a.q, a.k, a.v, a.out, a.dtype, a.B, a.Hq, a.Hkv, a.L, a.S, a.D, st, a.scale,
                            a.causal != 0, a.bottom_right != 0, a.window_left, a.window_right, stream);
   const auto s = static_cast<cudaStream_t>(stream);
+  int st_split = kOk;
   switch (a.kv_dtype) {
-    case kF32: launch_split_kv<F32>(a, splits, scratch, s); break;
-    case kF16: launch_split_kv<F16>(a, splits, scratch, s); break;
-    case kBF16: launch_split_kv<BF16>(a, splits, scratch, s); break;
-    case kI8: launch_split_kv<I8>(a, splits, scratch, s); break;
+    case kF32: st_split = launch_split_kv<F32>(a, splits, scratch, s); break;
+    case kF16: st_split = launch_split_kv<F16>(a, splits, scratch, s); break;
+    case kBF16: st_split = launch_split_kv<BF16>(a, splits, scratch, s); break;
+    case kI8: st_split = launch_split_kv<I8>(a, splits, scratch, s); break;
     default: return kInvalidArgument;
   }
+  if (st_split != kOk) return st_split;  // nothing launched (the error is recorded)
   if (splits > 1) launch_merge(a, splits, scratch, s);
   return launch_status("attention");
 }

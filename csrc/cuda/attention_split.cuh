@@ -7,6 +7,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -390,8 +391,9 @@ void launch_split_simt(const AttentionArgs& a, int splits, float* scratch, cudaS
 // Runs the split kernel for a KV cache element type: the tensor-core one where it takes
 // the call (attention_split_mma.cuh, which defines this), else the CUDA-core one.
 // Instantiated per element type in attention_split_f16.cu / attention_split_f32_i8.cu.
+// kOk, or kCudaError (recorded) when the launch could not be set up.
 template <class KV>
-void launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStream_t s);
+int launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStream_t s);
 
 // False when LOWBIT_CUDA_DECODE=simt asks for the CUDA-core kernel everywhere (read at
 // every call, so tests and benchmarks can compare the two kernels in one process).
@@ -399,8 +401,8 @@ bool decode_mma_allowed();
 
 // The dynamic shared memory of a tensor-core split kernel launch: its rings' `bytes` padded so
 // that only kDecodeBlocksPerSm blocks fit on an SM (LOWBIT_CUDA_DECODE_RESIDENT=n, read per
-// call, asks for n instead; n >= kBlocksPerSm: no padding). Opts the kernel in above 48 KB;
-// -1 if that fails.
-int decode_smem_bytes(const void* kernel, int bytes);
+// call, asks for n instead; n >= kBlocksPerSm: no padding). Opts the kernel in above 48 KB
+// once per device (`opted`, as opt_in_smem); -1 if that fails (the error recorded).
+int decode_smem_bytes(const void* kernel, int bytes, std::atomic<uint64_t>& opted);
 
 }  // namespace lowbit::cuda::split_kv

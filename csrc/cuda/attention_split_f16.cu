@@ -3,6 +3,6 @@
 #include "attention_split_mma.cuh"
 
 namespace lowbit::cuda::split_kv {
-template void launch_split_kv<F16>(const AttentionArgs&, int, float*, cudaStream_t);
-template void launch_split_kv<BF16>(const AttentionArgs&, int, float*, cudaStream_t);
+template int launch_split_kv<F16>(const AttentionArgs&, int, float*, cudaStream_t);
+template int launch_split_kv<BF16>(const AttentionArgs&, int, float*, cudaStream_t);
 }  // namespace lowbit::cuda::split_kv

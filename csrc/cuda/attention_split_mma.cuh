@@ -360,16 +360,19 @@ inline bool mma_takes(const AttentionArgs& a) {
 }
 
 template <class E, class KV>
-void launch_split_mma(const AttentionArgs& a, int splits, float* scratch, cudaStream_t stream) {
+int launch_split_mma(const AttentionArgs& a, int splits, float* scratch, cudaStream_t stream) {
   const int hpb = heads_per_block(a.Hq / a.Hkv);
   const SplitGrid sg = split_grid(a, hpb, splits);
-  const int smem = decode_smem_bytes(reinterpret_cast<const void*>(split_kernel_mma<E, KV>), MmaRing<KV>::kSmemBytes);
-  if (smem < 0) return;  // nothing launched: launch_status reports the error
+  static std::atomic<uint64_t> opted{0};
+  const int smem =
+      decode_smem_bytes(reinterpret_cast<const void*>(split_kernel_mma<E, KV>), MmaRing<KV>::kSmemBytes, opted);
+  if (smem < 0) return kCudaError;
   split_kernel_mma<E, KV><<<sg.grid, kThreads, smem, stream>>>(a, hpb, sg.groups, splits, sg.chunk, scratch);
+  return kOk;
 }
 
 template <class KV>
-void launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStream_t s) {
+int launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStream_t s) {
   if constexpr (std::is_same_v<KV, F16> || std::is_same_v<KV, BF16>) {
     if (mma_takes(a)) return launch_split_mma<KV, KV>(a, splits, scratch, s);
   } else if constexpr (std::is_same_v<KV, I8>) {
@@ -378,6 +381,7 @@ void launch_split_kv(const AttentionArgs& a, int splits, float* scratch, cudaStr
                              : launch_split_mma<BF16, I8>(a, splits, scratch, s);
   }
   launch_split_simt<KV>(a, splits, scratch, s);
+  return kOk;
 }
 
 }  // namespace lowbit::cuda::split_kv

@@ -62,6 +62,25 @@ bool runs_sm90_code(int dev, Kernel kernel, int max_major) {
          major <= max_major && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
 }
 
+// Opts `kernel` into `bytes` of dynamic shared memory (> 48 KiB needs it), once per device
+// (the attribute belongs to the device's context; `done` bit d: device d is set up, devices
+// 0..63, others every call); kOk or kCudaError (recorded for `where`).
+template <class Kernel>
+int opt_in_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done, const char* where) {
+  int dev = 0;
+  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
+  if (known && ((done.load(std::memory_order_acquire) >> dev) & 1u)) return kOk;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    record_cuda_error((std::string(where) + " (cudaFuncSetAttribute)").c_str(), cudaGetErrorName(e),
+                      cudaGetErrorString(e));
+    return kCudaError;
+  }
+  if (known) done.fetch_or(uint64_t(1) << dev, std::memory_order_release);
+  return kOk;
+}
+
 // kOk, or kCudaError (recorded) if the launches since the last check failed.
 inline int launch_status(const char* where) {
   const cudaError_t e = cudaGetLastError();

@@ -828,34 +828,16 @@ void launch_w8a8(bool vec, const int8_t* qx, const float* sx, int64_t M, int64_t
   }
 }
 
-// Opts `kernel` into `bytes` of dynamic shared memory (> 48 KiB needs it), once per device
-// (the attribute belongs to the device's context; `done` bit d: device d is set up, devices
-// 0..63, others every call); kOk or kCudaError (recorded).
-template <class Kernel>
-int opt_in_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
-  int dev = 0;
-  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
-  if (known && ((done.load(std::memory_order_acquire) >> dev) & 1u)) return kOk;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();
-    record_cuda_error("int8_linear_w8a8 (cudaFuncSetAttribute)", cudaGetErrorName(e), cudaGetErrorString(e));
-    return kCudaError;
-  }
-  if (known) done.fetch_or(uint64_t(1) << dev, std::memory_order_release);
-  return kOk;
-}
-
 template <class D>
 int prepare_w8a8_mma() {
   static std::atomic<uint64_t> done{0};
-  return opt_in_smem(w8a8_mma_kernel<D>, mma_tc::kSmemBytes, done);
+  return opt_in_smem(w8a8_mma_kernel<D>, mma_tc::kSmemBytes, done, "int8_linear_w8a8");
 }
 
 template <class D, int BN>
 int prepare_w8a8_wgmma() {
   static std::atomic<uint64_t> done{0};
-  return opt_in_smem(w8a8_wgmma_kernel<D, BN>, wgmma_tc::kSmemBytes<BN>, done);
+  return opt_in_smem(w8a8_wgmma_kernel<D, BN>, wgmma_tc::kSmemBytes<BN>, done, "int8_linear_w8a8");
 }
 
 // The current device's SM count (1 if it cannot be read).
