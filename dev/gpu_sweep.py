@@ -4,7 +4,8 @@ kernels with their launch plan forced to other values than the shipped plan pick
 paged decode with sequential instead of random block tables, so that a tuning decision rests
 on one run's numbers. Prints one line per measurement.
 
-    python3 dev/gpu_sweep.py [decode] [layout] [woq] [dense] [dequant] [w8a8] | profile   (from the checkout, lowbit installed)
+    python3 dev/gpu_sweep.py [decode] [layout] [woq] [dense] [dequant] [w8a8] | profile
+    (from the checkout, lowbit installed)
 
 decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64} x {4k, 32k},
         bf16 / INT8 cache, random tables: the plan's key splits with the merge launched to overlap
@@ -89,7 +90,8 @@ def decode(copy_bw: float) -> None:
                         us = time_per_call(make, nbuf, REPS)
                     s0 = orig(B, hq, hkv, S, D, _native.sm_count(q.device))[0]
                     print(f"decode B={B} S={S} {cache} splits={max(1, int(s0 * factor))} (plan {s0}) "
-                          f"merge overlap={pdl} resident={resident}/SM: {us:.1f} us, {100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW",
+                          f"merge overlap={pdl} resident={resident}/SM: {us:.1f} us, "
+                          f"{100 * nbytes / (us * 1e3) / copy_bw:.0f}% copy BW",
                           flush=True)
             finally:
                 setattr(MOD, "attention_plan", orig)

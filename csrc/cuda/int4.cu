@@ -203,6 +203,17 @@ __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const wo
   }
 }
 
+// The packed weights' fields of `a` (a.K and a.Np set): qweight 16-byte aligned, groups of
+// 32, 64, 128 or K (g_shift = log2 of the group size), scale offsets within 32 bits.
+int set_weights(woq::Args& a, const uint32_t* qweight, const void* scales, int64_t groups) {
+  if ((reinterpret_cast<uintptr_t>(qweight) & 15u) != 0 || groups < 1 || a.K % groups != 0) return kInvalidArgument;
+  a.qweight = qweight, a.scales = scales, a.groups = groups, a.g_shift = 0;
+  while (groups > 1 && (int64_t(1) << a.g_shift) < a.K / groups) ++a.g_shift;
+  if (groups > 1 && (int64_t(1) << a.g_shift) != a.K / groups) return kInvalidArgument;
+  if (groups * a.Np >= (int64_t(1) << 31)) return kInvalidArgument;  // the cursor's 32-bit scale offsets
+  return kOk;
+}
+
 }  // namespace
 
 void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters) {
@@ -220,14 +231,8 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
   if (woq::set_shape(a, M, K, ldx, N, splits, partial, counters) != kOk) return kInvalidArgument;
   a.x = x;
   a.xvec = (reinterpret_cast<uintptr_t>(x) & 15u) == 0 && (ldx * 2) % 16 == 0;
-  a.qweight = qweight, a.scales = scales;
-  int g_shift = 0;
-  while (groups > 1 && (int64_t(1) << g_shift) < K / groups) ++g_shift;
-  if (groups > 1 && (int64_t(1) << g_shift) != K / groups) return kInvalidArgument;  // g = 32, 64, 128 (or K)
-  a.groups = groups, a.g_shift = g_shift;
+  if (set_weights(a, qweight, scales, groups) != kOk) return kInvalidArgument;
   a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
-  if ((reinterpret_cast<uintptr_t>(qweight) & 15u) != 0) return kInvalidArgument;
-  if (groups * a.Np >= (int64_t(1) << 31)) return kInvalidArgument;  // the cursor's 32-bit scale offsets
   (void)cudaGetLastError();  // report only what our launch does
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == kF16) {
@@ -240,16 +245,12 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
 
 int int4_dequantize_w4a16(const uint32_t* qweight, const void* scales, int scales_dtype, int64_t groups, int64_t N,
                           int64_t K, void* w, int w_dtype, void* stream) {
-  if (N < 1 || K < 1 || groups < 1 || K % groups != 0 || !qweight || !scales || !w) return kInvalidArgument;
+  if (N < 1 || K < 1 || !qweight || !scales || !w) return kInvalidArgument;
   if ((w_dtype != kF16 && w_dtype != kBF16) || (scales_dtype != kF16 && scales_dtype != kF32)) return kInvalidArgument;
   woq::Args a{};
   a.N = N, a.K = K, a.Np = woq::cdiv(N, woq::kTileN) * woq::kTileN, a.ktiles = woq::cdiv(K, kTileK);
-  a.qweight = qweight, a.scales = scales, a.groups = groups;
-  while (groups > 1 && (int64_t(1) << a.g_shift) < K / groups) ++a.g_shift;
-  if (groups > 1 && (int64_t(1) << a.g_shift) != K / groups) return kInvalidArgument;
-  if (groups * a.Np >= (int64_t(1) << 31) || a.Np / woq::kTileN > 65535) return kInvalidArgument;
-  if (reinterpret_cast<uintptr_t>(w) % 16 != 0 || (reinterpret_cast<uintptr_t>(qweight) & 15u) != 0)
-    return kInvalidArgument;
+  if (set_weights(a, qweight, scales, groups) != kOk) return kInvalidArgument;
+  if (a.Np / woq::kTileN > 65535 || reinterpret_cast<uintptr_t>(w) % 16 != 0) return kInvalidArgument;
   (void)cudaGetLastError();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   auto* wp = static_cast<uint16_t*>(w);

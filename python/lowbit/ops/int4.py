@@ -28,6 +28,8 @@ row's outputs NaN (W4A16 too: the factored form computes Inf - Inf where torch w
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _native
@@ -157,11 +159,9 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     dev = x.device
     stream = _native.stream_of(x)
     if m > DENSE_MIN_M:  # one dequantization, then cuBLAS (see ops/int8.py)
-        w = torch.empty((n, k), dtype=x.dtype, device=dev)
-        _native.check(mod.int4_dequantize_w4a16(qweight.data_ptr(), scales.data_ptr(), _native.DTYPE_CODE[scales.dtype],
-                                                scales.shape[0], n, k, w.data_ptr(), _native.DTYPE_CODE[x.dtype],
-                                                dev.index, stream), op)
-        return dense_linear(x, w, bias)
+        return dense_linear(x, n, k, bias, functools.partial(mod.int4_dequantize_w4a16, qweight.data_ptr(),
+                                                             scales.data_ptr(), _native.DTYPE_CODE[scales.dtype],
+                                                             scales.shape[0], n, k), op)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     splits, count = mod.int4_w4a16_plan(m, k, n, _native.sm_count(dev))
     partial = counters = None

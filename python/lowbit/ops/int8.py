@@ -15,6 +15,8 @@ check it exactly against in_features).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -210,8 +212,11 @@ def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor
 DENSE_MIN_M = 48
 
 
-def dense_linear(x, w, bias) -> torch.Tensor:
-    """y = x . w^T + bias on cuBLAS, w the dense dequantized weight (x's dtype)."""
+def dense_linear(x, n: int, k: int, bias, dequantize, op: str) -> torch.Tensor:
+    """y = x . w^T + bias on cuBLAS, w [n, k] (x's dtype) the temporary that dequantize(w, dtype
+    code, device index, stream) fills with the layer's weights (a native status)."""
+    w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    _native.check(dequantize(w.data_ptr(), _native.DTYPE_CODE[x.dtype], x.device.index, _native.stream_of(x)), op)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -222,10 +227,8 @@ def _linear_cuda(op, x, qweight, scale, bias):
     m = x2.shape[0]
     dev, stream = x.device, _native.stream_of(x)
     if op == "int8_linear_w8a16" and m > DENSE_MIN_M:
-        w = torch.empty((n, k), dtype=x.dtype, device=dev)
-        _native.check(mod.int8_dequantize_w8a16(qweight.data_ptr(), scale.data_ptr(), n, k, w.data_ptr(),
-                                                _native.DTYPE_CODE[x.dtype], dev.index, stream), op)
-        return dense_linear(x, w, bias)
+        return dense_linear(x, n, k, bias, functools.partial(mod.int8_dequantize_w8a16, qweight.data_ptr(),
+                                                             scale.data_ptr(), n, k), op)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     code = _native.DTYPE_CODE[x.dtype]
     args = [x2.data_ptr(), code, m, k, chk.row_stride(x2), qweight.data_ptr(), scale.data_ptr(), n,

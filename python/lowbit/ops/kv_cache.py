@@ -235,10 +235,12 @@ def _paged_args(query, key_cache, value_cache, block_tables, seq_lens, query_sta
     if query_start_loc is None:  # (batch, head, query) strides
         L, q_st, out_st, qsl_ptr = 1, (query.stride(0), query.stride(1), 0), (hq * dv, dv, 0), 0
     else:
-        L, q_st, out_st, qsl_ptr = 0, (0, query.stride(1), query.stride(0)), (0, dv, hq * dv), query_start_loc.data_ptr()
+        L, q_st, out_st = 0, (0, query.stride(1), query.stride(0)), (0, dv, hq * dv)
+        qsl_ptr = query_start_loc.data_ptr()
     return (query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr(),
             _native.DTYPE_CODE[query.dtype], _native.DTYPE_CODE[key_cache.dtype], seq_lens.shape[0], hq, hkv, L, 0, d,
-            dv, q_st, (0, d, hkv * d), (0, dv, hkv * dv), out_st, qsl_ptr, seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], bs,
+            dv, q_st, (0, d, hkv * d), (0, dv, hkv * dv), out_st, qsl_ptr, seq_lens.data_ptr(),
+            block_tables.data_ptr(), block_tables.shape[1], bs,
             0 if k_scale is None else k_scale.data_ptr(), 0 if v_scale is None else v_scale.data_ptr(), 0, 0,
             (0, 0, 0, 0), resolve_scale(scale, d), 1, 1, window_left, window_right)
 
