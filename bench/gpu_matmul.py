@@ -7,7 +7,10 @@ Measures the machine first (device-to-device copy bandwidth, counting bytes read
 plus written; fp16 matmul peak on 8192^3), then for each weight shape (N, K) and
 activation rows M: lowbit W4A16 (group 128, asymmetric: Q4_1 / GPTQ-style), W8A16 and
 W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape rules allow, torch._int_mm (the bare int8 GEMM,
-without activation quantization or scaling).
+without activation quantization or scaling). Also, for comparison: the kernels the newest
+replaced (W8A16's CUDA-core GEMV, W8A8 on mma.sync on Hopper), W8A8's per-token quantizer
+alone (M >= 256) and, with LOWBIT_BENCH_TMA=1 (bench/gpu_check.sh sets it once the kernel's
+tests passed), W8A8 on the opt-in TMA kernel (LOWBIT_CUDA_W8A8=tma).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -32,6 +35,8 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
 MS = [1, 16, 64]
 W8A16_SIMT = "lowbit w8a16 (CUDA cores)"
 W8A8_MMA = "lowbit w8a8 (mma.sync)"
+W8A8_TMA = "lowbit w8a8 (TMA, opt-in)"
+QUANT = "lowbit per-token quantizer (part of w8a8)"
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
@@ -199,6 +204,10 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             ops[W8A16_SIMT] = ops["lowbit w8a16"]
         if M >= 64 and torch.cuda.get_device_capability()[0] == 9:
             ops[W8A8_MMA] = ops["lowbit w8a8"]
+            if os.environ.get("LOWBIT_BENCH_TMA") == "1":  # gpu_check: once its tests passed
+                ops[W8A8_TMA] = ops["lowbit w8a8"]
+        if M >= 256:  # W8A8's first pass over x, timed alone
+            ops[QUANT] = (lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, 2 * M * K + M * K + 4 * M)
         if M >= 16:
             ops["torch._int_mm (int8 GEMM only)"] = (lambda i: (lambda: torch._int_mm(xq, qws[i].t())), nbuf_i8,
                                                      N * K + M * K + 4 * M * N)
@@ -206,7 +215,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         for op, (make_call, nbuf, nbytes) in ops.items():
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
             try:
-                env = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma")}.get(op)
+                env = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma"),
+                       W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma")}.get(op)
                 with env_var(*env) if env else contextlib.nullcontext():
                     us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on

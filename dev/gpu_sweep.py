@@ -15,7 +15,8 @@ layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged 
 woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
-w8a8:   W8A8 with wgmma (default) and mma.sync at M in {512, 1024, 2048, 4096}.
+w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel, and its quantizer
+        alone, at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
 
@@ -201,9 +202,10 @@ def w8a8() -> None:
         for M in (512, 1024, 2048, 4096):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             base = time_per_call(lambda i: (lambda: F.linear(x, w16)), 1, REPS)
-            line = f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us"
-            for kernel in ("wgmma", "mma"):
-                with env_var("LOWBIT_CUDA_W8A8", "mma") if kernel == "mma" else contextlib.nullcontext():
+            quant = time_per_call(lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, REPS)
+            line = f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us, quantizer alone {quant:.1f} us"
+            for kernel in ("default", "mma", "tma"):
+                with env_var("LOWBIT_CUDA_W8A8", kernel) if kernel != "default" else contextlib.nullcontext():
                     us = time_per_call(lambda i: (lambda: int8_ops.int8_linear_w8a8(x, q, s)), 1, REPS)
                 line += f", {kernel} {us:.1f} us ({base / us:.2f}x)"
             print(line, flush=True)

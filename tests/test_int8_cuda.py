@@ -450,6 +450,27 @@ def test_w8a8_tensor_core_kernels_agree_small(dtype, M, N, K, cgen, monkeypatch)
 
 
 @gpu
+@pytest.mark.unverified
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (4100, 4096, 1040),
+                                   (2048, 2600, 10240)])
+def test_w8a8_tma_kernel_agrees(dtype, M, N, K, cgen, monkeypatch):
+    """LOWBIT_CUDA_W8A8=tma (sm_90a: the persistent warp-specialized TMA + wgmma kernel, 128 x
+    256 tiles) equals mma.sync bit for bit: one tile with k past K (K = 16, 48), ragged N and
+    k tails (4112 = 32 x 128 + 16), 528 tiles (4 per CTA on 132 SMs: the ring wraps across
+    tiles, 9 k tiles per tile), a long K. Elsewhere both calls take the same kernel."""
+    x = randn((M, K), cgen, dtype)
+    qw, s = rand_weight(N, K, cgen)
+    b = randn((N,), cgen, dtype)
+    monkeypatch.setenv("LOWBIT_CUDA_W8A8", "tma")
+    y = OPS["w8a8"](x, qw, s, b)
+    monkeypatch.setenv("LOWBIT_CUDA_W8A8", "mma")
+    assert torch.equal(y, OPS["w8a8"](x, qw, s, b)), "the TMA kernel and mma.sync differ"
+    assert_linear_close(y, ref_linear64("w8a8", x, qw, s, b), torch_linear_lowp("w8a8", x, qw, s, b),
+                        f"w8a8 tma {DT_ID[dtype]} M={M} N={N} K={K}")
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("M,N,K", [(64, 100, 48), (130, 129, 4112)])
 def test_w8a8_mma_matches_dp4a_small(dtype, M, N, K, cgen):

@@ -24,6 +24,7 @@
 // W8A8 product runs on the tensor cores instead (w8a8_mma_kernel: mma.sync
 // m16n8k32 s8, a cp.async pipeline); both paths apply the same fp32 epilogue
 // (w8a8_value) to the same exact int32 sum, so they agree bit for bit.
+#include <cuda.h>  // CUtensorMap (a type only: the driver entry point is found at run time)
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -645,6 +646,35 @@ template <int BN> constexpr int kSmemBytes = kStages * kStageBytes<BN> + 1024;  
 static_assert(kChunks == 8 && kBytesA % 1024 == 0, "the swizzle permutes 8 chunks; tiles start swizzle atoms");
 }  // namespace wgmma_tc
 
+// The epilogue of a warpgroup's 64 x BN wgmma accumulators, rows m0 .. m0 + 63 of y from
+// column n0: acc[4 i + 2 h + e] is row 16 w + gid + 8 h (w: the warp in its warpgroup),
+// column 8 i + 2 tig + e; the same fp32 arithmetic as every W8A8 kernel (w8a8_value).
+template <class D, int BN>
+__device__ __forceinline__ void store_wgmma_tile(const int (&acc)[BN / 2], int64_t m0, int64_t n0,
+                                                 const float* __restrict__ sx, int64_t M, const float* __restrict__ ws,
+                                                 int64_t N, const void* __restrict__ bias, int bias_dtype,
+                                                 typename D::T* __restrict__ y, int64_t ldy) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t row = m0 + ((threadIdx.x >> 5) & 3) * 16 + g;
+  float sxm[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) sxm[h] = row + 8 * h < M ? sx[row + 8 * h] : 0.0f;
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t n = n0 + 8 * i + 2 * t + e;
+      if (n >= N) continue;
+      const float wsn = ws[n], bn = bias ? load_f32(bias, bias_dtype, n) : 0.0f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = row + 8 * h;
+        if (m < M)
+          y[m * ldy + n] = D::from_f32(w8a8_value(float(acc[4 * i + 2 * h + e]), sxm[h], wsn, bias != nullptr, bn));
+      }
+    }
+}
+
 template <class D, int BN>
 __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
     w8a8_wgmma_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, int64_t M, int64_t K,
@@ -659,7 +689,7 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
   static_assert(kRowsPerPass % 8 == 0, "a thread's rows share their swizzle");
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
-  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wrow = ((tid >> 5) & 3) * 16;
+  const int tid = threadIdx.x, wg = tid >> 7;
   const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + BN - 1) / BN;
   const int ktiles = int((K + kBK - 1) / kBK);
   // This thread's chunks of a stage: chunk c = tid % 8 of rows tid / 8 + 32 i of both operands.
@@ -734,32 +764,113 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
     ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the count clean
     __syncthreads();          // every warpgroup is done with the ring before the next tile's prologue
 
-    // Epilogue: acc[4 i + 2 h + e] is row wrow + gid + 8 h of this warpgroup's 64, column 8 i + 2 tig + e.
-    const int g = lane >> 2, t = lane & 3;
-    float sxm[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t m = m0 + wg * 64 + wrow + g + 8 * h;
-      sxm[h] = m < M ? sx[m] : 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t n = n0 + 8 * i + 2 * t + e;
-        if (n >= N) continue;
-        const float wsn = ws[n], bn = bias ? load_f32(bias, bias_dtype, n) : 0.0f;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t m = m0 + wg * 64 + wrow + g + 8 * h;
-          if (m < M)
-            y[m * ldy + n] =
-                D::from_f32(w8a8_value(float(acc[4 * i + 2 * h + e]), sxm[h], wsn, bias != nullptr, bn));
-        }
-      }
+    store_wgmma_tile<D, BN>(acc, m0 + wg * 64, n0, sx, M, ws, N, bias, bias_dtype, y, ldy);
   }
 #else
   __trap();  // built without sm_90a code: the host never launches it (w8a8_wgmma_ok)
+#endif
+}
+
+// ---------------------------------------------------------------- W8A8, Hopper TMA + wgmma
+// The same GEMM again (same tiles of 128 x 256, tile order, epilogue, bits), organised the
+// way Hopper is meant to be fed, for large M x N where w8a8_wgmma_kernel loses to mma.sync
+// (each of its CTAs fills and drains its pipeline for every tile, and the epilogue stalls the
+// tensor cores). Opt-in (LOWBIT_CUDA_W8A8=tma) until measured on an H100.
+//   * Persistent: one CTA per SM walks the tiles (grouped_tile order, grid stride).
+//   * Warp-specialized: warpgroup 0 is the producer, in which one thread issues, per k stage,
+//     two TMA copies (a 128 x 128-byte box of qx, a 256 x 128 box of qweight; the tensor
+//     maps give the 128-byte swizzle wgmma reads and zero-fill past M, N and K); warpgroups 1
+//     and 2 each multiply 64 rows with four m64n256k32 wgmma per stage.
+//   * The ring: kStages stages of 48 KB, each with a "full" mbarrier (the producer's
+//     expect_tx arrival + the bytes TMA delivers) and an "empty" one (one arrival per
+//     consumer warpgroup once its wgmma of that stage finished: wait_group 1 after the next
+//     stage's batch). The producer runs ahead across tiles, so the next tile's first stages
+//     load while the consumers store this one.
+namespace wgmma_ws {
+constexpr int kBM = 128, kBN = 256, kBK = 128;  // tile of y; k bytes per stage (one swizzle row)
+constexpr int kStages = 4;
+constexpr int kConsumers = 2;                   // warpgroups of 64 rows
+constexpr int kThreads = (kConsumers + 1) * 128;
+constexpr int kBytesA = kBM * kBK, kBytesB = kBN * kBK, kStage = kBytesA + kBytesB;
+constexpr int kSmemBytes = kStages * kStage + 2 * kStages * 8 + 1024;  // ring, barriers, room to align
+static_assert(kBytesA % 1024 == 0 && kStage % 1024 == 0, "tiles start swizzle atoms");
+}  // namespace wgmma_ws
+
+template <class D>
+__global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
+    w8a8_tma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
+                    const float* __restrict__ sx, int64_t M, int64_t K, const float* __restrict__ ws, int64_t N,
+                    const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
+#if defined(LOWBIT_WGMMA)
+  using namespace wgmma_ws;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStage);
+  uint64_t* empty = full + kStages;
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
+  const int ktiles = int((K + kBK - 1) / kBK);
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      wgmma::mbar_init(full + st, 1);
+      wgmma::mbar_init(empty + st, kConsumers);
+    }
+    wgmma::mbar_init_fence();
+  }
+  __syncthreads();
+
+  // Both roles walk the same (tile, k tile) sequence through the ring: stage st, and the
+  // parity of the stage's current use.
+  int st = 0;
+  uint32_t parity = 0;
+  auto advance = [&] {
+    if (++st == kStages) st = 0, parity ^= 1;
+  };
+  if (wg == 0) {
+    if (tid != 0) return;  // the producer is one thread
+    wgmma::tma_prefetch_map(&map_x);
+    wgmma::tma_prefetch_map(&map_w);
+    for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
+      int64_t m0, n0;
+      grouped_tile(tile, tiles_m, tiles_n, m0, n0);
+      for (int kt = 0; kt < ktiles; ++kt, advance()) {
+        wgmma::mbar_wait(empty + st, parity ^ 1);  // both consumers are done with the stage's last use
+        uint8_t* sa = smem + st * kStage;
+        wgmma::mbar_arrive_expect_tx(full + st, kStage);
+        wgmma::tma_load_2d(sa, &map_x, kt * kBK, int(m0 * kBM), full + st);
+        wgmma::tma_load_2d(sa + kBytesA, &map_w, kt * kBK, int(n0 * kBN), full + st);
+      }
+    }
+    return;
+  }
+  const int cw = wg - 1;  // this consumer's 64 rows of the tile
+  for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
+    int64_t m0, n0;
+    grouped_tile(tile, tiles_m, tiles_n, m0, n0);
+    int acc[kBN / 2];
+#pragma unroll
+    for (int i = 0; i < kBN / 2; ++i) acc[i] = 0;
+    int prev = -1;  // the stage of the previous k tile, released once its wgmma finished
+    for (int kt = 0; kt < ktiles; ++kt, advance()) {
+      wgmma::mbar_wait(full + st, parity);
+      const uint8_t* sa = smem + st * kStage;
+      wgmma::fence();
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ++ks)
+        wgmma::mma_s8<kBN>(acc, wgmma::desc_sw128(sa + cw * 64 * kBK + 32 * ks),
+                           wgmma::desc_sw128(sa + kBytesA + 32 * ks));
+      wgmma::commit();
+      wgmma::wait<1>();  // the previous k tile's batch has finished reading its stage
+      if (prev >= 0 && (tid & 127) == 0) wgmma::mbar_arrive(empty + prev);
+      prev = st;
+    }
+    wgmma::wait<0>();
+    wgmma::fence_operands(acc);
+    if (prev >= 0 && (tid & 127) == 0) wgmma::mbar_arrive(empty + prev);
+    store_wgmma_tile<D, kBN>(acc, m0 * kBM + cw * 64, n0 * kBN, sx, M, ws, N, bias, bias_dtype, y, ldy);
+  }
+#else
+  __trap();  // built without sm_90a code: the host never launches it (w8a8_tma_ok)
 #endif
 }
 
@@ -834,6 +945,12 @@ int prepare_w8a8_mma() {
   return opt_in_smem(w8a8_mma_kernel<D>, mma_tc::kSmemBytes, done, "int8_linear_w8a8");
 }
 
+template <class D>
+int prepare_w8a8_tma() {
+  static std::atomic<uint64_t> done{0};
+  return opt_in_smem(w8a8_tma_kernel<D>, wgmma_ws::kSmemBytes, done, "int8_linear_w8a8");
+}
+
 template <class D, int BN>
 int prepare_w8a8_wgmma() {
   static std::atomic<uint64_t> done{0};
@@ -877,6 +994,67 @@ bool w8a8_wgmma_ok() {
   return cached_per_device(known, ok, [](int dev) {
     return built_for_sm90a() && runs_sm90_code(dev, w8a8_wgmma_kernel<F16, 128>, 9);
   });
+}
+
+// cuTensorMapEncodeTiled, from the driver at run time (the module links only the static
+// runtime); null if the driver lacks it.
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &found);
+#endif
+    (void)cudaGetLastError();
+    return e == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(p) : nullptr;
+  }();
+  return fn;
+}
+
+// The tensor map of an int8 [rows, K] row-major operand of w8a8_tma_kernel: boxes of
+// 128 k x box_rows rows with the 128-byte swizzle, zeros past the edges. False if the driver
+// refuses it (K % 16 == 0 and a 16-byte aligned base are the caller's).
+bool int8_tensor_map(CUtensorMap* map, const int8_t* base, int64_t rows, int64_t K, int box_rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)}, strides[1] = {cuuint64_t(K)};
+  const cuuint32_t box[2] = {cuuint32_t(wgmma_ws::kBK), cuuint32_t(box_rows)}, unit[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(base), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Whether W8A8 takes w8a8_tma_kernel: LOWBIT_CUDA_W8A8=tma (read per call), on a device that
+// runs wgmma (as w8a8_wgmma_ok) and a driver with tensor maps.
+bool w8a8_tma_ok() {
+  if (!env_is("LOWBIT_CUDA_W8A8", "tma")) return false;
+  static std::atomic<uint64_t> known{0}, ok{0};
+  return cached_per_device(known, ok, [](int dev) {
+    return built_for_sm90a() && runs_sm90_code(dev, w8a8_tma_kernel<F16>, 9) && encode_tiled() != nullptr;
+  });
+}
+
+// w8a8_tma_kernel on a persistent grid (one CTA per SM, at most one per tile); kCudaError
+// (recorded for last_error) if the driver would not build the tensor maps.
+template <class D>
+int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, const int8_t* qw, const float* ws,
+                    int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, int sms, cudaStream_t s) {
+  using namespace wgmma_ws;
+  CUtensorMap map_x, map_w;
+  if (!int8_tensor_map(&map_x, qx, M, K, kBM) || !int8_tensor_map(&map_w, qw, N, K, kBN)) {
+    record_cuda_error("int8_linear_w8a8", "cuTensorMapEncodeTiled", "the driver refused a tensor map");
+    return kCudaError;
+  }
+  const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
+  w8a8_tma_kernel<D><<<unsigned(tiles < sms ? tiles : sms), wgmma_ws::kThreads, kSmemBytes, s>>>(
+      map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
+  return kOk;
 }
 
 // One tensor-core W8A8 GEMM launch (w8a8_mma_kernel or w8a8_wgmma_kernel): a CTA per
@@ -1006,14 +1184,24 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   // pays each tile's pipeline fill, drain and epilogue with nothing to overlap them, so it
   // loses once the output is large (M x N > 4M elements: 0.84-0.98x the speed of mma.sync
   // at M = 2048) unless a long K amortizes them (K = 11008: 1.10-1.66x at every M).
-  const bool wgmma = mma && w8a8_wgmma_ok() && (M * N <= (int64_t(4) << 20) || K >= 10240);
-  const bool wide = wgmma && ((M + wgmma_tc::kBM - 1) / wgmma_tc::kBM) * ((N + 255) / 256) >= sm_count();
+  // LOWBIT_CUDA_W8A8=tma: the persistent TMA kernel wherever a tensor-core kernel runs
+  // (its tensor maps take M, N < 2^31 rows).
+  const bool tma = mma && M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && w8a8_tma_ok();
+  const bool wgmma = mma && !tma && w8a8_wgmma_ok() && (M * N <= (int64_t(4) << 20) || K >= 10240);
+  const int sms = tma || wgmma ? sm_count() : 1;
+  const bool wide = wgmma && ((M + wgmma_tc::kBM - 1) / wgmma_tc::kBM) * ((N + 255) / 256) >= sms;
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
-    if (mma) st = wide ? prepare_w8a8_wgmma<D, 256>() : wgmma ? prepare_w8a8_wgmma<D, 128>() : prepare_w8a8_mma<D>();
+    if (mma)
+      st = tma    ? prepare_w8a8_tma<D>()
+           : wide  ? prepare_w8a8_wgmma<D, 256>()
+           : wgmma ? prepare_w8a8_wgmma<D, 128>()
+                   : prepare_w8a8_mma<D>();
     if (st == kOk) {
       launch_quantize<D>(x, M, K, ldx, qx, sx, s);
-      if (wide)
+      if (tma)
+        st = launch_w8a8_tma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
+      else if (wide)
         launch_w8a8_tc<D>(w8a8_wgmma_kernel<D, 256>, wgmma_tc::kBM, 256, wgmma_tc::kThreads,
                           wgmma_tc::kSmemBytes<256>, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
       else if (wgmma)

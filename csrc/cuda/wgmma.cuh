@@ -1,8 +1,9 @@
 // Hopper warpgroup MMA (wgmma) wrappers: the shared-memory matrix descriptor, the fences
 // and commit / wait of the asynchronous mma, and the shapes lowbit uses (m64n128k32 and
-// m64n256k32, s8 x s8 -> s32, both operands from shared memory). sm_90a only: every use
-// sits under LOWBIT_WGMMA (defined when nvcc compiles for sm_90a), and the host checks that
-// the kernel's code was built for it (ptxVersion 90) before launching it.
+// m64n256k32, s8 x s8 -> s32, both operands from shared memory); and the tensor memory
+// accelerator (TMA) with the mbarriers that count its bytes, for a producer / consumer ring.
+// sm_90a only: every use sits under LOWBIT_WGMMA (defined when nvcc compiles for sm_90a), and
+// the host checks that the kernel's code was built for it (ptxVersion 90) before launching it.
 #pragma once
 #include <cstdint>
 
@@ -106,6 +107,52 @@ __device__ __forceinline__ void mma_s8<256>(int (&d)[128], uint64_t desc_a, uint
         "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
         "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// ---- mbarriers: a phase completes when `count` arrivals (init) and every byte a TMA copy
+// announced (expect_tx) have come; waiters name the parity of the phase they wait for.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(ptx::smem_addr(bar)), "r"(count) : "memory");
+}
+// Makes the initialized barriers visible to the async proxy (TMA) and the other threads.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(ptx::smem_addr(bar)) : "memory");
+}
+// One arrival that also announces `bytes` of TMA writes the phase must wait for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(ptx::smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+// Until the phase of parity `parity` has completed (a fresh barrier counts the phase before
+// its first, parity 1, as completed).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(ptx::smem_addr(bar)), "r"(parity)
+        : "memory");
+}
+
+// ---- TMA: a box of a 2-D tensor (tensor map `map`, a __grid_constant__ kernel parameter)
+// at element coordinates (inner c0, outer c1) into shared memory, laid out and swizzled as
+// the map says; elements outside the tensor arrive as zeros. The bytes are counted on `bar`.
+__device__ __forceinline__ void tma_prefetch_map(const void* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, int c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(ptx::smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(ptx::smem_addr(bar))
+      : "memory");
 }
 #endif
 
