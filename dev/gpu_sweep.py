@@ -12,7 +12,8 @@ decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64
         the split kernel (LOWBIT_CUDA_PDL) or not, half the splits, and 4 resident blocks per SM
         instead of 2 (LOWBIT_CUDA_DECODE_RESIDENT).
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
-woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced.
+woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
+        plan's splits with an L2 prefetch 4 .. 32 tiles past each warp's ring (LOWBIT_CUDA_WOQ_PREFETCH).
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
 w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel, and its quantizer
@@ -146,6 +147,10 @@ def woq() -> None:
                         setattr(MOD, plan, orig)
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
+                for ahead in (4, 8, 16, 32):  # the plan's splits, an L2 prefetch this far past the ring
+                    with env_var("LOWBIT_CUDA_WOQ_PREFETCH", str(ahead)):
+                        us = time_per_call(make, nbuf, REPS)
+                    print(f"woq {N}x{K} M={M} {name} prefetch={ahead}: {us:.1f} us, {base / us:.2f}x fp16", flush=True)
         torch.cuda.empty_cache()
 
 

@@ -259,6 +259,21 @@ def test_w4a16_deterministic_small(gen):
 
 
 @gpu
+@pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (16, 4096, 11008, 128), (5, 40, 100, 100),
+                                     (1, 11008, 4096, 32)])
+def test_w4a16_l2_prefetch_changes_nothing(M, N, K, g, gen, monkeypatch):
+    """LOWBIT_CUDA_WOQ_PREFETCH=n (each warp hints its weights n tiles past its ring into L2: a
+    tuning experiment) gives the same bits as without, near a warp's last tiles included."""
+    codes, d, m = rand_canonical(N, K, g, False, gen)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    x = torch.randn((M, K), generator=gen).half().cuda()
+    y = w4a16(x, q, table, None, N)
+    for n in ("1", "8", "64"):
+        monkeypatch.setenv("LOWBIT_CUDA_WOQ_PREFETCH", n)
+        assert torch.equal(w4a16(x, q, table, None, N), y), f"prefetch {n}"
+
+
+@gpu
 def test_w4a16_bad_input_small(gen):
     codes, d, m = rand_canonical(32, 64, 32, False, gen)
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))

@@ -523,6 +523,19 @@ def test_w8a16_tensor_cores(dtype, M, N, K, w8a16_kernel, cgen):
 
 
 @gpu
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (5, 576, 11008), (16, 4096, 4096), (33, 300, 4112)])
+def test_w8a16_l2_prefetch_changes_nothing(M, N, K, cgen, monkeypatch):
+    """LOWBIT_CUDA_WOQ_PREFETCH=n (each warp hints its weights n tiles past its ring into L2: a
+    tuning experiment) gives the same bits as without, near a warp's last tiles and K included."""
+    x = randn((M, K), cgen, torch.float16)
+    qw, s = rand_weight(N, K, cgen)
+    y = OPS["w8a16"](x, qw, s)
+    for n in ("1", "8", "64"):
+        monkeypatch.setenv("LOWBIT_CUDA_WOQ_PREFETCH", n)
+        assert torch.equal(OPS["w8a16"](x, qw, s), y), f"prefetch {n}"
+
+
+@gpu
 def test_w8a16_extreme_codes_small(cgen):
     """Codes -128 and 127 only (the ends of the exact int8 -> fp16 / bf16 conversion in the
     tensor-core path), against the float64 reference."""

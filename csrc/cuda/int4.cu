@@ -87,6 +87,11 @@ template <class S> struct Int4Cursor {
     const int grp = last_grp == 0 ? 0 : k0 >> g_shift;
     return grp < last_grp ? grp : last_grp;
   }
+  // Into L2: the packed words of the tile `ahead` tiles past the next one (lanes 0, 8, 16, 24:
+  // the tile's four 128-byte lines).
+  __device__ void prefetch_l2(int ahead, int lane) const {
+    if ((lane & 7) == 0) ptx::prefetch_l2(wp + 32 * ahead);
+  }
   // The next tile's word and scale row; then the cursor moves to the tile after it.
   __device__ const Raw* next(const uint4*& word) {
     word = wp;

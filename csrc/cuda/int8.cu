@@ -336,6 +336,14 @@ struct Int8W {
       row += woq::kTileK;
       left -= woq::kTileK;
     }
+    // Into L2: rows na and na + 8 of the tile `ahead` tiles past the next one (the 64 bytes
+    // of each row start at lane tig 0's k).
+    __device__ void prefetch_l2(int ahead, int lane) const {
+      if ((lane & 3) != 0 || left <= ahead * woq::kTileK) return;
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub)
+        if (ok[sub]) ptx::prefetch_l2(row + sub * ld8 + ahead * woq::kTileK);
+    }
   };
   __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
     return {{r.w[warp][slot][0][lane], r.w[warp][slot][1][lane]}};

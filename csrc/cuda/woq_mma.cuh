@@ -36,6 +36,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.h"
@@ -66,6 +67,7 @@ struct Args {
   int64_t groups;  // W4: scale groups along K
   int64_t N, Np, ktiles;
   int g_shift;  // W4: log2 of the group size when groups > 1 (then g is 32, 64 or 128)
+  int prefetch;  // > 0: each warp also prefetches into L2 the tile this far past its newest copy
   int splits;
   int64_t tiles_per_split;
   const void* bias;
@@ -189,7 +191,8 @@ __device__ __forceinline__ void store_y(const Args& a, int64_t r, int64_t n, flo
 // ---- the kernel -----------------------------------------------------------------------
 // F, the weight format: F::Ring (the block's rings: kWarps x kStages slots of 32 lanes),
 // F::Cursor (a lane's position in its column tile: constructed at the warp's first tile,
-// issue(ring, warp, slot, lane) copies its next tile into the slot and moves on),
+// issue(ring, warp, slot, lane) copies its next tile into the slot and moves on,
+// prefetch_l2(ahead, lane) hints the tile `ahead` tiles past the next one into L2),
 // F::Tile / F::read(ring, warp, slot, lane) (a lane's slot back in registers),
 // F::dequant<D>(tile, b) (the 16 weight registers) and F::finish(a, n, sum).
 template <class D, class F, int MT, bool HALF>
@@ -212,7 +215,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
       typename F::Cursor cur(a, nt, t_begin, lane);  // issues tiles 0, 1, ... in order
       const int count = int(t_end - t_begin), k_lane = int(t_begin) * kTileK + 16 * tig;
       auto issue = [&](int i) {  // tile i into slot i % kStages (always one commit group)
-        if (i < count) cur.issue(ring, warp, i & (kStages - 1), lane);
+        if (i < count) {
+          cur.issue(ring, warp, i & (kStages - 1), lane);
+          if (a.prefetch > 0 && i + a.prefetch < count) cur.prefetch_l2(a.prefetch - 1, lane);
+        }
         ptx::cp_async_commit();
       };
       for (int i = 0; i < kStages - 1; ++i) issue(i);
@@ -303,10 +309,21 @@ inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int
   *counters = s > 1 ? cdiv(ntiles, kWarps) * mblocks : 0;
 }
 
-// The shape and split fields of a (x, weights, bias and y are the caller's); kOk, or
-// kInvalidArgument for a split the plan would not make or scratch that is missing.
+// LOWBIT_CUDA_WOQ_PREFETCH=n (read per call; default 0, off): Args::prefetch, at most 64. An
+// experiment on deeper memory concurrency (the ring keeps kStages - 1 tiles in flight per warp),
+// not yet measured on a GPU.
+inline int prefetch_tiles() {
+  const char* v = std::getenv("LOWBIT_CUDA_WOQ_PREFETCH");
+  const int n = v ? std::atoi(v) : 0;
+  return n < 0 ? 0 : n > 64 ? 64 : n;
+}
+
+// The shape and split fields of a (x, weights, bias and y are the caller's) and the prefetch
+// distance; kOk, or kInvalidArgument for a split the plan would not make or scratch that is
+// missing.
 inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int splits, float* partial,
                      int* counters) {
+  a.prefetch = prefetch_tiles();
   a.M = M, a.K = K, a.ldx = ldx, a.N = N;
   a.Np = cdiv(N, kTileN) * kTileN, a.ktiles = cdiv(K, kTileK);
   a.splits = splits, a.tiles_per_split = cdiv(a.ktiles, splits), a.partial = partial, a.counters = counters;
