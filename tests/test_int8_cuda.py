@@ -452,13 +452,14 @@ def test_w8a8_tensor_core_kernels_agree_small(dtype, M, N, K, cgen, monkeypatch)
 @gpu
 @pytest.mark.unverified
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (4100, 4096, 1040),
-                                   (2048, 2600, 10240)])
+@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (1030, 2000, 1040),
+                                   (4100, 4096, 1040), (2048, 2600, 10240)])
 def test_w8a8_tma_kernel_agrees(dtype, M, N, K, cgen, monkeypatch):
-    """LOWBIT_CUDA_W8A8=tma (sm_90a: the persistent warp-specialized TMA + wgmma kernel, 128 x
-    256 tiles) equals mma.sync bit for bit: one tile with k past K (K = 16, 48), ragged N and
-    k tails (4112 = 32 x 128 + 16), 528 tiles (4 per CTA on 132 SMs: the ring wraps across
-    tiles, 9 k tiles per tile), a long K. Elsewhere both calls take the same kernel."""
+    """LOWBIT_CUDA_W8A8=tma (sm_90a: the persistent warp-specialized TMA + wgmma kernel) equals
+    mma.sync bit for bit. On an H100 (132 SMs): 128 x 128 tiles with k past K (K = 16, 48),
+    ragged N and k tails (4112 = 32 x 128 + 16), 144 tiles (some CTAs take two: the 6-stage
+    ring wraps across tiles, 9 k tiles each); 128 x 256 tiles, 528 of them (4 per CTA, a
+    4-stage ring), a long K. Elsewhere both calls take the same kernel."""
     x = randn((M, K), cgen, dtype)
     qw, s = rand_weight(N, K, cgen)
     b = randn((N,), cgen, dtype)

@@ -780,43 +780,46 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
 }
 
 // ---------------------------------------------------------------- W8A8, Hopper TMA + wgmma
-// The same GEMM again (same tiles of 128 x 256, tile order, epilogue, bits), organised the
-// way Hopper is meant to be fed, for large M x N where w8a8_wgmma_kernel loses to mma.sync
-// (each of its CTAs fills and drains its pipeline for every tile, and the epilogue stalls the
-// tensor cores). Opt-in (LOWBIT_CUDA_W8A8=tma) until measured on an H100.
+// The same GEMM again (same 128 x BN tiles, tile order, epilogue, bits), organised the way
+// Hopper is meant to be fed, for large M x N where w8a8_wgmma_kernel loses to mma.sync (each
+// of its CTAs fills and drains its pipeline for every tile, and the epilogue stalls the
+// tensor cores). Opt-in (LOWBIT_CUDA_W8A8=tma) until measured on an H100; BN = 256 where
+// such tiles give every SM one, else 128 (as w8a8_wgmma_kernel).
 //   * Persistent: one CTA per SM walks the tiles (grouped_tile order, grid stride).
 //   * Warp-specialized: warpgroup 0 is the producer, in which one thread issues, per k stage,
-//     two TMA copies (a 128 x 128-byte box of qx, a 256 x 128 box of qweight; the tensor
+//     two TMA copies (a 128 x 128-byte box of qx, a BN x 128 box of qweight; the tensor
 //     maps give the 128-byte swizzle wgmma reads and zero-fill past M, N and K); warpgroups 1
-//     and 2 each multiply 64 rows with four m64n256k32 wgmma per stage.
-//   * The ring: kStages stages of 48 KB, each with a "full" mbarrier (the producer's
+//     and 2 each multiply 64 rows with four m64nBNk32 wgmma per stage.
+//   * The ring: 4 stages of 48 KB (BN = 256) or 6 of 32 KB, each with a "full" mbarrier (the producer's
 //     expect_tx arrival + the bytes TMA delivers) and an "empty" one (one arrival per
 //     consumer warpgroup once its wgmma of that stage finished: wait_group 1 after the next
 //     stage's batch). The producer runs ahead across tiles, so the next tile's first stages
 //     load while the consumers store this one.
 namespace wgmma_ws {
-constexpr int kBM = 128, kBN = 256, kBK = 128;  // tile of y; k bytes per stage (one swizzle row)
-constexpr int kStages = 4;
-constexpr int kConsumers = 2;                   // warpgroups of 64 rows
+constexpr int kBM = 128, kBK = 128;  // rows of y per tile; k bytes per stage (one swizzle row)
+constexpr int kConsumers = 2;        // warpgroups of 64 rows
 constexpr int kThreads = (kConsumers + 1) * 128;
-constexpr int kBytesA = kBM * kBK, kBytesB = kBN * kBK, kStage = kBytesA + kBytesB;
-constexpr int kSmemBytes = kStages * kStage + 2 * kStages * 8 + 1024;  // ring, barriers, room to align
-static_assert(kBytesA % 1024 == 0 && kStage % 1024 == 0, "tiles start swizzle atoms");
+constexpr int kBytesA = kBM * kBK;
+template <int BN> constexpr int kStage = kBytesA + BN * kBK;
+template <int BN> constexpr int kStages = 196608 / kStage<BN>;  // a 192 KB ring
+template <int BN> constexpr int kSmemBytes = kStages<BN> * kStage<BN> + 2 * kStages<BN> * 8 + 1024;  // + barriers, align
+static_assert(kBytesA % 1024 == 0 && kStage<128> % 1024 == 0, "tiles start swizzle atoms");
 }  // namespace wgmma_ws
 
-template <class D>
+template <class D, int BN>
 __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     w8a8_tma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
                     const float* __restrict__ sx, int64_t M, int64_t K, const float* __restrict__ ws, int64_t N,
                     const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
 #if defined(LOWBIT_WGMMA)
   using namespace wgmma_ws;
+  constexpr int kStage = wgmma_ws::kStage<BN>, kStages = wgmma_ws::kStages<BN>;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStage);
   uint64_t* empty = full + kStages;
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
+  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + BN - 1) / BN;
   const int ktiles = int((K + kBK - 1) / kBK);
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
@@ -846,7 +849,7 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
         uint8_t* sa = smem + st * kStage;
         wgmma::mbar_arrive_expect_tx(full + st, kStage);
         wgmma::tma_load_2d(sa, &map_x, kt * kBK, int(m0 * kBM), full + st);
-        wgmma::tma_load_2d(sa + kBytesA, &map_w, kt * kBK, int(n0 * kBN), full + st);
+        wgmma::tma_load_2d(sa + kBytesA, &map_w, kt * kBK, int(n0 * BN), full + st);
       }
     }
     return;
@@ -855,9 +858,9 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
   for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
     int64_t m0, n0;
     grouped_tile(tile, tiles_m, tiles_n, m0, n0);
-    int acc[kBN / 2];
+    int acc[BN / 2];
 #pragma unroll
-    for (int i = 0; i < kBN / 2; ++i) acc[i] = 0;
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
     int prev = -1;  // the stage of the previous k tile, released once its wgmma finished
     for (int kt = 0; kt < ktiles; ++kt, advance()) {
       wgmma::mbar_wait(full + st, parity);
@@ -865,7 +868,7 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
       wgmma::fence();
 #pragma unroll
       for (int ks = 0; ks < kBK / 32; ++ks)
-        wgmma::mma_s8<kBN>(acc, wgmma::desc_sw128(sa + cw * 64 * kBK + 32 * ks),
+        wgmma::mma_s8<BN>(acc, wgmma::desc_sw128(sa + cw * 64 * kBK + 32 * ks),
                            wgmma::desc_sw128(sa + kBytesA + 32 * ks));
       wgmma::commit();
       wgmma::wait<1>();  // the previous k tile's batch has finished reading its stage
@@ -875,7 +878,7 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     wgmma::wait<0>();
     wgmma::fence_operands(acc);
     if (prev >= 0 && (tid & 127) == 0) wgmma::mbar_arrive(empty + prev);
-    store_wgmma_tile<D, kBN>(acc, m0 * kBM + cw * 64, n0 * kBN, sx, M, ws, N, bias, bias_dtype, y, ldy);
+    store_wgmma_tile<D, BN>(acc, m0 * kBM + cw * 64, n0 * BN, sx, M, ws, N, bias, bias_dtype, y, ldy);
   }
 #else
   __trap();  // built without sm_90a code: the host never launches it (w8a8_tma_ok)
@@ -953,10 +956,10 @@ int prepare_w8a8_mma() {
   return opt_in_smem(w8a8_mma_kernel<D>, mma_tc::kSmemBytes, done, "int8_linear_w8a8");
 }
 
-template <class D>
+template <class D, int BN>
 int prepare_w8a8_tma() {
   static std::atomic<uint64_t> done{0};
-  return opt_in_smem(w8a8_tma_kernel<D>, wgmma_ws::kSmemBytes, done, "int8_linear_w8a8");
+  return opt_in_smem(w8a8_tma_kernel<D, BN>, wgmma_ws::kSmemBytes<BN>, done, "int8_linear_w8a8");
 }
 
 template <class D, int BN>
@@ -1044,23 +1047,23 @@ bool w8a8_tma_ok() {
   if (!env_is("LOWBIT_CUDA_W8A8", "tma")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
-    return built_for_sm90a() && runs_sm90_code(dev, w8a8_tma_kernel<F16>, 9) && encode_tiled() != nullptr;
+    return built_for_sm90a() && runs_sm90_code(dev, w8a8_tma_kernel<F16, 128>, 9) && encode_tiled() != nullptr;
   });
 }
 
 // w8a8_tma_kernel on a persistent grid (one CTA per SM, at most one per tile); kCudaError
 // (recorded for last_error) if the driver would not build the tensor maps.
-template <class D>
+template <class D, int BN>
 int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, const int8_t* qw, const float* ws,
                     int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, int sms, cudaStream_t s) {
   using namespace wgmma_ws;
   CUtensorMap map_x, map_w;
-  if (!int8_tensor_map(&map_x, qx, M, K, kBM) || !int8_tensor_map(&map_w, qw, N, K, kBN)) {
+  if (!int8_tensor_map(&map_x, qx, M, K, kBM) || !int8_tensor_map(&map_w, qw, N, K, BN)) {
     record_cuda_error("int8_linear_w8a8", "cuTensorMapEncodeTiled", "the driver refused a tensor map");
     return kCudaError;
   }
-  const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
-  w8a8_tma_kernel<D><<<unsigned(tiles < sms ? tiles : sms), wgmma_ws::kThreads, kSmemBytes, s>>>(
+  const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + BN - 1) / BN);
+  w8a8_tma_kernel<D, BN><<<unsigned(tiles < sms ? tiles : sms), wgmma_ws::kThreads, kSmemBytes<BN>, s>>>(
       map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
   return kOk;
 }
@@ -1193,22 +1196,24 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   // loses once the output is large (M x N > 4M elements: 0.84-0.98x the speed of mma.sync
   // at M = 2048) unless a long K amortizes them (K = 11008: 1.10-1.66x at every M).
   // LOWBIT_CUDA_W8A8=tma: the persistent TMA kernel wherever a tensor-core kernel runs
-  // (its tensor maps take M, N < 2^31 rows).
+  // (its tensor maps take M, N < 2^31 rows). Both wgmma kernels take 256-wide tiles when
+  // those still give every SM one.
   const bool tma = mma && M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && w8a8_tma_ok();
   const bool wgmma = mma && !tma && w8a8_wgmma_ok() && (M * N <= (int64_t(4) << 20) || K >= 10240);
   const int sms = tma || wgmma ? sm_count() : 1;
-  const bool wide = wgmma && ((M + wgmma_tc::kBM - 1) / wgmma_tc::kBM) * ((N + 255) / 256) >= sms;
+  const bool wide = (tma || wgmma) && ((M + wgmma_tc::kBM - 1) / wgmma_tc::kBM) * ((N + 255) / 256) >= sms;
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
     if (mma)
-      st = tma    ? prepare_w8a8_tma<D>()
-           : wide  ? prepare_w8a8_wgmma<D, 256>()
-           : wgmma ? prepare_w8a8_wgmma<D, 128>()
+      st = tma     ? (wide ? prepare_w8a8_tma<D, 256>() : prepare_w8a8_tma<D, 128>())
+           : wgmma ? (wide ? prepare_w8a8_wgmma<D, 256>() : prepare_w8a8_wgmma<D, 128>())
                    : prepare_w8a8_mma<D>();
     if (st == kOk) {
       launch_quantize<D>(x, M, K, ldx, qx, sx, s);
-      if (tma)
-        st = launch_w8a8_tma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
+      if (tma && wide)
+        st = launch_w8a8_tma<D, 256>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
+      else if (tma)
+        st = launch_w8a8_tma<D, 128>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
       else if (wide)
         launch_w8a8_tc<D>(w8a8_wgmma_kernel<D, 256>, wgmma_tc::kBM, 256, wgmma_tc::kThreads,
                           wgmma_tc::kSmemBytes<256>, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
