@@ -136,12 +136,14 @@ if [ "${RC[build]}" = 0 ]; then
     RC[profile]=missing
   fi
 
-  # 6c. the tuning sweeps of dev/gpu_sweep.py (default: the weight-only kernels' K splits and L2
-  # prefetch, W8A8 on each kernel with the quantizer alone, the decode's merge overlap, splits
-  # and blocks per SM), with what time is left: data for the next tuning decision
+  # 6c. the tuning sweeps of dev/gpu_sweep.py (default: the weight-only kernels' fixed cost, K
+  # splits and L2 prefetch, the decode's merge overlap, splits and blocks per SM, W8A8 on each
+  # kernel with the quantizer alone: the TMA kernel only if its tests passed), with what time
+  # is left: data for the next tuning decision
   if [ "${CHECK_SWEEP:-1}" != 0 ]; then
     # shellcheck disable=SC2086
-    step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py ${CHECK_SWEEP_PARTS:-woq w8a8 decode}
+    step sweep 150 "$OUT/sweep.txt" env "${MM_ENV_EXTRA[@]}" python3 dev/gpu_sweep.py \
+      ${CHECK_SWEEP_PARTS:-woq decode w8a8}
   fi
 
   # 7. the CPU tests, with what time is left

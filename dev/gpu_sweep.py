@@ -12,12 +12,13 @@ decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64
         the split kernel (LOWBIT_CUDA_PDL) or not, half the splits, and 4 resident blocks per SM
         instead of 2 (LOWBIT_CUDA_DECODE_RESIDENT).
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
-woq:    W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
+woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16 on 128 x 128), then
+        W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
         plan's splits with an L2 prefetch 4 .. 32 tiles past each warp's ring (LOWBIT_CUDA_WOQ_PREFETCH).
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
-w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel, and its quantizer
-        alone, at M in {512, 1024, 2048, 4096}.
+w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel (with
+        LOWBIT_BENCH_TMA=1), and its quantizer alone, at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
 
@@ -122,6 +123,16 @@ def decode_layout(copy_bw: float) -> None:
 
 
 def woq() -> None:
+    # The fixed cost of a call, apart from its bytes: a one-element fill (the graph's own floor
+    # per kernel), then fp16 F.linear and W4A16 / W8A16 on a 128 x 128 weight (nothing to stream).
+    t = torch.zeros(1, device="cuda")
+    print(f"woq fixed: one-element fill {time_per_call(lambda i: t.zero_, 1, REPS):.1f} us", flush=True)
+    x, w16 = torch.randn(1, 128, device="cuda", dtype=torch.float16), torch.randn(128, 128, device="cuda").half()
+    w4, w8 = w4_weights(128, 128), ref.int8.quantize_weight_per_channel(w16.float())
+    for name, call in (("torch fp16", lambda: F.linear(x, w16)),
+                       ("w4a16", lambda: int4_ops.int4_linear_w4a16(x, *w4, None, 128)),
+                       ("w8a16", lambda: int8_ops.int8_linear_w8a16(x, *w8))):
+        print(f"woq fixed: {name} 128x128 M=1 {time_per_call(lambda i: call, 1, REPS):.1f} us", flush=True)
     for N, K in ((4096, 11008), (11008, 4096)):
         nbuf4 = max(2, -(-ROTATE_BYTES // (N * K // 2)))
         w4s = [w4_weights(N, K) for _ in range(nbuf4)]
@@ -209,7 +220,9 @@ def w8a8() -> None:
             base = time_per_call(lambda i: (lambda: F.linear(x, w16)), 1, REPS)
             quant = time_per_call(lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, REPS)
             line = f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us, quantizer alone {quant:.1f} us"
-            for kernel in ("default", "mma", "tma"):
+            # the TMA kernel only once its tests passed (gpu_check sets LOWBIT_BENCH_TMA then)
+            kernels = ("default", "mma") + (("tma",) if os.environ.get("LOWBIT_BENCH_TMA") == "1" else ())
+            for kernel in kernels:
                 with env_var("LOWBIT_CUDA_W8A8", kernel) if kernel != "default" else contextlib.nullcontext():
                     us = time_per_call(lambda i: (lambda: int8_ops.int8_linear_w8a8(x, q, s)), 1, REPS)
                 line += f", {kernel} {us:.1f} us ({base / us:.2f}x)"
@@ -244,10 +257,16 @@ def main(argv: list) -> int:
     torch.manual_seed(0)
     copy_bw = measure_copy_bw()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw:.0f} GB/s", flush=True)
+    status = 0
     for p in parts:
-        {"decode": lambda: decode(copy_bw), "layout": lambda: decode_layout(copy_bw), "woq": woq, "dense": dense,
-         "w8a8": w8a8, "dequant": dequant}[p]()
-    return 0
+        try:  # one failing part (a kernel refusing a shape, a bug here) must not cost the others
+            {"decode": lambda: decode(copy_bw), "layout": lambda: decode_layout(copy_bw), "woq": woq, "dense": dense,
+             "w8a8": w8a8, "dequant": dequant}[p]()
+        except Exception as e:  # noqa: BLE001
+            print(f"{p}: FAILED: {type(e).__name__}: {e}", flush=True)
+            status = 1
+            torch.cuda.synchronize()  # (raises again if the context is gone: then nothing else could run)
+    return status
 
 
 if __name__ == "__main__":

@@ -790,11 +790,11 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
 //     two TMA copies (a 128 x 128-byte box of qx, a BN x 128 box of qweight; the tensor
 //     maps give the 128-byte swizzle wgmma reads and zero-fill past M, N and K); warpgroups 1
 //     and 2 each multiply 64 rows with four m64nBNk32 wgmma per stage.
-//   * The ring: 4 stages of 48 KB (BN = 256) or 6 of 32 KB, each with a "full" mbarrier (the producer's
-//     expect_tx arrival + the bytes TMA delivers) and an "empty" one (one arrival per
-//     consumer warpgroup once its wgmma of that stage finished: wait_group 1 after the next
-//     stage's batch). The producer runs ahead across tiles, so the next tile's first stages
-//     load while the consumers store this one.
+//   * The ring: 4 stages of 48 KB (BN = 256) or 6 of 32 KB, each with a "full" mbarrier (the
+//     producer's expect_tx arrival + the bytes TMA delivers) and an "empty" one (one arrival
+//     per consumer warpgroup once its wgmma of that stage finished: wait_group 1 after the
+//     next stage's batch). The producer runs ahead across tiles, so the next tile's first
+//     stages load while the consumers store this one.
 namespace wgmma_ws {
 constexpr int kBM = 128, kBK = 128;  // rows of y per tile; k bytes per stage (one swizzle row)
 constexpr int kConsumers = 2;        // warpgroups of 64 rows
@@ -802,7 +802,8 @@ constexpr int kThreads = (kConsumers + 1) * 128;
 constexpr int kBytesA = kBM * kBK;
 template <int BN> constexpr int kStage = kBytesA + BN * kBK;
 template <int BN> constexpr int kStages = 196608 / kStage<BN>;  // a 192 KB ring
-template <int BN> constexpr int kSmemBytes = kStages<BN> * kStage<BN> + 2 * kStages<BN> * 8 + 1024;  // + barriers, align
+template <int BN>  // the ring, its barriers, room to align
+constexpr int kSmemBytes = kStages<BN> * kStage<BN> + 2 * kStages<BN> * 8 + 1024;
 static_assert(kBytesA % 1024 == 0 && kStage<128> % 1024 == 0, "tiles start swizzle atoms");
 }  // namespace wgmma_ws
 
