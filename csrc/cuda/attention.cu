@@ -49,11 +49,14 @@ constexpr int kMaxSplits = 64;
 __global__ void __launch_bounds__(kThreads)
     merge_kernel(const AttentionArgs a, int splits, const float* __restrict__ part) {
   __shared__ float weight[kWarps][kMaxSplits];
-  wait_prerequisites();  // the split kernel's partials are complete (launched to overlap its end)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row = int64_t(blockIdx.x) * kWarps + warp;
   if (row >= a.tokens * a.Hq) return;
   const int64_t t = row / a.Hq, h = row % a.Hq;
+  // Where the row goes (the sequence metadata are inputs, not the split kernel's output: read
+  // while it finishes).
+  const int64_t out = row_offset(a, a.out_stride, locate(a, t), h);
+  wait_prerequisites();  // the split kernel's partials are complete (launched to overlap its end)
   const float* pr = part + row * splits * (a.Dv + 2);
   float mx = kNegInf;
   for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, pr[s * (a.Dv + 2) + a.Dv]);
@@ -67,8 +70,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   lt = warp_sum(lt);
   __syncwarp();
-  const Row r = locate(a, t);
-  const int64_t out = row_offset(a, a.out_stride, r, h);
   for (int64_t d = lane; d < a.Dv; d += 32) {
     float acc = 0.0f;
     for (int s = 0; s < splits; ++s) acc += weight[warp][s] * pr[s * (a.Dv + 2) + d];
