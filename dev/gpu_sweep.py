@@ -133,6 +133,12 @@ def woq() -> None:
                        ("w4a16", lambda: int4_ops.int4_linear_w4a16(x, *w4, None, 128)),
                        ("w8a16", lambda: int8_ops.int8_linear_w8a16(x, *w8))):
         print(f"woq fixed: {name} 128x128 M=1 {time_per_call(lambda i: call, 1, REPS):.1f} us", flush=True)
+    # ... and with the plan's K split (16 splits of 4 tiles: the partial sums, the counters, the
+    # last block's reduction), still almost no bytes
+    xk, w4k = torch.randn(1, 4096, device="cuda", dtype=torch.float16), w4_weights(128, 4096)
+    splits = MOD.int4_w4a16_plan(1, 4096, 128, _native.sm_count(xk.device))[0]
+    us = time_per_call(lambda i: (lambda: int4_ops.int4_linear_w4a16(xk, *w4k, None, 128)), 1, REPS)
+    print(f"woq fixed: w4a16 128x4096 M=1 ({splits} K splits) {us:.1f} us", flush=True)
     for N, K in ((4096, 11008), (11008, 4096)):
         nbuf4 = max(2, -(-ROTATE_BYTES // (N * K // 2)))
         w4s = [w4_weights(N, K) for _ in range(nbuf4)]
