@@ -84,12 +84,17 @@ if [ "${RC[build]}" = 0 ]; then
   # 4. CUDA tests (not -x: one run should show every failure; --maxfail stops a cascade)
   step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 -m "not unverified" $CUDA_FILES
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
-  # 4b. the tests of kernels no GPU has run yet (opt-in switches), on their own: a hang costs
-  # only this step; the bench times such a kernel only if they passed
-  step unverified_tests 60 "$TMP/unverified_tests.log" python3 -m pytest -q -rfE --maxfail=3 -m unverified \
-    $CUDA_FILES
-  UNVERIFIED_TESTS=$(pytest_line "$TMP/unverified_tests.log")
-  [ "${RC[unverified_tests]}" = 0 ] && MM_ENV_EXTRA=(LOWBIT_BENCH_TMA=1) || MM_ENV_EXTRA=()
+  # 4b. the tests of the opt-in kernels no GPU has run yet (-m unverified: the W8A8 TMA kernel,
+  # W4A16's bulk-copy ring), each kernel in a step of its own so that a hang costs only that
+  # step; the bench and the sweep time a kernel only if its tests passed (LOWBIT_BENCH_UNVERIFIED)
+  PASSED=()
+  for k in tma bulk; do
+    step "unverified_$k" 45 "$TMP/unverified_tests.log" python3 -m pytest -q -rfE --maxfail=3 -m unverified \
+      -k "$k" $CUDA_FILES
+    UNVERIFIED_TESTS+="$k: $(pytest_line "$TMP/unverified_tests.log"); "
+    [ "${RC[unverified_$k]}" = 0 ] && PASSED+=("$k")
+  done
+  MM_ENV_EXTRA=(LOWBIT_BENCH_UNVERIFIED="$(IFS=,; echo "${PASSED[*]}")")
 
   # 5. benchmarks: quantized matmul, then attention. Each first probes, in its own process, that
   # the newest kernels agree with the ones they replaced (W8A16 on tensor cores vs the CUDA-core
@@ -194,7 +199,8 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   fi
   echo "- build (LOWBIT_CUDA_ARCHS=$ARCHS): $(status build), ${SECS[build]:-0}s"
   echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
-  echo "- unverified kernels' tests (W8A8 TMA): $(status unverified_tests): ${UNVERIFIED_TESTS:-no summary} (${SECS[unverified_tests]:-0}s)"
+  echo "- opt-in kernels' tests (W8A8 TMA, W4A16 bulk copies): $(status unverified_tma)," \
+    "$(status unverified_bulk): ${UNVERIFIED_TESTS:-no summary}"
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
   echo "- probe W8A16 tensor cores = CUDA cores, W8A8 default = mma.sync: $(status probe_matmul)${MM_ENV:+ (bench ran with ${MM_ENV[*]})}"
@@ -233,7 +239,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     tail -n 30 "$TMP/cuda_tests.log"
     echo '```'
   fi
-  if [ -f "$TMP/unverified_tests.log" ] && [ "${RC[unverified_tests]:-}" != 0 ]; then
+  if [ -f "$TMP/unverified_tests.log" ] && [ "${RC[unverified_tma]:-}${RC[unverified_bulk]:-}" != 00 ]; then
     echo
     echo "## unverified kernels' test failures (tail)"
     echo '```'

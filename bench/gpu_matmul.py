@@ -9,8 +9,9 @@ activation rows M: lowbit W4A16 (group 128, asymmetric: Q4_1 / GPTQ-style), W8A1
 W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape rules allow, torch._int_mm (the bare int8 GEMM,
 without activation quantization or scaling). Also, for comparison: the kernels the newest
 replaced (W8A16's CUDA-core GEMV, W8A8 on mma.sync on Hopper), W8A8's per-token quantizer
-alone (M >= 256) and, with LOWBIT_BENCH_TMA=1 (bench/gpu_check.sh sets it once the kernel's
-tests passed), W8A8 on the opt-in TMA kernel (LOWBIT_CUDA_W8A8=tma).
+alone (M >= 256) and the opt-in kernels that LOWBIT_BENCH_UNVERIFIED lists (bench/gpu_check.sh
+names those whose tests passed): "tma", W8A8 on the TMA kernel (LOWBIT_CUDA_W8A8=tma), "bulk",
+W4A16 on the bulk-copy ring (LOWBIT_CUDA_WOQ_COPY=bulk).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -36,6 +37,7 @@ MS = [1, 16, 64]
 W8A16_SIMT = "lowbit w8a16 (CUDA cores)"
 W8A8_MMA = "lowbit w8a8 (mma.sync)"
 W8A8_TMA = "lowbit w8a8 (TMA, opt-in)"
+W4A16_BULK = "lowbit w4a16 (bulk copies, opt-in)"
 QUANT = "lowbit per-token quantizer (part of w8a8)"
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
@@ -202,10 +204,14 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         # GEMM (M >= 64; the default there is wgmma)
         if M <= int8_ops.DENSE_MIN_M:
             ops[W8A16_SIMT] = ops["lowbit w8a16"]
-        if M >= 64 and torch.cuda.get_device_capability()[0] == 9:
+        hopper = torch.cuda.get_device_capability()[0] == 9
+        passed = unverified_passed()
+        if M >= 64 and hopper:
             ops[W8A8_MMA] = ops["lowbit w8a8"]
-            if os.environ.get("LOWBIT_BENCH_TMA") == "1":  # gpu_check: once its tests passed
+            if "tma" in passed:
                 ops[W8A8_TMA] = ops["lowbit w8a8"]
+        if M <= 16 and hopper and "bulk" in passed:
+            ops[W4A16_BULK] = ops["lowbit w4a16"]
         if M >= 256:  # W8A8's first pass over x, timed alone
             ops[QUANT] = (lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, 2 * M * K + M * K + 4 * M)
         if M >= 16:
@@ -216,7 +222,7 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
             try:
                 env = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma"),
-                       W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma")}.get(op)
+                       W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma"), W4A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk")}.get(op)
                 with env_var(*env) if env else contextlib.nullcontext():
                     us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on
@@ -237,6 +243,12 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
     del w16, qws, scs, w4s, w4_first, w4_deq
     torch.cuda.empty_cache()
     return rows
+
+
+def unverified_passed() -> list:
+    """The opt-in kernels whose tests passed on this GPU ("tma", "bulk"), as bench/gpu_check.sh
+    lists them in LOWBIT_BENCH_UNVERIFIED: only those are timed."""
+    return os.environ.get("LOWBIT_BENCH_UNVERIFIED", "").split(",")
 
 
 def table(rows: list, copy_bw: float, peak: float, device: str) -> str:

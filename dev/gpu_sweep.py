@@ -14,11 +14,12 @@ decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16 on 128 x 128), then
         W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
-        plan's splits with an L2 prefetch 4 .. 32 tiles past each warp's ring (LOWBIT_CUDA_WOQ_PREFETCH).
+        plan's splits with an L2 prefetch 4 .. 32 tiles past each warp's ring (M = 1,
+        LOWBIT_CUDA_WOQ_PREFETCH) or W4A16's bulk-copy ring (when LOWBIT_BENCH_UNVERIFIED lists "bulk").
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
-w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel (with
-        LOWBIT_BENCH_TMA=1), and its quantizer alone, at M in {512, 1024, 2048, 4096}.
+w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel (when
+        LOWBIT_BENCH_UNVERIFIED lists "tma"), and its quantizer alone, at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from gpu_matmul import ROTATE_BYTES, env_var, measure_copy_bw, time_per_call, w4_weights  # noqa: E402
+from gpu_matmul import (ROTATE_BYTES, env_var, measure_copy_bw, time_per_call, unverified_passed,  # noqa: E402
+                        w4_weights)
 
 from lowbit import _native, ops, ref  # noqa: E402
 from lowbit.ops import int4 as int4_ops  # noqa: E402
@@ -164,10 +166,16 @@ def woq() -> None:
                         setattr(MOD, plan, orig)
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
-                for ahead in (4, 8, 16, 32):  # the plan's splits, an L2 prefetch this far past the ring
-                    with env_var("LOWBIT_CUDA_WOQ_PREFETCH", str(ahead)):
+                # the plan's splits with an L2 prefetch this far past the ring (M <= 8), and W4A16
+                # on the bulk-copy ring (once its tests passed: gpu_check lists it in LOWBIT_BENCH_UNVERIFIED)
+                configs = [("LOWBIT_CUDA_WOQ_PREFETCH", str(ahead), f"prefetch={ahead}")
+                           for ahead in ((4, 8, 16, 32) if M <= 8 else ())]
+                if name == "w4a16" and "bulk" in unverified_passed():
+                    configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
+                for var, value, what in configs:
+                    with env_var(var, value):
                         us = time_per_call(make, nbuf, REPS)
-                    print(f"woq {N}x{K} M={M} {name} prefetch={ahead}: {us:.1f} us, {base / us:.2f}x fp16", flush=True)
+                    print(f"woq {N}x{K} M={M} {name} {what}: {us:.1f} us, {base / us:.2f}x fp16", flush=True)
         torch.cuda.empty_cache()
 
 
@@ -226,8 +234,8 @@ def w8a8() -> None:
             base = time_per_call(lambda i: (lambda: F.linear(x, w16)), 1, REPS)
             quant = time_per_call(lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, REPS)
             line = f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us, quantizer alone {quant:.1f} us"
-            # the TMA kernel only once its tests passed (gpu_check sets LOWBIT_BENCH_TMA then)
-            kernels = ("default", "mma") + (("tma",) if os.environ.get("LOWBIT_BENCH_TMA") == "1" else ())
+            # the TMA kernel only once its tests passed (gpu_check lists it in LOWBIT_BENCH_UNVERIFIED)
+            kernels = ("default", "mma") + (("tma",) if "tma" in unverified_passed() else ())
             for kernel in kernels:
                 with env_var("LOWBIT_CUDA_W8A8", kernel) if kernel != "default" else contextlib.nullcontext():
                     us = time_per_call(lambda i: (lambda: int8_ops.int8_linear_w8a8(x, q, s)), 1, REPS)

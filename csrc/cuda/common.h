@@ -52,6 +52,26 @@ bool cached_per_device(std::atomic<uint64_t>& known, std::atomic<uint64_t>& ok, 
   return yes;
 }
 
+// Whether this build's code for an sm_90 device is sm_90a's, the only one with wgmma (and the
+// only one lowbit compiles its TMA and mbarrier code for): LOWBIT_CUDA_ARCHS (CMake's list,
+// ',' for ';') names 90a and no plain 90 the driver could pick instead.
+inline bool built_for_sm90a() {
+#if defined(LOWBIT_CUDA_ARCHS)
+  bool a = false, plain = false;
+  const char* p = LOWBIT_CUDA_ARCHS;
+  while (*p) {
+    const char* end = std::strchr(p, ',');
+    const size_t n = end ? size_t(end - p) : std::strlen(p);
+    if (n >= 2 && p[0] == '9' && p[1] == '0') (n > 2 && p[2] == 'a' ? a : plain) = true;
+    if (!end) break;
+    p = end + 1;
+  }
+  return a && !plain;
+#else
+  return false;
+#endif
+}
+
 // Whether device `dev` (compute capability 9 .. max_major) runs `kernel` from code built for
 // sm_90 or newer: its PTX version is 9.0+, so it is not an older arch's PTX JIT-compiled,
 // which lacks the sm_90 instructions (wgmma, griddepcontrol) the kernel then does without.

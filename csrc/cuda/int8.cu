@@ -312,7 +312,7 @@ struct Int8W {
   struct Tile {
     uint4 w[2];
   };
-  struct Cursor {  // one tile per issue
+  struct Cursor : woq::CpAsyncSync {  // one tile per issue
     const int8_t* base;  // any valid address, for copies that read nothing
     const int8_t* row;   // row na at the lane's first k of the next tile to issue
     int64_t ld8;         // 8 K: from row na to row na + 8
@@ -794,7 +794,8 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
 //     producer's expect_tx arrival + the bytes TMA delivers) and an "empty" one (one arrival
 //     per consumer warpgroup once its wgmma of that stage finished: wait_group 1 after the
 //     next stage's batch). The producer runs ahead across tiles, so the next tile's first
-//     stages load while the consumers store this one.
+//     stages load while the consumers store this one. dev/lane_models/w8a8_tma_ring.py models
+//     this protocol under random schedules of the copies and mma batches.
 namespace wgmma_ws {
 constexpr int kBM = 128, kBK = 128;  // rows of y per tile; k bytes per stage (one swizzle row)
 constexpr int kConsumers = 2;        // warpgroups of 64 rows
@@ -975,26 +976,6 @@ int sm_count() {
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     (void)cudaGetLastError();
   return n > 0 ? n : 1;
-}
-
-// Whether this build's code for an sm_90 device is sm_90a's, the only one with wgmma:
-// LOWBIT_CUDA_ARCHS (CMake's list, ',' for ';') names 90a and no plain 90 the driver
-// could pick instead.
-bool built_for_sm90a() {
-#if defined(LOWBIT_CUDA_ARCHS)
-  bool a = false, plain = false;
-  const char* p = LOWBIT_CUDA_ARCHS;
-  while (*p) {
-    const char* end = std::strchr(p, ',');
-    const size_t n = end ? size_t(end - p) : std::strlen(p);
-    if (n >= 2 && p[0] == '9' && p[1] == '0') (n > 2 && p[2] == 'a' ? a : plain) = true;
-    if (!end) break;
-    p = end + 1;
-  }
-  return a && !plain;
-#else
-  return false;
-#endif
 }
 
 // Whether this device runs w8a8_wgmma_kernel: an sm_90 GPU running this build's sm_90a code

@@ -42,6 +42,7 @@
 #include "common.h"
 #include "lowbit/cuda_common.cuh"
 #include "ptx.cuh"
+#include "wgmma.cuh"
 
 namespace lowbit::cuda::woq {
 
@@ -67,7 +68,7 @@ struct Args {
   int64_t groups;  // W4: scale groups along K
   int64_t N, Np, ktiles;
   int g_shift;  // W4: log2 of the group size when groups > 1 (then g is 32, 64 or 128)
-  int prefetch;  // > 0: each warp also prefetches into L2 the tile this far past its newest copy
+  int prefetch;  // > 0 (M <= 8): each warp also prefetches into L2 the tile this far past its newest copy
   int splits;
   int64_t tiles_per_split;
   const void* bias;
@@ -188,14 +189,63 @@ __device__ __forceinline__ void store_y(const Args& a, int64_t r, int64_t n, flo
   static_cast<typename D::T*>(a.y)[r * a.ldy + n] = D::from_f32(v);
 }
 
+// ---- how a warp's ring is synchronized ------------------------------------------------
+// The cursor of a format derives from one of these. CpAsyncSync: every lane copies its own
+// slots with cp.async and waits for its own commit groups, so no barrier is needed at all.
+struct CpAsyncSync {
+  template <class Ring>
+  __device__ void start(Ring&, int, int) {}
+  __device__ static void commit() { ptx::cp_async_commit(); }  // one group per tile issued (or not)
+  template <class Ring>
+  __device__ void wait(Ring&, int, int) {  // tile i has landed (kStages - 2 newer groups may not)
+    ptx::cp_async_wait<kStages - 2>();
+  }
+  __device__ static void release() {}
+  __device__ static void drain() { ptx::cp_async_wait<0>(); }  // (empty groups) before the ring is reused
+};
+
+// BulkSync (sm_90a builds; opt-in, LOWBIT_CUDA_WOQ_COPY=bulk): lane 0 copies each whole tile
+// with TMA bulk copies counted on the slot's mbarrier (Ring::bar[warp][slot]); every lane
+// waits on it, with the parity of the slot's use in bit `slot` of `phase`. Lane 0 refills the
+// slot the warp read one tile earlier, so release() is a __syncwarp between the reads and that.
+struct BulkSync {
+  uint32_t phase = 0;
+  template <class Ring>
+  __device__ void start(Ring& r, int warp, int lane) {
+#if defined(LOWBIT_WGMMA)
+    if (lane == 0) {
+      for (int s = 0; s < kStages; ++s) wgmma::mbar_init(&r.bar[warp][s], 1);
+      wgmma::mbar_init_fence();
+    }
+    __syncwarp();
+    phase = 0;
+#else
+    __trap();  // built without sm_90a code: the host never launches it
+#endif
+  }
+  __device__ static void commit() {}
+  template <class Ring>
+  __device__ void wait(Ring& r, int warp, int slot) {
+#if defined(LOWBIT_WGMMA)
+    wgmma::mbar_wait(&r.bar[warp][slot], (phase >> slot) & 1u);
+    phase ^= 1u << slot;
+#endif
+  }
+  __device__ static void release() { __syncwarp(); }
+  __device__ static void drain() {}  // every tile issued was waited for
+};
+
 // ---- the kernel -----------------------------------------------------------------------
 // F, the weight format: F::Ring (the block's rings: kWarps x kStages slots of 32 lanes),
 // F::Cursor (a lane's position in its column tile: constructed at the warp's first tile,
 // issue(ring, warp, slot, lane) copies its next tile into the slot and moves on,
-// prefetch_l2(ahead, lane) hints the tile `ahead` tiles past the next one into L2),
+// prefetch_l2(ahead, lane) hints the tile `ahead` tiles past the next one into L2; and the
+// ring's synchronization, CpAsyncSync or BulkSync above),
 // F::Tile / F::read(ring, warp, slot, lane) (a lane's slot back in registers),
 // F::dequant<D>(tile, b) (the 16 weight registers) and F::finish(a, n, sum).
-template <class D, class F, int MT, bool HALF>
+// PF: the experimental L2 prefetch (Args::prefetch), compiled in only where asked for, so that
+// the default kernels keep their registers and loop.
+template <class D, class F, int MT, bool HALF, bool PF = false>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
   static_assert(!HALF || MT == 1, "a half tile is the only m tile");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tig = lane & 3;
@@ -213,21 +263,25 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
     if (active) {
       // 32-bit tile arithmetic from here (K < 2^37); the per-tile loop is instruction-bound.
       typename F::Cursor cur(a, nt, t_begin, lane);  // issues tiles 0, 1, ... in order
+      cur.start(ring, warp, lane);
       const int count = int(t_end - t_begin), k_lane = int(t_begin) * kTileK + 16 * tig;
-      auto issue = [&](int i) {  // tile i into slot i % kStages (always one commit group)
+      auto issue = [&](int i) {  // tile i into slot i % kStages
         if (i < count) {
           cur.issue(ring, warp, i & (kStages - 1), lane);
-          if (a.prefetch > 0 && i + a.prefetch < count) cur.prefetch_l2(a.prefetch - 1, lane);
+          if constexpr (PF) {
+            if (i + a.prefetch < count) cur.prefetch_l2(a.prefetch - 1, lane);
+          }
         }
-        ptx::cp_async_commit();
+        cur.commit();
       };
       for (int i = 0; i < kStages - 1; ++i) issue(i);
       const XRows<D> xr(a, m0, k_lane);
       // Tile i: its weights from the ring, m tile 0's activations loaded one tile ahead (an
       // L1 / L2 round trip off the chain) into the other fragment.
       auto step = [&](int i, const XFrag<HALF>& x, XFrag<HALF>& x_next) {
-        ptx::cp_async_wait<kStages - 2>();  // tile i has landed
+        cur.wait(ring, warp, i & (kStages - 1));  // tile i has landed
         const typename F::Tile w = F::read(ring, warp, i & (kStages - 1), lane);
+        cur.release();
         issue(i + kStages - 1);  // into the slot tile i - 1 used (already read)
         if (i + 1 < count) xr.load(a, (i + 1) * kTileK, k_lane + (i + 1) * kTileK, x_next);
         uint32_t b[4][2][2];
@@ -247,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
           xa = xb;
         }
       }
-      ptx::cp_async_wait<0>();  // (empty groups) before the ring is reused
+      cur.drain();
     }
 
     // y, or with split K (then gridDim.z == mblocks) partial[split, r, n] for the last block to add up.
@@ -309,9 +363,9 @@ inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int
   *counters = s > 1 ? cdiv(ntiles, kWarps) * mblocks : 0;
 }
 
-// LOWBIT_CUDA_WOQ_PREFETCH=n (read per call; default 0, off): Args::prefetch, at most 64. An
-// experiment on deeper memory concurrency (the ring keeps kStages - 1 tiles in flight per warp),
-// not yet measured on a GPU.
+// LOWBIT_CUDA_WOQ_PREFETCH=n (read per call; default 0, off): Args::prefetch, at most 64, for
+// M <= 8. An experiment on deeper memory concurrency (the ring keeps kStages - 1 tiles in
+// flight per warp), not yet measured on a GPU.
 inline int prefetch_tiles() {
   const char* v = std::getenv("LOWBIT_CUDA_WOQ_PREFETCH");
   const int n = v ? std::atoi(v) : 0;
@@ -332,18 +386,19 @@ inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int 
   return kOk;
 }
 
-template <class D, class F, int MT, bool HALF = false>
+template <class D, class F, int MT, bool HALF = false, bool PF = false>
 void launch_mt(const Args& a, cudaStream_t s) {
   const int64_t mblocks = cdiv(a.M, 16 * MT);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  woq_kernel<D, F, MT, HALF><<<grid, kThreads, 0, s>>>(a);
+  woq_kernel<D, F, MT, HALF, PF><<<grid, kThreads, 0, s>>>(a);
 }
 
-// M <= 8 takes the swapped product (HALF: half the activation loads and mmas).
+// M <= 8 takes the swapped product (HALF: half the activation loads and mmas), with the L2
+// prefetch when Args::prefetch asks for it (only there: the experiment is about decode).
 template <class D, class F>
 void launch(const Args& a, cudaStream_t s) {
-  if (a.M <= 8) return launch_mt<D, F, 1, true>(a, s);
+  if (a.M <= 8) return a.prefetch > 0 ? launch_mt<D, F, 1, true, true>(a, s) : launch_mt<D, F, 1, true>(a, s);
   switch (pick_mt(a.M)) {
     case 1: return launch_mt<D, F, 1>(a, s);
     case 2: return launch_mt<D, F, 2>(a, s);
