@@ -169,7 +169,8 @@ template <class S> struct Int4 {
 // same row twice unless the groups are 32 wide), 3 instructions a tile where cp.async takes
 // 3 per lane; each lane reads the row of its own 16 k. Why: cp.async keeps every copy in the
 // SM's load/store pipeline until it lands; the question is whether that is what caps the
-// bytes in flight (the kernel streams at ~60% of the copy bandwidth).
+// bytes in flight (the kernel streams at ~60% of the copy bandwidth). dev/lane_models/
+// woq_int4_bulk.py checks that the rows give every lane the pairs Int4 copies.
 template <class S> struct Int4Bulk {
   using Raw = typename Pair<S>::Raw;
   struct Ring {
