@@ -85,13 +85,13 @@ if [ "${RC[build]}" = 0 ]; then
   step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 -m "not unverified" $CUDA_FILES
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
   # 4b. the tests of the opt-in kernels no GPU has run yet (-m unverified: the W8A8 TMA kernel,
-  # W4A16's bulk-copy ring), each kernel in a step of its own so that a hang costs only that
+  # the W4A16 / W8A16 bulk-copy rings), each kernel in a step of its own so that a hang costs only that
   # step; the bench and the sweep time a kernel only if its tests passed (LOWBIT_BENCH_UNVERIFIED)
   PASSED=()
   for k in tma bulk; do
     # (-k names the test functions: a bare "tma" would also match other tests' keywords)
     step "unverified_$k" 45 "$TMP/unverified_tests.log" python3 -m pytest -q -rfE --maxfail=3 -m unverified \
-      -k "$([ $k = tma ] && echo w8a8_tma_kernel || echo w4a16_bulk_copies)" $CUDA_FILES
+      -k "$([ $k = tma ] && echo w8a8_tma_kernel || echo bulk_copies_agree)" $CUDA_FILES
     UNVERIFIED_TESTS+="$k: $(pytest_line "$TMP/unverified_tests.log"); "
     [ "${RC[unverified_$k]}" = 0 ] && PASSED+=("$k")
   done
@@ -200,7 +200,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   fi
   echo "- build (LOWBIT_CUDA_ARCHS=$ARCHS): $(status build), ${SECS[build]:-0}s"
   echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
-  echo "- opt-in kernels' tests (W8A8 TMA, W4A16 bulk copies): $(status unverified_tma)," \
+  echo "- opt-in kernels' tests (W8A8 TMA, W4A16 / W8A16 bulk copies): $(status unverified_tma)," \
     "$(status unverified_bulk): ${UNVERIFIED_TESTS:-no summary}"
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"

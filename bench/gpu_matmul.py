@@ -11,7 +11,7 @@ without activation quantization or scaling). Also, for comparison: the kernels t
 replaced (W8A16's CUDA-core GEMV, W8A8 on mma.sync on Hopper), W8A8's per-token quantizer
 alone (M >= 256) and the opt-in kernels that LOWBIT_BENCH_UNVERIFIED lists (bench/gpu_check.sh
 names those whose tests passed): "tma", W8A8 on the TMA kernel (LOWBIT_CUDA_W8A8=tma), "bulk",
-W4A16 on the bulk-copy ring (LOWBIT_CUDA_WOQ_COPY=bulk).
+W4A16 and W8A16 on the bulk-copy rings (LOWBIT_CUDA_WOQ_COPY=bulk).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -38,6 +38,7 @@ W8A16_SIMT = "lowbit w8a16 (CUDA cores)"
 W8A8_MMA = "lowbit w8a8 (mma.sync)"
 W8A8_TMA = "lowbit w8a8 (TMA, opt-in)"
 W4A16_BULK = "lowbit w4a16 (bulk copies, opt-in)"
+W8A16_BULK = "lowbit w8a16 (bulk copies, opt-in)"
 QUANT = "lowbit per-token quantizer (part of w8a8)"
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
@@ -212,6 +213,7 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
                 ops[W8A8_TMA] = ops["lowbit w8a8"]
         if M <= 16 and hopper and "bulk" in passed:
             ops[W4A16_BULK] = ops["lowbit w4a16"]
+            ops[W8A16_BULK] = ops["lowbit w8a16"]
         if M >= 256:  # W8A8's first pass over x, timed alone
             ops[QUANT] = (lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, 2 * M * K + M * K + 4 * M)
         if M >= 16:
@@ -222,7 +224,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
             try:
                 env = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma"),
-                       W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma"), W4A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk")}.get(op)
+                       W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma"), W4A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk"),
+                       W8A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk")}.get(op)
                 with env_var(*env) if env else contextlib.nullcontext():
                     us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on

@@ -15,7 +15,7 @@ layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged 
 woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16 on 128 x 128), then
         W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
         plan's splits with an L2 prefetch 4 .. 32 tiles past each warp's ring (M = 1,
-        LOWBIT_CUDA_WOQ_PREFETCH) or W4A16's bulk-copy ring (when LOWBIT_BENCH_UNVERIFIED lists "bulk").
+        LOWBIT_CUDA_WOQ_PREFETCH) or the bulk-copy rings (when LOWBIT_BENCH_UNVERIFIED lists "bulk").
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
 w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel (when
@@ -167,11 +167,11 @@ def woq() -> None:
                         setattr(MOD, plan, orig)
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
-                # the plan's splits with an L2 prefetch this far past the ring (M <= 8), and W4A16
-                # on the bulk-copy ring (once its tests passed: gpu_check lists it in LOWBIT_BENCH_UNVERIFIED)
+                # the plan's splits with an L2 prefetch this far past the ring (M <= 8), and the
+                # bulk-copy ring (once its tests passed: gpu_check lists it in LOWBIT_BENCH_UNVERIFIED)
                 configs = [("LOWBIT_CUDA_WOQ_PREFETCH", str(ahead), f"prefetch={ahead}")
                            for ahead in ((4, 8, 16, 32) if M <= 8 else ())]
-                if name == "w4a16" and "bulk" in unverified_passed():
+                if "bulk" in unverified_passed():
                     configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
                 for var, value, what in configs:
                     with env_var(var, value):

@@ -538,6 +538,23 @@ def test_w8a16_l2_prefetch_changes_nothing(M, N, K, cgen, monkeypatch):
 
 
 @gpu
+@pytest.mark.unverified
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (5, 576, 11008), (8, 37, 48), (16, 4096, 4096),
+                                   (9, 300, 4112), (1, 11008, 4096)])
+def test_w8a16_bulk_copies_agree(dtype, M, N, K, cgen, monkeypatch):
+    """LOWBIT_CUDA_WOQ_COPY=bulk (sm_90a, M <= 16: lane 0 copies each 64 k x 16-row tile with one
+    TMA box onto an mbarrier, zeros past N and K) gives the same bits as the cp.async ring: K
+    splits, N past a 16-row tile, K ending inside a tile (48, 4112), the m16 tile. Elsewhere
+    both calls take the cp.async ring."""
+    x = randn((M, K), cgen, dtype)
+    qw, s = rand_weight(N, K, cgen)
+    y = OPS["w8a16"](x, qw, s)
+    monkeypatch.setenv("LOWBIT_CUDA_WOQ_COPY", "bulk")
+    assert torch.equal(OPS["w8a16"](x, qw, s), y)
+
+
+@gpu
 def test_w8a16_extreme_codes_small(cgen):
     """Codes -128 and 127 only (the ends of the exact int8 -> fp16 / bf16 conversion in the
     tensor-core path), against the float64 reference."""

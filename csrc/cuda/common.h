@@ -29,9 +29,9 @@ inline void record_cuda_error(const char* where, const char* name, const char* t
 inline bool valid_dtype_code(int code) { return code == kF32 || code == kF16 || code == kBF16; }
 
 // Whether environment variable `name` is set to `value`: the kernel switches
-// (LOWBIT_CUDA_DECODE=simt, LOWBIT_CUDA_W8A16=simt, LOWBIT_CUDA_W8A8=mma|tma, LOWBIT_CUDA_PDL=0;
-// also LOWBIT_CUDA_WOQ_PREFETCH, a number), read at every call so tests and benchmarks can
-// compare kernels in one process.
+// (LOWBIT_CUDA_DECODE=simt, LOWBIT_CUDA_W8A16=simt, LOWBIT_CUDA_W8A8=mma|tma, LOWBIT_CUDA_PDL=0,
+// LOWBIT_CUDA_WOQ_COPY=bulk; also LOWBIT_CUDA_WOQ_PREFETCH, a number), read at every call so
+// tests and benchmarks can compare kernels in one process.
 inline bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v && std::strcmp(v, value) == 0;

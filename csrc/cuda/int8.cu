@@ -305,6 +305,35 @@ __global__ void __launch_bounds__(kThreads)
 // a lane copies the 16 codes k = 64 t + 16 tig .. + 16 of rows na and na + 8 (woq's k order:
 // word j of a row holds step j's slot pairs, bytes 0, 1 for B register 0 and 2, 3 for 1);
 // codes become fp16 / bf16 exactly (ptx::CodePair).
+// A lane's walk along rows na and na + 8 of its column tile, one tile per issue.
+struct Int8Walk {
+  const int8_t* base;  // any valid address, for copies that read nothing
+  const int8_t* row;   // row na at the lane's first k of the next tile to issue
+  int64_t ld8;         // 8 K: from row na to row na + 8
+  int left;            // codes of the row from there to K
+  bool ok[2];          // rows na, na + 8 exist
+  __device__ Int8Walk(const woq::Args& a, int64_t nt, int64_t t_begin, int lane) {
+    const int64_t na = nt * woq::kTileN + (lane >> 2), k = t_begin * woq::kTileK + 16 * (lane & 3);
+    base = static_cast<const int8_t*>(a.qweight);
+    ok[0] = na < a.N, ok[1] = na + 8 < a.N;
+    row = base + (ok[0] ? na * a.K + k : 0);
+    ld8 = 8 * a.K;
+    left = int(a.K - k);
+  }
+  __device__ void advance() {
+    row += woq::kTileK;
+    left -= woq::kTileK;
+  }
+  // Into L2: rows na and na + 8 of the tile `ahead` tiles past the next one (the 64 bytes
+  // of each row start at lane tig 0's k).
+  __device__ void prefetch_l2(int ahead, int lane) const {
+    if ((lane & 3) != 0 || left <= ahead * woq::kTileK) return;
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub)
+      if (ok[sub]) ptx::prefetch_l2(row + sub * ld8 + ahead * woq::kTileK);
+  }
+};
+
 struct Int8W {
   struct Ring {
     uint4 w[woq::kWarps][woq::kStages][2][32];
@@ -312,20 +341,8 @@ struct Int8W {
   struct Tile {
     uint4 w[2];
   };
-  struct Cursor : woq::CpAsyncSync {  // one tile per issue
-    const int8_t* base;  // any valid address, for copies that read nothing
-    const int8_t* row;   // row na at the lane's first k of the next tile to issue
-    int64_t ld8;         // 8 K: from row na to row na + 8
-    int left;            // codes of the row from there to K
-    bool ok[2];          // rows na, na + 8 exist
-    __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane) {
-      const int64_t na = nt * woq::kTileN + (lane >> 2), k = t_begin * woq::kTileK + 16 * (lane & 3);
-      base = static_cast<const int8_t*>(a.qweight);
-      ok[0] = na < a.N, ok[1] = na + 8 < a.N;
-      row = base + (ok[0] ? na * a.K + k : 0);
-      ld8 = 8 * a.K;
-      left = int(a.K - k);
-    }
+  struct Cursor : Int8Walk, woq::CpAsyncSync {
+    using Int8Walk::Int8Walk;
     __device__ void issue(Ring& r, int warp, int slot, int lane) {
       const int n = left < 0 ? 0 : left > 16 ? 16 : left;
 #pragma unroll
@@ -333,16 +350,7 @@ struct Int8W {
         const bool live = ok[sub] && n > 0;
         ptx::cp_async16_zfill_n(&r.w[warp][slot][sub][lane], live ? row + sub * ld8 : base, live ? n : 0);
       }
-      row += woq::kTileK;
-      left -= woq::kTileK;
-    }
-    // Into L2: rows na and na + 8 of the tile `ahead` tiles past the next one (the 64 bytes
-    // of each row start at lane tig 0's k).
-    __device__ void prefetch_l2(int ahead, int lane) const {
-      if ((lane & 3) != 0 || left <= ahead * woq::kTileK) return;
-#pragma unroll
-      for (int sub = 0; sub < 2; ++sub)
-        if (ok[sub]) ptx::prefetch_l2(row + sub * ld8 + ahead * woq::kTileK);
+      advance();
     }
   };
   __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
@@ -364,6 +372,44 @@ struct Int8W {
   __device__ static float finish(const woq::Args& a, int64_t n, float v) {
     return v * static_cast<const float*>(a.scales)[n];
   }
+};
+
+// The same format with each tile copied by one TMA box (woq::BulkSync; sm_90a, opt-in:
+// LOWBIT_CUDA_WOQ_COPY=bulk, M <= 16): the box of 64 k x 16 rows at (64 t, 16 nt) of the
+// weights' tensor map lands row-major, row 8 sub + gid at 64 (8 sub + gid) + 16 tig, which is
+// Int8W's slot layout [sub][lane]; rows past N and k past K arrive as zeros, as with the
+// zero-filling cp.async. Lane 0 issues it; every lane still walks (the L2 prefetch reads it).
+struct Int8WBulk {
+  struct alignas(128) Ring {  // (TMA writes 128-byte aligned boxes)
+    uint4 w[woq::kWarps][woq::kStages][2][32];
+    uint64_t bar[woq::kWarps][woq::kStages];
+  };
+  using Tile = Int8W::Tile;
+  struct Cursor : Int8Walk, woq::BulkSync {
+    int k0, n0;  // lane 0: the next tile's first k and row
+    __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane)
+        : Int8Walk(a, nt, t_begin, lane), k0(int(t_begin) * woq::kTileK), n0(int(nt) * woq::kTileN) {}
+    __device__ void issue(Ring& r, int warp, int slot, int lane) {
+#if defined(LOWBIT_WGMMA)
+      if (lane == 0) {
+        wgmma::mbar_arrive_expect_tx(&r.bar[warp][slot], sizeof(r.w[0][0]));
+        wgmma::tma_load_2d(&r.w[warp][slot][0][0], map, k0, n0, &r.bar[warp][slot]);
+      }
+#else
+      (void)r, (void)warp, (void)slot, (void)lane;
+#endif
+      k0 += woq::kTileK;
+      advance();
+    }
+  };
+  __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
+    return {{r.w[warp][slot][0][lane], r.w[warp][slot][1][lane]}};
+  }
+  template <class D>
+  __device__ static void dequant(const Tile& t, uint32_t (&b)[4][2][2]) {
+    Int8W::dequant<D>(t, b);
+  }
+  __device__ static float finish(const woq::Args& a, int64_t n, float v) { return Int8W::finish(a, n, v); }
 };
 
 // ---------------------------------------------------------------- W8A8
@@ -1010,16 +1056,18 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-// The tensor map of an int8 [rows, K] row-major operand of w8a8_tma_kernel: boxes of
-// 128 k x box_rows rows with the 128-byte swizzle, zeros past the edges. False if the driver
-// refuses it (K % 16 == 0 and a 16-byte aligned base are the caller's).
-bool int8_tensor_map(CUtensorMap* map, const int8_t* base, int64_t rows, int64_t K, int box_rows) {
+// The tensor map of an int8 [rows, K] row-major matrix: boxes of box_k x box_rows, zeros past
+// the edges; w8a8_tma_kernel's operands take 128-byte swizzled boxes of 128 k, W8A16's bulk
+// ring plain boxes of 64 k x 16 rows. False if the driver refuses it (K % 16 == 0 and a
+// 16-byte aligned base are the caller's).
+bool int8_tensor_map(CUtensorMap* map, const int8_t* base, int64_t rows, int64_t K, int box_k, int box_rows,
+                     CUtensorMapSwizzle swizzle) {
   const EncodeTiled encode = encode_tiled();
   if (!encode) return false;
   const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)}, strides[1] = {cuuint64_t(K)};
-  const cuuint32_t box[2] = {cuuint32_t(wgmma_ws::kBK), cuuint32_t(box_rows)}, unit[2] = {1, 1};
+  const cuuint32_t box[2] = {cuuint32_t(box_k), cuuint32_t(box_rows)}, unit[2] = {1, 1};
   return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(base), dims, strides, box, unit,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
@@ -1040,7 +1088,8 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
                     int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, int sms, cudaStream_t s) {
   using namespace wgmma_ws;
   CUtensorMap map_x, map_w;
-  if (!int8_tensor_map(&map_x, qx, M, K, kBM) || !int8_tensor_map(&map_w, qw, N, K, BN)) {
+  if (!int8_tensor_map(&map_x, qx, M, K, kBK, kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !int8_tensor_map(&map_w, qw, N, K, kBK, BN, CU_TENSOR_MAP_SWIZZLE_128B)) {
     record_cuda_error("int8_linear_w8a8", "cuTensorMapEncodeTiled", "the driver refused a tensor map");
     return kCudaError;
   }
@@ -1081,6 +1130,23 @@ namespace {
 bool w8a16_tensor_cores(int x_dtype, int64_t K) {
   if (env_is("LOWBIT_CUDA_W8A16", "simt")) return false;
   return (x_dtype == kF16 || x_dtype == kBF16) && K % 16 == 0 && K < (int64_t(1) << 31);
+}
+
+// Whether W8A16 at M <= 16 takes the TMA ring (Int8WBulk): LOWBIT_CUDA_WOQ_COPY=bulk (read per
+// call) on a device running this build's sm_90a code, with a driver that makes tensor maps.
+bool w8a16_bulk_ok() {
+  if (!env_is("LOWBIT_CUDA_WOQ_COPY", "bulk")) return false;
+  static std::atomic<uint64_t> known{0}, ok{0};
+  return cached_per_device(known, ok, [](int dev) {
+    return built_for_sm90a() && runs_sm90_code(dev, woq::woq_kernel<F16, Int8WBulk, 1, true>, 9) &&
+           encode_tiled() != nullptr;
+  });
+}
+
+// W8A16 on the TMA ring: the swapped product for M <= 8, one m16 tile up to 16.
+template <class D>
+void launch_w8a16_bulk(const woq::Args& a, const CUtensorMap& map, cudaStream_t s) {
+  a.M <= 8 ? woq::launch_mt<D, Int8WBulk, 1, true>(a, s, map) : woq::launch_mt<D, Int8WBulk, 1, false>(a, s, map);
 }
 
 // w[n, k] = q[n, k] * scale[n] in D (row-major [N, K]): the dense weight of large-M W8A16.
@@ -1137,7 +1203,12 @@ int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
     a.xvec = aligned16(x) && (ldx * 2) % 16 == 0;
     a.qweight = qweight, a.scales = wscale, a.groups = 1;
     a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
-    x_dtype == kF16 ? woq::launch<F16, Int8W>(a, s) : woq::launch<BF16, Int8W>(a, s);
+    CUtensorMap map{};
+    if (M <= 16 && N < (int64_t(1) << 31) && w8a16_bulk_ok() &&
+        int8_tensor_map(&map, qweight, N, K, woq::kTileK, woq::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE))
+      x_dtype == kF16 ? launch_w8a16_bulk<F16>(a, map, s) : launch_w8a16_bulk<BF16>(a, map, s);
+    else
+      x_dtype == kF16 ? woq::launch<F16, Int8W>(a, s) : woq::launch<BF16, Int8W>(a, s);
   } else {  // the CUDA-core kernel (needs no split scratch: any plan is fine)
     const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(x) && (ldx * dtype_size(x_dtype)) % 16 == 0;
     LOWBIT_DISPATCH_DTYPE(x_dtype, D,

@@ -31,6 +31,7 @@
 // 16 activations of a row with two 16-byte loads, and its weights as 16 (W4) or 2 x 16
 // (W8) contiguous bytes per tile.
 #pragma once
+#include <cuda.h>  // CUtensorMap (a type only)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -194,7 +195,7 @@ __device__ __forceinline__ void store_y(const Args& a, int64_t r, int64_t n, flo
 // slots with cp.async and waits for its own commit groups, so no barrier is needed at all.
 struct CpAsyncSync {
   template <class Ring>
-  __device__ void start(Ring&, int, int) {}
+  __device__ void start(Ring&, int, int, const CUtensorMap*) {}
   __device__ static void commit() { ptx::cp_async_commit(); }  // one group per tile issued (or not)
   template <class Ring>
   __device__ void wait(Ring&, int, int) {  // tile i has landed (kStages - 2 newer groups may not)
@@ -205,13 +206,16 @@ struct CpAsyncSync {
 };
 
 // BulkSync (sm_90a builds; opt-in, LOWBIT_CUDA_WOQ_COPY=bulk): lane 0 copies each whole tile
-// with TMA bulk copies counted on the slot's mbarrier (Ring::bar[warp][slot]); every lane
-// waits on it, with the parity of the slot's use in bit `slot` of `phase`. Lane 0 refills the
-// slot the warp read one tile earlier, so release() is a __syncwarp between the reads and that.
+// with TMA copies counted on the slot's mbarrier (Ring::bar[warp][slot]); every lane waits on
+// it, with the parity of the slot's use in bit `slot` of `phase`. Lane 0 refills the slot the
+// warp read one tile earlier, so release() is a __syncwarp between the reads and that. `map`:
+// the weights' tensor map, for formats that copy boxes of a 2-D tensor (the kernel parameter).
 struct BulkSync {
   uint32_t phase = 0;
+  const CUtensorMap* map = nullptr;
   template <class Ring>
-  __device__ void start(Ring& r, int warp, int lane) {
+  __device__ void start(Ring& r, int warp, int lane, const CUtensorMap* tensor_map) {
+    map = tensor_map;
 #if defined(LOWBIT_WGMMA)
     if (lane == 0) {
       for (int s = 0; s < kStages; ++s) wgmma::mbar_init(&r.bar[warp][s], 1);
@@ -244,9 +248,10 @@ struct BulkSync {
 // F::Tile / F::read(ring, warp, slot, lane) (a lane's slot back in registers),
 // F::dequant<D>(tile, b) (the 16 weight registers) and F::finish(a, n, sum).
 // PF: the experimental L2 prefetch (Args::prefetch), compiled in only where asked for, so that
-// the default kernels keep their registers and loop.
+// the default kernels keep their registers and loop. map: the weights' tensor map, for the
+// formats whose cursor copies boxes by TMA (unused by the others).
 template <class D, class F, int MT, bool HALF, bool PF = false>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, const __grid_constant__ CUtensorMap map) {
   static_assert(!HALF || MT == 1, "a half tile is the only m tile");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tig = lane & 3;
   const int64_t nt = int64_t(blockIdx.x) * kWarps + warp;  // this warp's 16-column tile
@@ -263,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a) {
     if (active) {
       // 32-bit tile arithmetic from here (K < 2^37); the per-tile loop is instruction-bound.
       typename F::Cursor cur(a, nt, t_begin, lane);  // issues tiles 0, 1, ... in order
-      cur.start(ring, warp, lane);
+      cur.start(ring, warp, lane, &map);
       const int count = int(t_end - t_begin), k_lane = int(t_begin) * kTileK + 16 * tig;
       auto issue = [&](int i) {  // tile i into slot i % kStages
         if (i < count) {
@@ -387,11 +392,11 @@ inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int 
 }
 
 template <class D, class F, int MT, bool HALF = false, bool PF = false>
-void launch_mt(const Args& a, cudaStream_t s) {
+void launch_mt(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
   const int64_t mblocks = cdiv(a.M, 16 * MT);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  woq_kernel<D, F, MT, HALF, PF><<<grid, kThreads, 0, s>>>(a);
+  woq_kernel<D, F, MT, HALF, PF><<<grid, kThreads, 0, s>>>(a, map);
 }
 
 // M <= 8 takes the swapped product (HALF: half the activation loads and mmas), with the L2
