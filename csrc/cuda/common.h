@@ -83,6 +83,13 @@ bool runs_sm90_code(int dev, Kernel kernel, int max_major) {
          major <= max_major && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
 }
 
+// Whether device `dev` (compute capability 9) runs this build's sm_90a code of `kernel`: the
+// kernels with wgmma, TMA or mbarriers, which are traps in every other build of them.
+template <class Kernel>
+bool runs_sm90a_code(int dev, Kernel kernel) {
+  return built_for_sm90a() && runs_sm90_code(dev, kernel, 9);
+}
+
 // Opts `kernel` into `bytes` of dynamic shared memory (> 48 KiB needs it), once per device
 // (the attribute belongs to the device's context; `done` bit d: device d is set up, devices
 // 0..63, others every call); kOk or kCudaError (recorded for `where`).

@@ -171,14 +171,14 @@ template <class S> struct Int4 {
 // SM's load/store pipeline until it lands; the question is whether that is what caps the
 // bytes in flight (the kernel streams at ~60% of the copy bandwidth). dev/lane_models/
 // woq_int4_bulk.py checks that the rows give every lane the pairs Int4 copies.
-template <class S> struct Int4Bulk {
+template <class S> struct Int4Bulk : Int4<S> {  // Int4's Tile, dequant and finish; its own ring
   using Raw = typename Pair<S>::Raw;
+  using Tile = typename Int4<S>::Tile;
   struct Ring {
     uint4 w[kWarps][kStages][32];
     Raw dm[kWarps][kStages][2][woq::kTileN];
     uint64_t bar[kWarps][kStages];
   };
-  using Tile = typename Int4<S>::Tile;
   struct Cursor : Int4Cursor<S>, woq::BulkSync {
     using Int4Cursor<S>::Int4Cursor;
     __device__ void issue(Ring& r, int warp, int slot, int lane) {
@@ -203,11 +203,6 @@ template <class S> struct Int4Bulk {
     const int gid = lane >> 2, half = (lane & 3) >> 1;  // k 0-31 of the tile: row 0; 32-63: row 1
     return {r.w[warp][slot][lane], {r.dm[warp][slot][half][gid], r.dm[warp][slot][half][gid + 8]}};
   }
-  template <class D>
-  __device__ static void dequant(const Tile& t, uint32_t (&b)[4][2][2]) {
-    Int4<S>::template dequant<D>(t, b);
-  }
-  __device__ static float finish(const woq::Args& a, int64_t n, float v) { return Int4<S>::finish(a, n, v); }
 };
 
 // The dense weight W [N, K] (row-major, x's type) exactly as the tensor-core kernel's
@@ -273,14 +268,8 @@ bool w4a16_bulk_ok() {
   if (!env_is("LOWBIT_CUDA_WOQ_COPY", "bulk")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
-    return built_for_sm90a() && runs_sm90_code(dev, woq::woq_kernel<F16, Int4Bulk<uint16_t>, 1, true>, 9);
+    return runs_sm90a_code(dev, woq::woq_kernel<F16, Int4Bulk<uint16_t>, 1, true>);
   });
-}
-
-// W4A16 on the bulk-copy ring: the swapped product for M <= 8, one m16 tile up to 16.
-template <class D, class S>
-void launch_bulk(const woq::Args& a, cudaStream_t s) {
-  a.M <= 8 ? woq::launch_mt<D, Int4Bulk<S>, 1, true>(a, s) : woq::launch_mt<D, Int4Bulk<S>, 1, false>(a, s);
 }
 
 }  // namespace
@@ -307,9 +296,11 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
   // (bulk copies need 16-byte aligned scale rows: the base, as every row is 16 (d, m) pairs)
   if (M <= 16 && (reinterpret_cast<uintptr_t>(scales) & 15u) == 0 && w4a16_bulk_ok()) {
     if (x_dtype == kF16)
-      scales_dtype == kF16 ? launch_bulk<F16, uint16_t>(a, s) : launch_bulk<F16, float>(a, s);
+      scales_dtype == kF16 ? woq::launch_upto16<F16, Int4Bulk<uint16_t>>(a, s)
+                           : woq::launch_upto16<F16, Int4Bulk<float>>(a, s);
     else
-      scales_dtype == kF16 ? launch_bulk<BF16, uint16_t>(a, s) : launch_bulk<BF16, float>(a, s);
+      scales_dtype == kF16 ? woq::launch_upto16<BF16, Int4Bulk<uint16_t>>(a, s)
+                           : woq::launch_upto16<BF16, Int4Bulk<float>>(a, s);
   } else if (x_dtype == kF16) {
     scales_dtype == kF16 ? woq::launch<F16, Int4<uint16_t>>(a, s) : woq::launch<F16, Int4<float>>(a, s);
   } else {

@@ -353,7 +353,8 @@ struct Int8W {
       advance();
     }
   };
-  __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
+  template <class R>  // (Int8WBulk's ring too: the same slots, plus its barriers)
+  __device__ static Tile read(const R& r, int warp, int slot, int lane) {
     return {{r.w[warp][slot][0][lane], r.w[warp][slot][1][lane]}};
   }
   template <class D>
@@ -379,12 +380,11 @@ struct Int8W {
 // weights' tensor map lands row-major, row 8 sub + gid at 64 (8 sub + gid) + 16 tig, which is
 // Int8W's slot layout [sub][lane]; rows past N and k past K arrive as zeros, as with the
 // zero-filling cp.async. Lane 0 issues it; every lane still walks (the L2 prefetch reads it).
-struct Int8WBulk {
+struct Int8WBulk : Int8W {  // Int8W's Tile, read, dequant and finish; its own ring and cursor
   struct alignas(128) Ring {  // (TMA writes 128-byte aligned boxes)
     uint4 w[woq::kWarps][woq::kStages][2][32];
     uint64_t bar[woq::kWarps][woq::kStages];
   };
-  using Tile = Int8W::Tile;
   struct Cursor : Int8Walk, woq::BulkSync {
     int k0, n0;  // lane 0: the next tile's first k and row
     __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane)
@@ -402,14 +402,6 @@ struct Int8WBulk {
       advance();
     }
   };
-  __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
-    return {{r.w[warp][slot][0][lane], r.w[warp][slot][1][lane]}};
-  }
-  template <class D>
-  __device__ static void dequant(const Tile& t, uint32_t (&b)[4][2][2]) {
-    Int8W::dequant<D>(t, b);
-  }
-  __device__ static float finish(const woq::Args& a, int64_t n, float v) { return Int8W::finish(a, n, v); }
 };
 
 // ---------------------------------------------------------------- W8A8
@@ -1031,7 +1023,7 @@ bool w8a8_wgmma_ok() {
   if (env_is("LOWBIT_CUDA_W8A8", "mma")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
-    return built_for_sm90a() && runs_sm90_code(dev, w8a8_wgmma_kernel<F16, 128>, 9);
+    return runs_sm90a_code(dev, w8a8_wgmma_kernel<F16, 128>);
   });
 }
 
@@ -1077,7 +1069,7 @@ bool w8a8_tma_ok() {
   if (!env_is("LOWBIT_CUDA_W8A8", "tma")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
-    return built_for_sm90a() && runs_sm90_code(dev, w8a8_tma_kernel<F16, 128>, 9) && encode_tiled() != nullptr;
+    return runs_sm90a_code(dev, w8a8_tma_kernel<F16, 128>) && encode_tiled() != nullptr;
   });
 }
 
@@ -1138,15 +1130,8 @@ bool w8a16_bulk_ok() {
   if (!env_is("LOWBIT_CUDA_WOQ_COPY", "bulk")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
-    return built_for_sm90a() && runs_sm90_code(dev, woq::woq_kernel<F16, Int8WBulk, 1, true>, 9) &&
-           encode_tiled() != nullptr;
+    return runs_sm90a_code(dev, woq::woq_kernel<F16, Int8WBulk, 1, true>) && encode_tiled() != nullptr;
   });
-}
-
-// W8A16 on the TMA ring: the swapped product for M <= 8, one m16 tile up to 16.
-template <class D>
-void launch_w8a16_bulk(const woq::Args& a, const CUtensorMap& map, cudaStream_t s) {
-  a.M <= 8 ? woq::launch_mt<D, Int8WBulk, 1, true>(a, s, map) : woq::launch_mt<D, Int8WBulk, 1, false>(a, s, map);
 }
 
 // w[n, k] = q[n, k] * scale[n] in D (row-major [N, K]): the dense weight of large-M W8A16.
@@ -1206,7 +1191,7 @@ int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
     CUtensorMap map{};
     if (M <= 16 && N < (int64_t(1) << 31) && w8a16_bulk_ok() &&
         int8_tensor_map(&map, qweight, N, K, woq::kTileK, woq::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE))
-      x_dtype == kF16 ? launch_w8a16_bulk<F16>(a, map, s) : launch_w8a16_bulk<BF16>(a, map, s);
+      x_dtype == kF16 ? woq::launch_upto16<F16, Int8WBulk>(a, s, map) : woq::launch_upto16<BF16, Int8WBulk>(a, s, map);
     else
       x_dtype == kF16 ? woq::launch<F16, Int8W>(a, s) : woq::launch<BF16, Int8W>(a, s);
   } else {  // the CUDA-core kernel (needs no split scratch: any plan is fine)

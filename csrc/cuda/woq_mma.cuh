@@ -399,6 +399,13 @@ void launch_mt(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorM
   woq_kernel<D, F, MT, HALF, PF><<<grid, kThreads, 0, s>>>(a, map);
 }
 
+// The formats only compiled for M <= 16 (the TMA rings): the swapped product for M <= 8, one
+// m16 tile up to 16.
+template <class D, class F>
+void launch_upto16(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
+  a.M <= 8 ? launch_mt<D, F, 1, true>(a, s, map) : launch_mt<D, F, 1, false>(a, s, map);
+}
+
 // M <= 8 takes the swapped product (HALF: half the activation loads and mmas), with the L2
 // prefetch when Args::prefetch asks for it (only there: the experiment is about decode).
 template <class D, class F>
