@@ -6,7 +6,7 @@
 # Builds lowbit for this GPU only (LOWBIT_CUDA_ARCHS, default 90a = H100/H200), runs
 # the CUDA tests, the GPU benchmarks (each after a probe that its newest kernel agrees with
 # the one it replaced; a failed probe runs that bench on the old kernel), a
-# compute-sanitizer memcheck of the small CUDA tests and, time permitting, the tuning
+# compute-sanitizer memcheck of the small CUDA tests (CHECK_MEMCHECK_K: another -k) and, time permitting, the tuning
 # sweeps of dev/gpu_sweep.py (unless CHECK_SWEEP=0; CHECK_SWEEP_PARTS picks the parts) and
 # the CPU tests (unless CHECK_CPU_TESTS=0). Every step has its own timeout and the whole script
 # stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
@@ -82,24 +82,12 @@ if [ "${RC[build]}" = 0 ]; then
   (cd "$TMP" && step info 60 "$OUT/build.log" python3 -m lowbit.info)
 
   # 4. CUDA tests (not -x: one run should show every failure; --maxfail stops a cascade)
-  step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 -m "not unverified" $CUDA_FILES
+  step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
-  # 4b. the tests of the opt-in kernels no GPU has run yet (-m unverified: the W8A8 TMA kernel,
-  # the W4A16 / W8A16 bulk-copy rings), each kernel in a step of its own so that a hang costs only that
-  # step; the bench and the sweep time a kernel only if its tests passed (LOWBIT_BENCH_UNVERIFIED)
-  PASSED=()
-  for k in tma bulk; do
-    # (-k names the test functions: a bare "tma" would also match other tests' keywords)
-    step "unverified_$k" 45 "$TMP/unverified_tests.log" python3 -m pytest -q -rfE --maxfail=3 -m unverified \
-      -k "$([ $k = tma ] && echo w8a8_tma_kernel || echo bulk_copies_agree)" $CUDA_FILES
-    UNVERIFIED_TESTS+="$k: $(pytest_line "$TMP/unverified_tests.log"); "
-    [ "${RC[unverified_$k]}" = 0 ] && PASSED+=("$k")
-  done
-  MM_ENV_EXTRA=(LOWBIT_BENCH_UNVERIFIED="$(IFS=,; echo "${PASSED[*]}")")
 
   # 5. benchmarks: quantized matmul, then attention. Each first probes, in its own process, that
   # the newest kernels agree with the ones they replaced (W8A16 on tensor cores vs the CUDA-core
-  # GEMV, W8A8 on wgmma vs mma.sync, tensor-core decode vs CUDA-core decode); if not, that bench
+  # GEMV, W8A8 by default (TMA kernel by shape) vs mma.sync, tensor-core decode vs CUDA-core decode); if not, that bench
   # runs with the old kernel (LOWBIT_CUDA_W8A16=simt, LOWBIT_CUDA_W8A8=mma,
   # LOWBIT_CUDA_DECODE=simt), so one wrong kernel cannot cost the tables.
   MM_ENV=() ATT_ENV=()
@@ -110,7 +98,7 @@ if [ "${RC[build]}" = 0 ]; then
     2) MM_ENV=(LOWBIT_CUDA_W8A8=mma) ;;
     *) MM_ENV=(LOWBIT_CUDA_W8A16=simt LOWBIT_CUDA_W8A8=mma) ;;
   esac
-  step bench 200 "$OUT/bench.log" env "${MM_ENV[@]}" "${MM_ENV_EXTRA[@]}" python3 bench/gpu_matmul.py \
+  step bench 200 "$OUT/bench.log" env "${MM_ENV[@]}" python3 bench/gpu_matmul.py \
     --out "$OUT/gpu_bench.json"
   step probe_decode 60 "$OUT/bench.log" python3 bench/gpu_attention.py --probe
   [ "${RC[probe_decode]}" = 0 ] || ATT_ENV=(LOWBIT_CUDA_DECODE=simt)
@@ -121,7 +109,7 @@ if [ "${RC[build]}" = 0 ]; then
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
   if [ -n "$SANITIZER" ]; then
     step memcheck 150 "$TMP/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -k "small and not nobias" $CUDA_FILES
+      "$SANITIZER" --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -k "${CHECK_MEMCHECK_K:-small and not nobias}" $CUDA_FILES
   else
     echo "compute-sanitizer not found" >"$TMP/memcheck.log"
     RC[memcheck]=missing
@@ -148,7 +136,7 @@ if [ "${RC[build]}" = 0 ]; then
   # is left: data for the next tuning decision
   if [ "${CHECK_SWEEP:-1}" != 0 ]; then
     # shellcheck disable=SC2086
-    step sweep 150 "$OUT/sweep.txt" env "${MM_ENV_EXTRA[@]}" python3 dev/gpu_sweep.py \
+    step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py \
       ${CHECK_SWEEP_PARTS:-woq decode w8a8}
   fi
 
@@ -162,9 +150,6 @@ if [ "${RC[build]}" = 0 ]; then
   {
     echo "===== CUDA tests: $CUDA_FILES"
     cat "$TMP/cuda_tests.log" 2>/dev/null || true
-    echo
-    echo "===== unverified kernels' tests (-m unverified)"
-    cat "$TMP/unverified_tests.log" 2>/dev/null || true
     echo
     echo "===== CPU tests: ${CPU_FILES:-none}" | tr '\n' ' '
     echo
@@ -200,8 +185,6 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   fi
   echo "- build (LOWBIT_CUDA_ARCHS=$ARCHS): $(status build), ${SECS[build]:-0}s"
   echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
-  echo "- opt-in kernels' tests (W8A8 TMA, W4A16 / W8A16 bulk copies): $(status unverified_tma)," \
-    "$(status unverified_bulk): ${UNVERIFIED_TESTS:-no summary}"
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
   echo "- probe W8A16 tensor cores = CUDA cores, W8A8 default = mma.sync: $(status probe_matmul)${MM_ENV:+ (bench ran with ${MM_ENV[*]})}"
@@ -238,13 +221,6 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     echo '```'
     grep -E '^(FAILED|ERROR)' "$TMP/cuda_tests.log" | head -n 20 || true
     tail -n 30 "$TMP/cuda_tests.log"
-    echo '```'
-  fi
-  if [ -f "$TMP/unverified_tests.log" ] && [ "${RC[unverified_tma]:-}${RC[unverified_bulk]:-}" != 00 ]; then
-    echo
-    echo "## unverified kernels' test failures (tail)"
-    echo '```'
-    tail -n 30 "$TMP/unverified_tests.log"
     echo '```'
   fi
 } >"$TMP/body.md"

@@ -8,10 +8,9 @@ plus written; fp16 matmul peak on 8192^3), then for each weight shape (N, K) and
 activation rows M: lowbit W4A16 (group 128, asymmetric: Q4_1 / GPTQ-style), W8A16 and
 W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape rules allow, torch._int_mm (the bare int8 GEMM,
 without activation quantization or scaling). Also, for comparison: the kernels the newest
-replaced (W8A16's CUDA-core GEMV, W8A8 on mma.sync on Hopper), W8A8's per-token quantizer
-alone (M >= 256) and the opt-in kernels that LOWBIT_BENCH_UNVERIFIED lists (bench/gpu_check.sh
-names those whose tests passed): "tma", W8A8 on the TMA kernel (LOWBIT_CUDA_W8A8=tma), "bulk",
-W4A16 and W8A16 on the bulk-copy rings (LOWBIT_CUDA_WOQ_COPY=bulk).
+replaced (W8A16's CUDA-core GEMV; on Hopper, W8A8 on mma.sync and on the TMA kernel
+everywhere), W8A8's per-token quantizer alone (M >= 256) and, on Hopper at M <= 16, the
+opt-in bulk-copy rings of W4A16 and W8A16 (LOWBIT_CUDA_WOQ_COPY=bulk).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -36,7 +35,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
 MS = [1, 16, 64]
 W8A16_SIMT = "lowbit w8a16 (CUDA cores)"
 W8A8_MMA = "lowbit w8a8 (mma.sync)"
-W8A8_TMA = "lowbit w8a8 (TMA, opt-in)"
+W8A8_TMA = "lowbit w8a8 (TMA everywhere)"
 W4A16_BULK = "lowbit w4a16 (bulk copies, opt-in)"
 W8A16_BULK = "lowbit w8a16 (bulk copies, opt-in)"
 QUANT = "lowbit per-token quantizer (part of w8a8)"
@@ -201,17 +200,15 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
                             N * K + 4 * N + 2 * M * K + 2 * M * N),
         }
         # the kernels the newest ones replaced, for comparison: W8A16's CUDA-core GEMV (M <= 128;
-        # larger M takes the dequantize + cuBLAS path either way), and on Hopper W8A8's mma.sync
-        # GEMM (M >= 64; the default there is wgmma)
+        # larger M takes the dequantize + cuBLAS path either way), and on Hopper W8A8 (M >= 64) on
+        # mma.sync and on the TMA kernel for every shape (the default picks one by shape)
         if M <= int8_ops.DENSE_MIN_M:
             ops[W8A16_SIMT] = ops["lowbit w8a16"]
         hopper = torch.cuda.get_device_capability()[0] == 9
-        passed = unverified_passed()
         if M >= 64 and hopper:
             ops[W8A8_MMA] = ops["lowbit w8a8"]
-            if "tma" in passed:
-                ops[W8A8_TMA] = ops["lowbit w8a8"]
-        if M <= 16 and hopper and "bulk" in passed:
+            ops[W8A8_TMA] = ops["lowbit w8a8"]
+        if M <= 16 and hopper:
             ops[W4A16_BULK] = ops["lowbit w4a16"]
             ops[W8A16_BULK] = ops["lowbit w8a16"]
         if M >= 256:  # W8A8's first pass over x, timed alone
@@ -246,12 +243,6 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
     del w16, qws, scs, w4s, w4_first, w4_deq
     torch.cuda.empty_cache()
     return rows
-
-
-def unverified_passed() -> list:
-    """The opt-in kernels whose tests passed on this GPU ("tma", "bulk"), as bench/gpu_check.sh
-    lists them in LOWBIT_BENCH_UNVERIFIED: only those are timed."""
-    return os.environ.get("LOWBIT_BENCH_UNVERIFIED", "").split(",")
 
 
 def table(rows: list, copy_bw: float, peak: float, device: str) -> str:
@@ -300,9 +291,9 @@ def profile_w4a16() -> int:
 
 def probe() -> int:
     """Whether the newest kernels agree with the ones they replaced: W8A16 on tensor cores vs
-    its CUDA-core GEMV (LOWBIT_CUDA_W8A16=simt), to rounding, on a few decode shapes; W8A8 on
-    wgmma vs mma.sync (LOWBIT_CUDA_W8A8=mma), bit for bit. Exit status: bit 0 set if W8A16
-    failed, bit 1 if W8A8 did. Run in its own process before the benchmark
+    its CUDA-core GEMV (LOWBIT_CUDA_W8A16=simt), to rounding, on a few decode shapes; W8A8 by
+    default (on Hopper: the TMA kernel, by shape) vs mma.sync (LOWBIT_CUDA_W8A8=mma), bit for
+    bit. Exit status: bit 0 set if W8A16 failed, bit 1 if W8A8 did. Run in its own process before the benchmark
     (bench/gpu_check.sh), so a wrong or faulting kernel cannot take the benchmark down."""
     from lowbit import ref
     from lowbit.ops import int8 as int8_ops
@@ -315,7 +306,7 @@ def probe() -> int:
         return 3  # the CUDA context may be gone: no second probe
     try:
         same = True
-        for M, N, K in ((64, 4096, 4096), (300, 1000, 1040), (2048, 4096, 11008)):  # (wgmma's both tiles)
+        for M, N, K in ((64, 4096, 4096), (300, 1000, 1040), (2048, 4096, 11008)):  # (the TMA kernel, both tile widths)
             q, s = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             y = int8_ops.int8_linear_w8a8(x, q, s)

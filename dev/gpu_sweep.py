@@ -15,12 +15,11 @@ layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged 
 woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16 on 128 x 128), then
         W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
         plan's splits with an L2 prefetch 4 .. 32 tiles past each warp's ring (M = 1,
-        LOWBIT_CUDA_WOQ_PREFETCH) or the bulk-copy rings (when LOWBIT_BENCH_UNVERIFIED lists "bulk").
+        LOWBIT_CUDA_WOQ_PREFETCH) or the bulk-copy rings (LOWBIT_CUDA_WOQ_COPY=bulk).
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
-w8a8:   W8A8 by default (wgmma or mma.sync), on mma.sync, on the opt-in TMA kernel (when
-        LOWBIT_BENCH_UNVERIFIED lists "tma"), by default again, and its quantizer alone, at M in
-        {512, 1024, 2048, 4096}.
+w8a8:   W8A8 by default (the TMA kernel or mma.sync, by shape), on mma.sync, on the TMA kernel,
+        by default again, and its quantizer alone, at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from gpu_matmul import (ROTATE_BYTES, env_var, measure_copy_bw, time_per_call, unverified_passed,  # noqa: E402
+from gpu_matmul import (ROTATE_BYTES, env_var, measure_copy_bw, time_per_call,  # noqa: E402
                         w4_weights)
 
 from lowbit import _native, ops, ref  # noqa: E402
@@ -168,11 +167,10 @@ def woq() -> None:
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
                 # the plan's splits with an L2 prefetch this far past the ring (M <= 8), and the
-                # bulk-copy ring (once its tests passed: gpu_check lists it in LOWBIT_BENCH_UNVERIFIED)
+                # bulk-copy ring
                 configs = [("LOWBIT_CUDA_WOQ_PREFETCH", str(ahead), f"prefetch={ahead}")
                            for ahead in ((4, 8, 16, 32) if M <= 8 else ())]
-                if "bulk" in unverified_passed():
-                    configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
+                configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
                 for var, value, what in configs:
                     with env_var(var, value):
                         us = time_per_call(make, nbuf, REPS)
@@ -235,10 +233,8 @@ def w8a8() -> None:
             base = time_per_call(lambda i: (lambda: F.linear(x, w16)), 1, REPS)
             quant = time_per_call(lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, REPS)
             line = f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us, quantizer alone {quant:.1f} us"
-            # the TMA kernel only once its tests passed (gpu_check lists it in LOWBIT_BENCH_UNVERIFIED);
-            # the default again last: is the first timing of a shape slower (in the H100 bench the
-            # default row ran ~10% slower than the mma.sync row that follows it, same kernel)?
-            kernels = ("default", "mma") + (("tma",) if "tma" in unverified_passed() else ()) + ("default",)
+            # the default again last: a shape's first timing can run a few % slow (H200: up to 7%)
+            kernels = ("default", "mma", "tma", "default")
             for n, kernel in enumerate(kernels):
                 with env_var("LOWBIT_CUDA_W8A8", kernel) if kernel != "default" else contextlib.nullcontext():
                     us = time_per_call(lambda i: (lambda: int8_ops.int8_linear_w8a8(x, q, s)), 1, REPS)

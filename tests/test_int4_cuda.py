@@ -275,7 +275,6 @@ def test_w4a16_l2_prefetch_changes_nothing(M, N, K, g, gen, monkeypatch):
 
 
 @gpu
-@pytest.mark.unverified
 @pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (8, 4096, 11008, 32), (5, 40, 100, 100),
                                      (16, 11008, 4096, 64), (9, 24, 192, 192), (1, 11008, 4096, 4096)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["s16", "s32"])

@@ -209,7 +209,20 @@ def test_cuda_build_reports_archs():
 
 # ---------------------------------------------------------------- quantizer
 QUANT_SMALL = [(1, 1), (1, 23), (3, 128), (17, 300), (2, 4096), (5, 16)]
-QUANT_LARGE = [(64, 4096), (300, 300), (2048, 4096), (7, 11008)]
+# (3, 40000): rows past one chunk of the quantizer's registers (32768 at 16 bits, 16384 at fp32),
+# 16-byte vectors; (2, 33001): the same, element by element
+QUANT_LARGE = [(64, 4096), (300, 300), (2048, 4096), (7, 11008), (3, 40000), (2, 33001)]
+
+
+@pytest.fixture(params=["default", "vec"])
+def quantizer(request, monkeypatch):
+    """The per-token quantizer with each kernel: the default and LOWBIT_CUDA_QUANT=vec (16-byte
+    vectors, the row held in registers; read at every call)."""
+    if request.param == "vec":
+        monkeypatch.setenv("LOWBIT_CUDA_QUANT", "vec")
+    else:
+        monkeypatch.delenv("LOWBIT_CUDA_QUANT", raising=False)
+    return request.param
 
 
 def _check_quantize(x, what):
@@ -222,7 +235,7 @@ def _check_quantize(x, what):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("M,K", QUANT_SMALL)
-def test_quantize_small(dtype, M, K, cgen):
+def test_quantize_small(dtype, M, K, cgen, quantizer):
     poison_allocator(M * K, 4 * M)
     _check_quantize(randn((M, K), cgen, dtype) * 3, f"{DT_ID[dtype]} M={M} K={K}")
 
@@ -230,15 +243,17 @@ def test_quantize_small(dtype, M, K, cgen):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("M,K", QUANT_LARGE)
-def test_quantize(dtype, M, K, cgen):
+def test_quantize(dtype, M, K, cgen, quantizer):
     _check_quantize(randn((M, K), cgen, dtype), f"{DT_ID[dtype]} M={M} K={K}")
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_quantize_strided_and_batched_small(dtype, cgen):
+def test_quantize_strided_and_batched_small(dtype, cgen, quantizer):
     big = randn((6, 150), cgen, dtype)
     _check_quantize(big[:, 3:103], f"{DT_ID[dtype]} strided rows (ldx=150, offset 3)")
+    big = randn((6, 160), cgen, dtype)
+    _check_quantize(big[:, 8:104], f"{DT_ID[dtype]} strided 16-byte rows (ldx=160, offset 8)")
     _check_quantize(randn((2, 3, 37), cgen, dtype), f"{DT_ID[dtype]} 3-D x")
     q, s = quantize_per_token(randn((2, 3, 37), cgen, dtype))
     assert q.shape == (2, 3, 37) and s.shape == (2, 3)
@@ -246,7 +261,7 @@ def test_quantize_strided_and_batched_small(dtype, cgen):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_quantize_special_values_small(dtype, cgen):
+def test_quantize_special_values_small(dtype, cgen, quantizer):
     K = 40
     x = randn((9, K), cgen, torch.float32)
     x[0, 5] = float("nan")
@@ -431,44 +446,53 @@ def test_w8a8_mma(dtype, M, N, K, cgen):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (2048, 2600, 10240)])
-def test_w8a8_tensor_core_kernels_agree_small(dtype, M, N, K, cgen, monkeypatch):
-    """On sm_90a the tensor-core path is the wgmma kernel where it is the faster one (outputs
-    up to 4M elements, or K >= 10240), with 128 x 256 tiles where they fill the GPU (as at
-    M = 2048, N = 2600 on an H100), else 128 x 128; LOWBIT_CUDA_W8A8=mma forces mma.sync.
-    Both sum the same int32 products and share the epilogue: equal bit for bit (on other
-    GPUs both calls take mma.sync, and this checks only that the switch is harmless)."""
+@pytest.mark.parametrize("M,N,K", [(3, 37, 300), (17, 576, 4096), (257, 4096, 48), (64, 40, 33001)])
+def test_w8a8_vec_quantizer_agrees_small(M, N, K, cgen, monkeypatch):
+    """W8A8 with LOWBIT_CUDA_QUANT=vec gives the same bits as with the default quantizer: the
+    dp4a and tensor-core paths, ragged K (element by element) and a row past one chunk."""
+    x = randn((M, K), cgen, torch.float16)
+    qw, s = rand_weight(N, K, cgen)
+    y = OPS["w8a8"](x, qw, s)
+    monkeypatch.setenv("LOWBIT_CUDA_QUANT", "vec")
+    assert torch.equal(OPS["w8a8"](x, qw, s), y)
+
+
+def _check_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch):
+    """On sm_90a, W8A8's tensor-core path is the persistent TMA + wgmma kernel where it is the
+    faster one (outputs up to 4M elements, or K >= 8192; LOWBIT_CUDA_W8A8=tma: everywhere), else
+    mma.sync (LOWBIT_CUDA_W8A8=mma: everywhere). Both sum the same int32 products and share the
+    epilogue: equal bit for bit (on other GPUs every call takes mma.sync, and this checks only
+    that the switches are harmless)."""
     x = randn((M, K), cgen, dtype)
     qw, s = rand_weight(N, K, cgen)
     b = randn((N,), cgen, dtype)
+    if kernel == "tma":
+        monkeypatch.setenv("LOWBIT_CUDA_W8A8", "tma")
     y = OPS["w8a8"](x, qw, s, b)
     monkeypatch.setenv("LOWBIT_CUDA_W8A8", "mma")
-    assert torch.equal(y, OPS["w8a8"](x, qw, s, b)), "wgmma and mma.sync differ"
+    assert torch.equal(y, OPS["w8a8"](x, qw, s, b)), f"{kernel} and mma.sync differ"
     assert_linear_close(y, ref_linear64("w8a8", x, qw, s, b), torch_linear_lowp("w8a8", x, qw, s, b),
-                        f"w8a8 {DT_ID[dtype]} M={M} N={N} K={K}")
+                        f"w8a8 {kernel} {DT_ID[dtype]} M={M} N={N} K={K}")
+
+
+# On an H100 / H200 (132 SMs): 128 x 128 tiles with k past K (K = 16, 48), ragged N and k tails
+# (4112 = 32 x 128 + 16); 144 tiles (some CTAs take two: the 6-stage ring wraps across tiles,
+# 9 k tiles each; the default there is mma.sync); 128 x 256 tiles, 528 of them (4 per CTA, a
+# 4-stage ring), and a long K (the TMA kernel by default).
+@gpu
+@pytest.mark.parametrize("kernel", ["default", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48)])
+def test_w8a8_tensor_core_kernels_agree_small(kernel, dtype, M, N, K, cgen, monkeypatch):
+    _check_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch)
 
 
 @gpu
-@pytest.mark.unverified
+@pytest.mark.parametrize("kernel", ["default", "tma"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48), (1030, 2000, 1040),
-                                   (4100, 4096, 1040), (2048, 2600, 10240)])
-def test_w8a8_tma_kernel_agrees(dtype, M, N, K, cgen, monkeypatch):
-    """LOWBIT_CUDA_W8A8=tma (sm_90a: the persistent warp-specialized TMA + wgmma kernel) equals
-    mma.sync bit for bit. On an H100 (132 SMs): 128 x 128 tiles with k past K (K = 16, 48),
-    ragged N and k tails (4112 = 32 x 128 + 16), 144 tiles (some CTAs take two: the 6-stage
-    ring wraps across tiles, 9 k tiles each); 128 x 256 tiles, 528 of them (4 per CTA, a
-    4-stage ring), a long K. Elsewhere both calls take the same kernel."""
-    x = randn((M, K), cgen, dtype)
-    qw, s = rand_weight(N, K, cgen)
-    b = randn((N,), cgen, dtype)
-    monkeypatch.setenv("LOWBIT_CUDA_W8A8", "tma")
-    y = OPS["w8a8"](x, qw, s, b)
-    monkeypatch.setenv("LOWBIT_CUDA_W8A8", "mma")
-    assert torch.equal(y, OPS["w8a8"](x, qw, s, b)), "the TMA kernel and mma.sync differ"
-    assert_linear_close(y, ref_linear64("w8a8", x, qw, s, b), torch_linear_lowp("w8a8", x, qw, s, b),
-                        f"w8a8 tma {DT_ID[dtype]} M={M} N={N} K={K}")
+@pytest.mark.parametrize("M,N,K", [(1030, 2000, 1040), (4100, 4096, 1040), (2048, 2600, 10240)])
+def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch):
+    _check_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch)
 
 
 @gpu
@@ -538,7 +562,6 @@ def test_w8a16_l2_prefetch_changes_nothing(M, N, K, cgen, monkeypatch):
 
 
 @gpu
-@pytest.mark.unverified
 @pytest.mark.parametrize("M,N,K", [c for c in W8A16_TC_SMALL + W8A16_TC if c[0] <= 16])
 def test_w8a16_bulk_copies_agree(M, N, K, cgen, monkeypatch):
     """LOWBIT_CUDA_WOQ_COPY=bulk (sm_90a, M <= 16: lane 0 copies each 64 k x 16-row tile with one

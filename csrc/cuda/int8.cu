@@ -31,6 +31,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "int8.h"
 #include "lowbit/cuda_common.cuh"
@@ -122,57 +123,184 @@ __device__ __forceinline__ int load_i8x4(const int8_t* row, int64_t k0, int64_t 
 // ---------------------------------------------------------------- quantizer
 // One block per row (grid-stride over rows): pass 1 finds amax and whether the
 // row holds NaN/Inf, pass 2 writes the codes. Same arithmetic as the reference
-// (see per_token_inv / per_token_scale in cuda_common.cuh).
-template <class D>
-__global__ void quantize_per_token_kernel(const typename D::T* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
-                                          int8_t* __restrict__ q, float* __restrict__ scale) {
+// (see per_token_inv / per_token_scale in cuda_common.cuh). Two kernels:
+//   * quantize_per_token_kernel, the default: one element per thread and iteration.
+//     Latency-bound (H200: 25 us for 2048 x 4096 fp16, four times the bandwidth floor):
+//     a thread has one 2-byte load in flight at a time, and pass 2 reads x again.
+//   * quantize_per_token_vec_kernel (LOWBIT_CUDA_QUANT=vec, compile-verified only): a thread
+//     loads kQuantVecs 16-byte vectors of the row before it looks at any, so the whole row
+//     is in flight at once, and pass 2 reuses them from registers when the row fits in one
+//     chunk (blockDim * kQuantVecs vectors; K <= 32768 at 16 bits).
+constexpr int kQuantVecs = 4;
+constexpr int kQuantVecMaxThreads = 1024;
+
+// The row's amax and NaN/Inf flag from every thread's share (the whole block calls it; the
+// caller syncs before the next row reuses the shared slots).
+__device__ __forceinline__ float block_row_amax(float amax, int& bad) {
   __shared__ float warp_amax[32];
   __shared__ float row_amax;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  bad = __syncthreads_or(bad);
+  amax = warp_max(amax);
+  if (lane == 0) warp_amax[warp] = amax;
+  __syncthreads();
+  if (warp == 0) {
+    float v = lane < nwarps ? warp_amax[lane] : 0.0f;
+    v = warp_max(v);
+    if (lane == 0) row_amax = v;
+  }
+  __syncthreads();
+  return row_amax;
+}
+
+// Pass 2's arithmetic for one row: every code 0 in a row with NaN/Inf (inv = 0 as well
+// there and in a row of zeros).
+struct QuantRowScale {
+  bool bad;
+  float pre, inv;
+  __device__ QuantRowScale(float amax, int bad_)
+      : bad(bad_ != 0),
+        pre(int8_format::per_token_prescale(amax)),
+        inv((bad_ || amax == 0.0f) ? 0.0f : per_token_inv(amax, pre)) {}
+  __device__ int8_t code(float v) const {
+    if (bad) return 0;
+    const int c = __float2int_rn(__fmul_rn(__fmul_rn(v, pre), inv));  // round half to even
+    return int8_t(min(127, max(-127, c)));
+  }
+};
+
+__device__ __forceinline__ float row_scale(float amax, int bad) {
+  return bad ? __int_as_float(0x7fc00000) : per_token_scale(amax);
+}
+
+template <class D>
+__global__ void quantize_per_token_kernel(
+    const typename D::T* __restrict__ x, int64_t M, int64_t K, int64_t ldx, int8_t* __restrict__ q,
+    float* __restrict__ scale) {
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const typename D::T* xr = x + row * ldx;
     float amax = 0.0f;
     int bad = 0;
-    for (int64_t k = tid; k < K; k += blockDim.x) {
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const float v = D::to_f32(xr[k]);
       bad |= !isfinite(v);
       amax = fmaxf(amax, fabsf(v));
     }
-    bad = __syncthreads_or(bad);
-    amax = warp_max(amax);
-    if (lane == 0) warp_amax[warp] = amax;
-    __syncthreads();
-    if (warp == 0) {
-      float v = lane < nwarps ? warp_amax[lane] : 0.0f;
-      v = warp_max(v);
-      if (lane == 0) row_amax = v;
-    }
-    __syncthreads();
-    amax = row_amax;
-    const float pre = int8_format::per_token_prescale(amax);
-    const float inv = (bad || amax == 0.0f) ? 0.0f : per_token_inv(amax, pre);
+    amax = block_row_amax(amax, bad);
+    const QuantRowScale qs(amax, bad);
     int8_t* qr = q + row * K;
-    for (int64_t k = tid; k < K; k += blockDim.x) {
-      int c = 0;
-      if (!bad) {
-        c = __float2int_rn(__fmul_rn(__fmul_rn(D::to_f32(xr[k]), pre), inv));  // round half to even
-        c = min(127, max(-127, c));
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) qr[k] = qs.code(D::to_f32(xr[k]));
+    if (threadIdx.x == 0) scale[row] = row_scale(amax, bad);
+    __syncthreads();  // block_row_amax's slots are reused by the next row
+  }
+}
+
+// A thread's share of one chunk of a row for quantize_per_token_vec_kernel: vector i of the
+// chunk at vector `base` holds elements [e0, e0 + kVec), zeros past K (+0.0 in every dtype,
+// so they change neither amax nor the NaN/Inf test). `vec`: whole 16-byte vectors of x and
+// kVec-byte stores of q; else element by element.
+template <class D>
+struct QuantChunk {
+  using T = typename D::T;
+  static constexpr int kVec = 16 / int(sizeof(T));
+  union Vec {
+    int4 raw;
+    T e[kVec];
+  };
+  Vec v[kQuantVecs];
+
+  __device__ static int64_t first(int64_t base, int i) { return (base + int64_t(i) * blockDim.x + threadIdx.x) * kVec; }
+
+  __device__ void load(const T* xr, int64_t K, int64_t base, bool vec) {
+#pragma unroll
+    for (int i = 0; i < kQuantVecs; ++i) {
+      const int64_t e0 = first(base, i);
+      if (vec) {
+        v[i].raw = e0 < K ? ldg16(xr + e0) : make_int4(0, 0, 0, 0);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) v[i].e[j] = e0 + j < K ? xr[e0 + j] : T(0);
       }
-      qr[k] = int8_t(c);
     }
-    if (tid == 0) scale[row] = bad ? __int_as_float(0x7fc00000) : per_token_scale(amax);
-    __syncthreads();  // warp_amax / row_amax are reused by the next row
+  }
+  __device__ void scan(float& amax, int& bad) const {
+#pragma unroll
+    for (int i = 0; i < kQuantVecs; ++i)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float f = D::to_f32(v[i].e[j]);
+        bad |= !isfinite(f);
+        amax = fmaxf(amax, fabsf(f));
+      }
+  }
+  __device__ void store(int8_t* qr, int64_t K, int64_t base, bool vec, const QuantRowScale& qs) const {
+#pragma unroll
+    for (int i = 0; i < kQuantVecs; ++i) {
+      const int64_t e0 = first(base, i);
+      if (e0 >= K) continue;
+      union {
+        int8_t c[kVec];
+        typename std::conditional<kVec == 8, uint2, uint32_t>::type packed;
+      } out;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) out.c[j] = qs.code(D::to_f32(v[i].e[j]));
+      if (vec) {
+        *reinterpret_cast<decltype(out.packed)*>(qr + e0) = out.packed;
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j)
+          if (e0 + j < K) qr[e0 + j] = out.c[j];
+      }
+    }
+  }
+};
+
+template <class D>
+__global__ void __launch_bounds__(kQuantVecMaxThreads) quantize_per_token_vec_kernel(
+    const typename D::T* __restrict__ x, int64_t M, int64_t K, int64_t ldx, int8_t* __restrict__ q,
+    float* __restrict__ scale, bool vec) {
+  constexpr int kVec = QuantChunk<D>::kVec;
+  const int64_t chunk = int64_t(blockDim.x) * kQuantVecs * kVec;  // elements
+  QuantChunk<D> c;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const typename D::T* xr = x + row * ldx;
+    float amax = 0.0f;
+    int bad = 0;
+    for (int64_t k = 0; k < K; k += chunk) {
+      c.load(xr, K, k / kVec, vec);
+      c.scan(amax, bad);
+    }
+    amax = block_row_amax(amax, bad);
+    const QuantRowScale qs(amax, bad);
+    int8_t* qr = q + row * K;
+    for (int64_t k = 0; k < K; k += chunk) {
+      if (K > chunk) c.load(xr, K, k / kVec, vec);  // else the row is still in registers
+      c.store(qr, K, k / kVec, vec, qs);
+    }
+    if (threadIdx.x == 0) scale[row] = row_scale(amax, bad);
+    __syncthreads();  // block_row_amax's slots are reused by the next row
   }
 }
 
 template <class D>
 void launch_quantize(const void* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, float* scale, cudaStream_t s) {
-  // About 8 elements per thread, 1 to 16 warps.
-  int64_t warps = (K + 8 * 32 - 1) / (8 * 32);
-  warps = warps < 1 ? 1 : (warps > kQuantMaxThreads / 32 ? kQuantMaxThreads / 32 : warps);
+  const auto xt = static_cast<const typename D::T*>(x);
   const int64_t grid = M < kMaxGridX ? M : kMaxGridX;
-  quantize_per_token_kernel<D><<<dim3(unsigned(grid)), dim3(unsigned(warps * 32)), 0, s>>>(
-      static_cast<const typename D::T*>(x), M, K, ldx, q, scale);
+  int64_t warps;
+  if (env_is("LOWBIT_CUDA_QUANT", "vec")) {
+    constexpr int kVec = QuantChunk<D>::kVec;
+    const bool vec = K % kVec == 0 && ldx % kVec == 0 && aligned16(x) && aligned16(q);
+    // Enough warps that a thread holds at most kQuantVecs vectors of a row, up to 32.
+    warps = ((K + kVec - 1) / kVec + 32 * kQuantVecs - 1) / (32 * kQuantVecs);
+    warps = warps > kQuantVecMaxThreads / 32 ? kQuantVecMaxThreads / 32 : warps;
+    quantize_per_token_vec_kernel<D><<<dim3(unsigned(grid)), dim3(unsigned(warps * 32)), 0, s>>>(xt, M, K, ldx, q,
+                                                                                                 scale, vec);
+    return;
+  }
+  // About 8 elements per thread, 1 to 16 warps.
+  warps = (K + 8 * 32 - 1) / (8 * 32);
+  warps = warps < 1 ? 1 : (warps > kQuantMaxThreads / 32 ? kQuantMaxThreads / 32 : warps);
+  quantize_per_token_kernel<D><<<dim3(unsigned(grid)), dim3(unsigned(warps * 32)), 0, s>>>(xt, M, K, ldx, q, scale);
 }
 
 // ---------------------------------------------------------------- warp tiles
@@ -667,31 +795,6 @@ __global__ void __launch_bounds__(mma_tc::kThreads, 2)
   }
 }
 
-// ---------------------------------------------------------------- W8A8, Hopper wgmma
-// The same GEMM as w8a8_mma_kernel (same conditions, tile order, epilogue and so the same
-// bits) on sm_90a's warpgroup MMA: a CTA of two warpgroups computes a 128 x BN tile of y
-// (BN = 256 where such tiles still fill the GPU, else 128), each warpgroup 64 rows with
-// wgmma.m64nBNk32 (s8 x s8 -> s32), both operands read from shared memory by descriptor.
-// k goes in stages of 128 bytes: one 128-byte-swizzled row per tile row (the layout qx and
-// qweight already have, K-major), copied by cp.async into a 4-stage ring (128 / 192 KB, one
-// CTA per SM), tile kt + 2 issued while kt is multiplied: the stage refilled held tile
-// kt - 2, whose wgmma group every warpgroup has waited for (wait_group 1 after kt - 1) before
-// the barrier of kt. Why: mma.sync reaches about half of Hopper's int8 tensor peak
-// (w8a8_mma_kernel: 449 TOPS with the quantizer, 0.60x fp16 cuBLAS). Why BN = 256: per
-// stage the SM's shared memory moves the cp.async writes plus every wgmma's operand reads,
-// 80 KB per 512 cycles of tensor work at BN = 128 (above its 128 B/cycle), 128 KB per 1024
-// at BN = 256.
-namespace wgmma_tc {
-constexpr int kBM = 128, kBK = 128;  // rows of y per CTA; k bytes per stage (one swizzle row)
-constexpr int kStages = 4;
-constexpr int kThreads = 256;        // two warpgroups of 64 rows
-constexpr int kChunks = kBK / 16;    // 16-byte chunks per tile row
-constexpr int kBytesA = kBM * kBK;
-template <int BN> constexpr int kStageBytes = kBytesA + BN * kBK;
-template <int BN> constexpr int kSmemBytes = kStages * kStageBytes<BN> + 1024;  // + room to align to 1024 bytes
-static_assert(kChunks == 8 && kBytesA % 1024 == 0, "the swizzle permutes 8 chunks; tiles start swizzle atoms");
-}  // namespace wgmma_tc
-
 // The epilogue of a warpgroup's 64 x BN wgmma accumulators, rows m0 .. m0 + 63 of y from
 // column n0: acc[4 i + 2 h + e] is row 16 w + gid + 8 h (w: the warp in its warpgroup),
 // column 8 i + 2 tig + e; the same fp32 arithmetic as every W8A8 kernel (w8a8_value).
@@ -721,108 +824,14 @@ __device__ __forceinline__ void store_wgmma_tile(const int (&acc)[BN / 2], int64
     }
 }
 
-template <class D, int BN>
-__global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
-    w8a8_wgmma_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, int64_t M, int64_t K,
-                      const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
-                      const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
-#if defined(LOWBIT_WGMMA)
-  using namespace wgmma_tc;
-  namespace ptx = lowbit::cuda::ptx;
-  constexpr int kRowsPerPass = wgmma_tc::kThreads / kChunks;  // 32 tile rows per pass of the threads over a stage
-  constexpr int kLoadsA = kBM / kRowsPerPass, kLoadsB = BN / kRowsPerPass;
-  constexpr int kStage = kStageBytes<BN>;
-  static_assert(kRowsPerPass % 8 == 0, "a thread's rows share their swizzle");
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
-  const int tid = threadIdx.x, wg = tid >> 7;
-  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + BN - 1) / BN;
-  const int ktiles = int((K + kBK - 1) / kBK);
-  // This thread's chunks of a stage: chunk c = tid % 8 of rows tid / 8 + 32 i of both operands.
-  const int c = tid % kChunks, r0 = tid / kChunks;
-  const int off0 = r0 * kBK + ((c ^ (r0 & 7)) << 4);  // the 128-byte swizzle wgmma's descriptor reads
-
-  for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
-    int64_t m0, n0;
-    grouped_tile(tile, tiles_m, tiles_n, m0, n0);
-    m0 *= kBM, n0 *= BN;
-
-    // The sources of this thread's chunks at k 0 (null past M / N), found once per tile.
-    const int8_t* pa[kLoadsA];
-    const int8_t* pb[kLoadsB];
-#pragma unroll
-    for (int i = 0; i < kLoadsA; ++i) {
-      const int64_t m = m0 + r0 + i * kRowsPerPass;
-      pa[i] = m < M ? qx + m * K + 16 * c : nullptr;
-    }
-#pragma unroll
-    for (int i = 0; i < kLoadsB; ++i) {
-      const int64_t n = n0 + r0 + i * kRowsPerPass;
-      pb[i] = n < N ? qw + n * K + 16 * c : nullptr;
-    }
-    // Stage `stage` <- k tile kt of A (qx rows m0..) and B (qweight rows n0..).
-    auto load_stage = [&](int stage, int kt) {
-      uint8_t* sa = smem + stage * kStage;
-      uint8_t* sb = sa + kBytesA;
-      const int64_t k = int64_t(kt) * kBK;
-      const bool kin = k + 16 * c < K;  // K % 16 == 0: a chunk is all in or all out
-#pragma unroll
-      for (int i = 0; i < kLoadsA; ++i) {
-        const bool ok = kin && pa[i];
-        ptx::cp_async16_zfill(sa + off0 + i * kRowsPerPass * kBK, ok ? pa[i] + k : qx, ok);
-      }
-#pragma unroll
-      for (int i = 0; i < kLoadsB; ++i) {
-        const bool ok = kin && pb[i];
-        ptx::cp_async16_zfill(sb + off0 + i * kRowsPerPass * kBK, ok ? pb[i] + k : qw, ok);
-      }
-    };
-
-    int acc[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
-
-    // Prologue: k tiles 0 and 1, one commit group each (empty past the end: group g holds tile g).
-#pragma unroll
-    for (int st = 0; st < kStages - 2; ++st) {
-      if (st < ktiles) load_stage(st, st);
-      ptx::cp_async_commit();
-    }
-    for (int kt = 0; kt < ktiles; ++kt) {
-      ptx::cp_async_wait<kStages - 3>();  // this thread's copies of tile kt have landed
-      wgmma::fence_proxy_async();         // ... and are visible to wgmma's (async) proxy
-      __syncthreads();                    // everyone's; and both warpgroups are done with tile kt - 2
-      const int next = kt + kStages - 2;
-      if (next < ktiles) load_stage(next % kStages, next);
-      ptx::cp_async_commit();
-
-      const uint8_t* sa = smem + (kt % kStages) * kStage;
-      const uint8_t* sb = sa + kBytesA;
-      wgmma::fence();
-#pragma unroll
-      for (int ks = 0; ks < kBK / 32; ++ks)
-        wgmma::mma_s8<BN>(acc, wgmma::desc_sw128(sa + wg * 64 * kBK + 32 * ks), wgmma::desc_sw128(sb + 32 * ks));
-      wgmma::commit();
-      wgmma::wait<1>();  // tile kt - 1's group has finished (kt's may still run)
-    }
-    wgmma::wait<0>();
-    wgmma::fence_operands(acc);
-    ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the count clean
-    __syncthreads();          // every warpgroup is done with the ring before the next tile's prologue
-
-    store_wgmma_tile<D, BN>(acc, m0 + wg * 64, n0, sx, M, ws, N, bias, bias_dtype, y, ldy);
-  }
-#else
-  __trap();  // built without sm_90a code: the host never launches it (w8a8_wgmma_ok)
-#endif
-}
-
 // ---------------------------------------------------------------- W8A8, Hopper TMA + wgmma
-// The same GEMM again (same 128 x BN tiles, tile order, epilogue, bits), organised the way
-// Hopper is meant to be fed, for large M x N where w8a8_wgmma_kernel loses to mma.sync (each
-// of its CTAs fills and drains its pipeline for every tile, and the epilogue stalls the
-// tensor cores). Opt-in (LOWBIT_CUDA_W8A8=tma) until measured on an H100; BN = 256 where
-// such tiles give every SM one, else 128 (as w8a8_wgmma_kernel).
+// The same GEMM as w8a8_mma_kernel (same 128 x BN tiles, tile order, epilogue, so the same
+// bits) on sm_90a's warpgroup MMA (wgmma.m64nBNk32, s8 x s8 -> s32, both operands read from
+// shared memory by descriptor), organised the way Hopper is meant to be fed. Why: mma.sync
+// reaches about half of Hopper's int8 tensor peak. BN = 256 where such tiles give every SM
+// one, else 128: per stage the SM's shared memory takes the copies plus every wgmma's operand
+// reads, 80 KB per 512 cycles of tensor work at BN = 128 (above its 128 B/cycle), 128 KB per
+// 1024 at BN = 256.
 //   * Persistent: one CTA per SM walks the tiles (grouped_tile order, grid stride).
 //   * Warp-specialized: warpgroup 0 is the producer, in which one thread issues, per k stage,
 //     two TMA copies (a 128 x 128-byte box of qx, a BN x 128 box of qweight; the tensor
@@ -834,6 +843,9 @@ __global__ void __launch_bounds__(wgmma_tc::kThreads, 1)
 //     next stage's batch). The producer runs ahead across tiles, so the next tile's first
 //     stages load while the consumers store this one. dev/lane_models/w8a8_tma_ring.py models
 //     this protocol under random schedules of the copies and mma batches.
+// Its weak spot: both consumer warpgroups store a tile together, so the tensor cores idle
+// during each epilogue; where tiles are many and K short, mma.sync's two CTAs per SM
+// (one computing while the other stores) win (see int8_linear_w8a8).
 namespace wgmma_ws {
 constexpr int kBM = 128, kBK = 128;  // rows of y per tile; k bytes per stage (one swizzle row)
 constexpr int kConsumers = 2;        // warpgroups of 64 rows
@@ -1002,29 +1014,12 @@ int prepare_w8a8_tma() {
   return opt_in_smem(w8a8_tma_kernel<D, BN>, wgmma_ws::kSmemBytes<BN>, done, "int8_linear_w8a8");
 }
 
-template <class D, int BN>
-int prepare_w8a8_wgmma() {
-  static std::atomic<uint64_t> done{0};
-  return opt_in_smem(w8a8_wgmma_kernel<D, BN>, wgmma_tc::kSmemBytes<BN>, done, "int8_linear_w8a8");
-}
-
 // The current device's SM count (1 if it cannot be read).
 int sm_count() {
   int dev = 0, n = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     (void)cudaGetLastError();
   return n > 0 ? n : 1;
-}
-
-// Whether this device runs w8a8_wgmma_kernel: an sm_90 GPU running this build's sm_90a code
-// (built_for_sm90a; and the kernel's PTX version 9.0, not an older arch's JIT-compiled trap),
-// unless LOWBIT_CUDA_W8A8=mma (read per call) keeps mma.sync. Per device, cached.
-bool w8a8_wgmma_ok() {
-  if (env_is("LOWBIT_CUDA_W8A8", "mma")) return false;
-  static std::atomic<uint64_t> known{0}, ok{0};
-  return cached_per_device(known, ok, [](int dev) {
-    return runs_sm90a_code(dev, w8a8_wgmma_kernel<F16, 128>);
-  });
 }
 
 // cuTensorMapEncodeTiled, from the driver at run time (the module links only the static
@@ -1063,10 +1058,11 @@ bool int8_tensor_map(CUtensorMap* map, const int8_t* base, int64_t rows, int64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Whether W8A8 takes w8a8_tma_kernel: LOWBIT_CUDA_W8A8=tma (read per call), on a device that
-// runs wgmma (as w8a8_wgmma_ok) and a driver with tensor maps.
+// Whether W8A8 may take w8a8_tma_kernel: an sm_90 GPU running this build's sm_90a code
+// (runs_sm90a_code), a driver with tensor maps, and not LOWBIT_CUDA_W8A8=mma (read per call).
+// Per device, cached.
 bool w8a8_tma_ok() {
-  if (!env_is("LOWBIT_CUDA_W8A8", "tma")) return false;
+  if (env_is("LOWBIT_CUDA_W8A8", "mma")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
     return runs_sm90a_code(dev, w8a8_tma_kernel<F16, 128>) && encode_tiled() != nullptr;
@@ -1091,16 +1087,14 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
   return kOk;
 }
 
-// One tensor-core W8A8 GEMM launch (w8a8_mma_kernel or w8a8_wgmma_kernel): a CTA per
-// bm x bn tile of y, grid-striding past kMaxGridX tiles.
-template <class D, class Kernel>
-void launch_w8a8_tc(Kernel kernel, int bm, int bn, int threads, int smem, const int8_t* qx, const float* sx,
-                    int64_t M, int64_t K, const int8_t* qw, const float* ws, int64_t N, const void* bias,
-                    int bias_dtype, void* y, int64_t ldy, cudaStream_t s) {
-  const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
+// w8a8_mma_kernel: a CTA per tile of y, grid-striding past kMaxGridX tiles.
+template <class D>
+void launch_w8a8_mma(const int8_t* qx, const float* sx, int64_t M, int64_t K, const int8_t* qw, const float* ws,
+                     int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, cudaStream_t s) {
+  const int64_t tiles = ((M + mma_tc::kBM - 1) / mma_tc::kBM) * ((N + mma_tc::kBN - 1) / mma_tc::kBN);
   const int64_t grid = tiles < kMaxGridX ? tiles : kMaxGridX;
-  kernel<<<dim3(unsigned(grid)), dim3(threads), smem, s>>>(qx, sx, M, K, qw, ws, N, bias, bias_dtype,
-                                                          static_cast<typename D::T*>(y), ldy);
+  w8a8_mma_kernel<D><<<dim3(unsigned(grid)), dim3(mma_tc::kThreads), mma_tc::kSmemBytes, s>>>(
+      qx, sx, M, K, qw, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
 }
 
 }  // namespace
@@ -1227,40 +1221,29 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(qx);
   // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
   const bool mma = M >= mma_tc::kMinM && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
-  // On sm_90a, the same GEMM on wgmma (w8a8_wgmma_kernel; same bits), with 256-wide tiles
-  // when they still give every SM one; but only where it measured faster than mma.sync
-  // (H200, dev/gpu_sweep.py w8a8: M = 64-4096 on four Llama shapes). Its one CTA per SM
-  // pays each tile's pipeline fill, drain and epilogue with nothing to overlap them, so it
-  // loses once the output is large (M x N > 4M elements: 0.84-0.98x the speed of mma.sync
-  // at M = 2048) unless a long K amortizes them (K = 11008: 1.10-1.66x at every M).
-  // LOWBIT_CUDA_W8A8=tma: the persistent TMA kernel wherever a tensor-core kernel runs
-  // (its tensor maps take M, N < 2^31 rows). Both wgmma kernels take 256-wide tiles when
-  // those still give every SM one.
-  const bool tma = mma && M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && w8a8_tma_ok();
-  const bool wgmma = mma && !tma && w8a8_wgmma_ok() && (M * N <= (int64_t(4) << 20) || K >= 10240);
-  const int sms = tma || wgmma ? sm_count() : 1;
-  const bool wide = (tma || wgmma) && ((M + wgmma_tc::kBM - 1) / wgmma_tc::kBM) * ((N + 255) / 256) >= sms;
+  // On sm_90a, the same GEMM on w8a8_tma_kernel (same bits), where it measured faster than
+  // mma.sync (H200, dev/gpu_sweep.py w8a8: M = 64-4096 on four Llama shapes): outputs up to
+  // 4M elements (few tiles: 1.05-1.25x), and a K of 8192 or more at any size (the epilogue
+  // that idles its tensor cores is amortized over >= 64 k tiles: 1.08-1.27x at M >= 1024). It
+  // loses (0.75-0.95x) on many tiles of short K, e.g. M = 2048 on 4096 x 4096, where
+  // mma.sync's two CTAs per SM overlap one's epilogue with the other's MMAs.
+  // LOWBIT_CUDA_W8A8=tma takes it wherever a tensor-core kernel runs, =mma never. Its tensor
+  // maps take M, N < 2^31 rows. 256-wide tiles when those still give every SM one.
+  const bool tma = mma && M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && w8a8_tma_ok() &&
+                   (M * N <= (int64_t(4) << 20) || K >= 8192 || env_is("LOWBIT_CUDA_W8A8", "tma"));
+  const int sms = tma ? sm_count() : 1;
+  const bool wide = tma && ((M + wgmma_ws::kBM - 1) / wgmma_ws::kBM) * ((N + 255) / 256) >= sms;
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
-    if (mma)
-      st = tma     ? (wide ? prepare_w8a8_tma<D, 256>() : prepare_w8a8_tma<D, 128>())
-           : wgmma ? (wide ? prepare_w8a8_wgmma<D, 256>() : prepare_w8a8_wgmma<D, 128>())
-                   : prepare_w8a8_mma<D>();
+    if (mma) st = tma ? (wide ? prepare_w8a8_tma<D, 256>() : prepare_w8a8_tma<D, 128>()) : prepare_w8a8_mma<D>();
     if (st == kOk) {
       launch_quantize<D>(x, M, K, ldx, qx, sx, s);
       if (tma && wide)
         st = launch_w8a8_tma<D, 256>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
       else if (tma)
         st = launch_w8a8_tma<D, 128>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
-      else if (wide)
-        launch_w8a8_tc<D>(w8a8_wgmma_kernel<D, 256>, wgmma_tc::kBM, 256, wgmma_tc::kThreads,
-                          wgmma_tc::kSmemBytes<256>, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
-      else if (wgmma)
-        launch_w8a8_tc<D>(w8a8_wgmma_kernel<D, 128>, wgmma_tc::kBM, 128, wgmma_tc::kThreads,
-                          wgmma_tc::kSmemBytes<128>, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
       else if (mma)
-        launch_w8a8_tc<D>(w8a8_mma_kernel<D>, mma_tc::kBM, mma_tc::kBN, mma_tc::kThreads, mma_tc::kSmemBytes, qx,
-                          sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+        launch_w8a8_mma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
       else
         launch_w8a8<D>(vec, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
     }
