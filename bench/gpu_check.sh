@@ -131,9 +131,9 @@ if [ "${RC[build]}" = 0 ]; then
   fi
 
   # 6c. the tuning sweeps of dev/gpu_sweep.py (default: the weight-only kernels' fixed cost, K
-  # splits and L2 prefetch, the decode's merge overlap, splits and blocks per SM, W8A8 on each
-  # kernel with the quantizer alone: the TMA kernel only if its tests passed), with what time
-  # is left: data for the next tuning decision
+  # splits and bulk copies, the decode's merge overlap, splits and blocks per SM, W8A8 on each
+  # kernel and the quantizer alone, each quantizer kernel), with what time is left: data for
+  # the next tuning decision
   if [ "${CHECK_SWEEP:-1}" != 0 ]; then
     # shellcheck disable=SC2086
     step sweep 150 "$OUT/sweep.txt" python3 dev/gpu_sweep.py \

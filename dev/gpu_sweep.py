@@ -14,12 +14,12 @@ decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16 on 128 x 128), then
         W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
-        plan's splits with an L2 prefetch 4 .. 32 tiles past each warp's ring (M = 1,
-        LOWBIT_CUDA_WOQ_PREFETCH) or the bulk-copy rings (LOWBIT_CUDA_WOQ_COPY=bulk).
+        plan's splits on W8A16's bulk-copy ring (LOWBIT_CUDA_WOQ_COPY=bulk).
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
 w8a8:   W8A8 by default (the TMA kernel or mma.sync, by shape), on mma.sync, on the TMA kernel,
-        by default again, and its quantizer alone, at M in {512, 1024, 2048, 4096}.
+        by default again, and its quantizer alone (both kernels; and W8A8 by default with
+        LOWBIT_CUDA_QUANT=vec), at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
 
@@ -166,15 +166,10 @@ def woq() -> None:
                         setattr(MOD, plan, orig)
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
-                # the plan's splits with an L2 prefetch this far past the ring (M <= 8), and the
-                # bulk-copy ring
-                configs = [("LOWBIT_CUDA_WOQ_PREFETCH", str(ahead), f"prefetch={ahead}")
-                           for ahead in ((4, 8, 16, 32) if M <= 8 else ())]
-                configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
-                for var, value, what in configs:
-                    with env_var(var, value):
+                if name == "w8a16":  # the plan's splits on the bulk-copy ring
+                    with env_var("LOWBIT_CUDA_WOQ_COPY", "bulk"):
                         us = time_per_call(make, nbuf, REPS)
-                    print(f"woq {N}x{K} M={M} {name} {what}: {us:.1f} us, {base / us:.2f}x fp16", flush=True)
+                    print(f"woq {N}x{K} M={M} {name} bulk copies: {us:.1f} us, {base / us:.2f}x fp16", flush=True)
         torch.cuda.empty_cache()
 
 
@@ -232,7 +227,11 @@ def w8a8() -> None:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             base = time_per_call(lambda i: (lambda: F.linear(x, w16)), 1, REPS)
             quant = time_per_call(lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, REPS)
-            line = f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us, quantizer alone {quant:.1f} us"
+            with env_var("LOWBIT_CUDA_QUANT", "vec"):
+                quant_vec = time_per_call(lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, REPS)
+                with_vec = time_per_call(lambda i: (lambda: int8_ops.int8_linear_w8a8(x, q, s)), 1, REPS)
+            line = (f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us, quantizer alone {quant:.1f} us (vec {quant_vec:.1f} us), "
+                    f"default with the vec quantizer {with_vec:.1f} us ({base / with_vec:.2f}x)")
             # the default again last: a shape's first timing can run a few % slow (H200: up to 7%)
             kernels = ("default", "mma", "tma", "default")
             for n, kernel in enumerate(kernels):

@@ -259,41 +259,6 @@ def test_w4a16_deterministic_small(gen):
 
 
 @gpu
-@pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (8, 4096, 11008, 128), (5, 40, 100, 100),
-                                     (1, 11008, 4096, 32)])
-def test_w4a16_l2_prefetch_changes_nothing(M, N, K, g, gen, monkeypatch):
-    """LOWBIT_CUDA_WOQ_PREFETCH=n (at M <= 8 each warp hints its weights n tiles past its ring
-    into L2: a tuning experiment) gives the same bits as without, near a warp's last tiles
-    included."""
-    codes, d, m = rand_canonical(N, K, g, False, gen)
-    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
-    x = torch.randn((M, K), generator=gen).half().cuda()
-    y = w4a16(x, q, table, None, N)
-    for n in ("1", "8", "64"):
-        monkeypatch.setenv("LOWBIT_CUDA_WOQ_PREFETCH", n)
-        assert torch.equal(w4a16(x, q, table, None, N), y), f"prefetch {n}"
-
-
-@gpu
-@pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (8, 4096, 11008, 32), (5, 40, 100, 100),
-                                     (16, 11008, 4096, 64), (9, 24, 192, 192), (1, 11008, 4096, 4096)])
-@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["s16", "s32"])
-def test_w4a16_bulk_copies_agree(M, N, K, g, scale_dtype, gen, monkeypatch):
-    """LOWBIT_CUDA_WOQ_COPY=bulk (sm_90a, M <= 16: lane 0 copies each tile whole with TMA bulk
-    copies onto an mbarrier) gives the same bits as the cp.async ring: K splits, groups of 32
-    (two scale rows a tile), ragged N and K, the m16 tile, per-channel scales, fp32 scales.
-    Elsewhere both calls take the cp.async ring."""
-    codes, d, m = rand_canonical(N, K, g, False, gen, scale_dtype=scale_dtype)
-    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
-    for dtype in (torch.float16, torch.bfloat16):
-        x = torch.randn((M, K), generator=gen).to(dtype).cuda()
-        y = w4a16(x, q, table, None, N)
-        monkeypatch.setenv("LOWBIT_CUDA_WOQ_COPY", "bulk")
-        assert torch.equal(w4a16(x, q, table, None, N), y), DT_ID[dtype]
-        monkeypatch.delenv("LOWBIT_CUDA_WOQ_COPY")
-
-
-@gpu
 def test_w4a16_bad_input_small(gen):
     codes, d, m = rand_canonical(32, 64, 32, False, gen)
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))

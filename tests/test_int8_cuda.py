@@ -548,20 +548,6 @@ def test_w8a16_tensor_cores(dtype, M, N, K, w8a16_kernel, cgen):
 
 
 @gpu
-@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (5, 576, 11008), (8, 4096, 4096), (3, 300, 4112)])
-def test_w8a16_l2_prefetch_changes_nothing(M, N, K, cgen, monkeypatch):
-    """LOWBIT_CUDA_WOQ_PREFETCH=n (at M <= 8 each warp hints its weights n tiles past its ring
-    into L2: a tuning experiment) gives the same bits as without, near a warp's last tiles and
-    K included."""
-    x = randn((M, K), cgen, torch.float16)
-    qw, s = rand_weight(N, K, cgen)
-    y = OPS["w8a16"](x, qw, s)
-    for n in ("1", "8", "64"):
-        monkeypatch.setenv("LOWBIT_CUDA_WOQ_PREFETCH", n)
-        assert torch.equal(OPS["w8a16"](x, qw, s), y), f"prefetch {n}"
-
-
-@gpu
 @pytest.mark.parametrize("M,N,K", [c for c in W8A16_TC_SMALL + W8A16_TC if c[0] <= 16])
 def test_w8a16_bulk_copies_agree(M, N, K, cgen, monkeypatch):
     """LOWBIT_CUDA_WOQ_COPY=bulk (sm_90a, M <= 16: lane 0 copies each 64 k x 16-row tile with one

@@ -18,7 +18,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "int4.h"
@@ -87,11 +86,6 @@ template <class S> struct Int4Cursor {
   __device__ int group_at(int k0) const {
     const int grp = last_grp == 0 ? 0 : k0 >> g_shift;
     return grp < last_grp ? grp : last_grp;
-  }
-  // Into L2: the packed words of the tile `ahead` tiles past the next one (lanes 0, 8, 16, 24:
-  // the tile's four 128-byte lines).
-  __device__ void prefetch_l2(int ahead, int lane) const {
-    if ((lane & 7) == 0) ptx::prefetch_l2(wp + 32 * ahead);
   }
   // The next tile's word and scale row; then the cursor moves to the tile after it.
   __device__ const Raw* next(const uint4*& word) {
@@ -163,48 +157,6 @@ template <class S> struct Int4 {
   __device__ static float finish(const woq::Args&, int64_t, float v) { return v; }  // scaled while dequantizing
 };
 
-// The same format with each tile copied whole by TMA bulk copies (woq::BulkSync; sm_90a,
-// opt-in: LOWBIT_CUDA_WOQ_COPY=bulk, M <= 16): lane 0 copies the tile's 512 bytes of words
-// and the (d, m) rows of its 16 columns for the groups of k 0-31 and 32-63 of the tile (the
-// same row twice unless the groups are 32 wide), 3 instructions a tile where cp.async takes
-// 3 per lane; each lane reads the row of its own 16 k. Why: cp.async keeps every copy in the
-// SM's load/store pipeline until it lands; the question is whether that is what caps the
-// bytes in flight (the kernel streams at ~60% of the copy bandwidth). dev/lane_models/
-// woq_int4_bulk.py checks that the rows give every lane the pairs Int4 copies.
-template <class S> struct Int4Bulk : Int4<S> {  // Int4's Tile, dequant and finish; its own ring
-  using Raw = typename Pair<S>::Raw;
-  using Tile = typename Int4<S>::Tile;
-  struct Ring {
-    uint4 w[kWarps][kStages][32];
-    Raw dm[kWarps][kStages][2][woq::kTileN];
-    uint64_t bar[kWarps][kStages];
-  };
-  struct Cursor : Int4Cursor<S>, woq::BulkSync {
-    using Int4Cursor<S>::Int4Cursor;
-    __device__ void issue(Ring& r, int warp, int slot, int lane) {
-      const int k0 = this->k - 16 * (lane & 3);  // the tile's first k (every lane moves on)
-      const uint4* word;
-      const Raw* src = this->next(word);
-#if defined(LOWBIT_WGMMA)
-      if (lane == 0) {
-        constexpr uint32_t kRowBytes = woq::kTileN * sizeof(Raw);
-        uint64_t* bar = &r.bar[warp][slot];
-        wgmma::mbar_arrive_expect_tx(bar, 32 * sizeof(uint4) + 2 * kRowBytes);
-        wgmma::bulk_load(&r.w[warp][slot][0], word, 32 * sizeof(uint4), bar);
-        wgmma::bulk_load(&r.dm[warp][slot][0][0], src, kRowBytes, bar);
-        wgmma::bulk_load(&r.dm[warp][slot][1][0], this->sp + this->group_at(k0 + 32) * this->Np, kRowBytes, bar);
-      }
-#else
-      (void)r, (void)warp, (void)slot, (void)k0, (void)src;
-#endif
-    }
-  };
-  __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
-    const int gid = lane >> 2, half = (lane & 3) >> 1;  // k 0-31 of the tile: row 0; 32-63: row 1
-    return {r.w[warp][slot][lane], {r.dm[warp][slot][half][gid], r.dm[warp][slot][half][gid + 8]}};
-  }
-};
-
 // The dense weight W [N, K] (row-major, x's type) exactly as the tensor-core kernel's
 // dequantization gives it: for large M, one cuBLAS GEMM on it beats dequantizing every
 // weight again for each block of rows. A block takes one column tile (16 rows of W) and
@@ -262,16 +214,6 @@ int set_weights(woq::Args& a, const uint32_t* qweight, const void* scales, int64
   return kOk;
 }
 
-// Whether W4A16 at M <= 16 takes the bulk-copy ring (Int4Bulk): LOWBIT_CUDA_WOQ_COPY=bulk (read
-// per call) on a device running this build's sm_90a code. Per device, cached.
-bool w4a16_bulk_ok() {
-  if (!env_is("LOWBIT_CUDA_WOQ_COPY", "bulk")) return false;
-  static std::atomic<uint64_t> known{0}, ok{0};
-  return cached_per_device(known, ok, [](int dev) {
-    return runs_sm90a_code(dev, woq::woq_kernel<F16, Int4Bulk<uint16_t>, 1, true>);
-  });
-}
-
 }  // namespace
 
 void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters) {
@@ -293,15 +235,7 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
   a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
   (void)cudaGetLastError();  // report only what our launch does
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // (bulk copies need 16-byte aligned scale rows: the base, as every row is 16 (d, m) pairs)
-  if (M <= 16 && (reinterpret_cast<uintptr_t>(scales) & 15u) == 0 && w4a16_bulk_ok()) {
-    if (x_dtype == kF16)
-      scales_dtype == kF16 ? woq::launch_upto16<F16, Int4Bulk<uint16_t>>(a, s)
-                           : woq::launch_upto16<F16, Int4Bulk<float>>(a, s);
-    else
-      scales_dtype == kF16 ? woq::launch_upto16<BF16, Int4Bulk<uint16_t>>(a, s)
-                           : woq::launch_upto16<BF16, Int4Bulk<float>>(a, s);
-  } else if (x_dtype == kF16) {
+  if (x_dtype == kF16) {
     scales_dtype == kF16 ? woq::launch<F16, Int4<uint16_t>>(a, s) : woq::launch<F16, Int4<float>>(a, s);
   } else {
     scales_dtype == kF16 ? woq::launch<BF16, Int4<uint16_t>>(a, s) : woq::launch<BF16, Int4<float>>(a, s);

@@ -433,35 +433,6 @@ __global__ void __launch_bounds__(kThreads)
 // a lane copies the 16 codes k = 64 t + 16 tig .. + 16 of rows na and na + 8 (woq's k order:
 // word j of a row holds step j's slot pairs, bytes 0, 1 for B register 0 and 2, 3 for 1);
 // codes become fp16 / bf16 exactly (ptx::CodePair).
-// A lane's walk along rows na and na + 8 of its column tile, one tile per issue.
-struct Int8Walk {
-  const int8_t* base;  // any valid address, for copies that read nothing
-  const int8_t* row;   // row na at the lane's first k of the next tile to issue
-  int64_t ld8;         // 8 K: from row na to row na + 8
-  int left;            // codes of the row from there to K
-  bool ok[2];          // rows na, na + 8 exist
-  __device__ Int8Walk(const woq::Args& a, int64_t nt, int64_t t_begin, int lane) {
-    const int64_t na = nt * woq::kTileN + (lane >> 2), k = t_begin * woq::kTileK + 16 * (lane & 3);
-    base = static_cast<const int8_t*>(a.qweight);
-    ok[0] = na < a.N, ok[1] = na + 8 < a.N;
-    row = base + (ok[0] ? na * a.K + k : 0);
-    ld8 = 8 * a.K;
-    left = int(a.K - k);
-  }
-  __device__ void advance() {
-    row += woq::kTileK;
-    left -= woq::kTileK;
-  }
-  // Into L2: rows na and na + 8 of the tile `ahead` tiles past the next one (the 64 bytes
-  // of each row start at lane tig 0's k).
-  __device__ void prefetch_l2(int ahead, int lane) const {
-    if ((lane & 3) != 0 || left <= ahead * woq::kTileK) return;
-#pragma unroll
-    for (int sub = 0; sub < 2; ++sub)
-      if (ok[sub]) ptx::prefetch_l2(row + sub * ld8 + ahead * woq::kTileK);
-  }
-};
-
 struct Int8W {
   struct Ring {
     uint4 w[woq::kWarps][woq::kStages][2][32];
@@ -469,8 +440,21 @@ struct Int8W {
   struct Tile {
     uint4 w[2];
   };
-  struct Cursor : Int8Walk, woq::CpAsyncSync {
-    using Int8Walk::Int8Walk;
+  // A lane's walk along rows na and na + 8 of its column tile, one tile per issue.
+  struct Cursor : woq::CpAsyncSync {
+    const int8_t* base;  // any valid address, for copies that read nothing
+    const int8_t* row;   // row na at the lane's first k of the next tile to issue
+    int64_t ld8;         // 8 K: from row na to row na + 8
+    int left;            // codes of the row from there to K
+    bool ok[2];          // rows na, na + 8 exist
+    __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane) {
+      const int64_t na = nt * woq::kTileN + (lane >> 2), k = t_begin * woq::kTileK + 16 * (lane & 3);
+      base = static_cast<const int8_t*>(a.qweight);
+      ok[0] = na < a.N, ok[1] = na + 8 < a.N;
+      row = base + (ok[0] ? na * a.K + k : 0);
+      ld8 = 8 * a.K;
+      left = int(a.K - k);
+    }
     __device__ void issue(Ring& r, int warp, int slot, int lane) {
       const int n = left < 0 ? 0 : left > 16 ? 16 : left;
 #pragma unroll
@@ -478,7 +462,8 @@ struct Int8W {
         const bool live = ok[sub] && n > 0;
         ptx::cp_async16_zfill_n(&r.w[warp][slot][sub][lane], live ? row + sub * ld8 : base, live ? n : 0);
       }
-      advance();
+      row += woq::kTileK;
+      left -= woq::kTileK;
     }
   };
   template <class R>  // (Int8WBulk's ring too: the same slots, plus its barriers)
@@ -507,16 +492,16 @@ struct Int8W {
 // LOWBIT_CUDA_WOQ_COPY=bulk, M <= 16): the box of 64 k x 16 rows at (64 t, 16 nt) of the
 // weights' tensor map lands row-major, row 8 sub + gid at 64 (8 sub + gid) + 16 tig, which is
 // Int8W's slot layout [sub][lane]; rows past N and k past K arrive as zeros, as with the
-// zero-filling cp.async. Lane 0 issues it; every lane still walks (the L2 prefetch reads it).
+// zero-filling cp.async. Lane 0 issues it.
 struct Int8WBulk : Int8W {  // Int8W's Tile, read, dequant and finish; its own ring and cursor
   struct alignas(128) Ring {  // (TMA writes 128-byte aligned boxes)
     uint4 w[woq::kWarps][woq::kStages][2][32];
     uint64_t bar[woq::kWarps][woq::kStages];
   };
-  struct Cursor : Int8Walk, woq::BulkSync {
-    int k0, n0;  // lane 0: the next tile's first k and row
-    __device__ Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane)
-        : Int8Walk(a, nt, t_begin, lane), k0(int(t_begin) * woq::kTileK), n0(int(nt) * woq::kTileN) {}
+  struct Cursor : woq::BulkSync {
+    int k0, n0;  // the next tile's first k and row
+    __device__ Cursor(const woq::Args&, int64_t nt, int64_t t_begin, int)
+        : k0(int(t_begin) * woq::kTileK), n0(int(nt) * woq::kTileN) {}
     __device__ void issue(Ring& r, int warp, int slot, int lane) {
 #if defined(LOWBIT_WGMMA)
       if (lane == 0) {
@@ -527,7 +512,6 @@ struct Int8WBulk : Int8W {  // Int8W's Tile, read, dequant and finish; its own r
       (void)r, (void)warp, (void)slot, (void)lane;
 #endif
       k0 += woq::kTileK;
-      advance();
     }
   };
 };

@@ -45,9 +45,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// A hint: the 128-byte line at p into L2 (no register, no shared memory, nothing to wait for).
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-
 // ---- ldmatrix: four 8x8 b16 matrices from shared memory (lane l gives the row
 // address of matrix l / 8); .trans transposes each (B operands stored k-minor).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {

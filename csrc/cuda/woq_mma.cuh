@@ -69,7 +69,6 @@ struct Args {
   int64_t groups;  // W4: scale groups along K
   int64_t N, Np, ktiles;
   int g_shift;  // W4: log2 of the group size when groups > 1 (then g is 32, 64 or 128)
-  int prefetch;  // > 0 (M <= 8): each warp also prefetches into L2 the tile this far past its newest copy
   int splits;
   int64_t tiles_per_split;
   const void* bias;
@@ -242,15 +241,13 @@ struct BulkSync {
 // ---- the kernel -----------------------------------------------------------------------
 // F, the weight format: F::Ring (the block's rings: kWarps x kStages slots of 32 lanes),
 // F::Cursor (a lane's position in its column tile: constructed at the warp's first tile,
-// issue(ring, warp, slot, lane) copies its next tile into the slot and moves on,
-// prefetch_l2(ahead, lane) hints the tile `ahead` tiles past the next one into L2; and the
+// issue(ring, warp, slot, lane) copies its next tile into the slot and moves on; and the
 // ring's synchronization, CpAsyncSync or BulkSync above),
 // F::Tile / F::read(ring, warp, slot, lane) (a lane's slot back in registers),
 // F::dequant<D>(tile, b) (the 16 weight registers) and F::finish(a, n, sum).
-// PF: the experimental L2 prefetch (Args::prefetch), compiled in only where asked for, so that
-// the default kernels keep their registers and loop. map: the weights' tensor map, for the
-// formats whose cursor copies boxes by TMA (unused by the others).
-template <class D, class F, int MT, bool HALF, bool PF = false>
+// map: the weights' tensor map, for the formats whose cursor copies boxes by TMA (unused by
+// the others).
+template <class D, class F, int MT, bool HALF>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, const __grid_constant__ CUtensorMap map) {
   static_assert(!HALF || MT == 1, "a half tile is the only m tile");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tig = lane & 3;
@@ -271,12 +268,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, con
       cur.start(ring, warp, lane, &map);
       const int count = int(t_end - t_begin), k_lane = int(t_begin) * kTileK + 16 * tig;
       auto issue = [&](int i) {  // tile i into slot i % kStages
-        if (i < count) {
-          cur.issue(ring, warp, i & (kStages - 1), lane);
-          if constexpr (PF) {
-            if (i + a.prefetch < count) cur.prefetch_l2(a.prefetch - 1, lane);
-          }
-        }
+        if (i < count) cur.issue(ring, warp, i & (kStages - 1), lane);
         cur.commit();
       };
       for (int i = 0; i < kStages - 1; ++i) issue(i);
@@ -368,21 +360,10 @@ inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int
   *counters = s > 1 ? cdiv(ntiles, kWarps) * mblocks : 0;
 }
 
-// LOWBIT_CUDA_WOQ_PREFETCH=n (read per call; default 0, off): Args::prefetch, at most 64, for
-// M <= 8. An experiment on deeper memory concurrency (the ring keeps kStages - 1 tiles in
-// flight per warp), not yet measured on a GPU.
-inline int prefetch_tiles() {
-  const char* v = std::getenv("LOWBIT_CUDA_WOQ_PREFETCH");
-  const int n = v ? std::atoi(v) : 0;
-  return n < 0 ? 0 : n > 64 ? 64 : n;
-}
-
-// The shape and split fields of a (x, weights, bias and y are the caller's) and the prefetch
-// distance; kOk, or kInvalidArgument for a split the plan would not make or scratch that is
-// missing.
+// The shape and split fields of a (x, weights, bias and y are the caller's); kOk, or
+// kInvalidArgument for a split the plan would not make or scratch that is missing.
 inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int splits, float* partial,
                      int* counters) {
-  a.prefetch = prefetch_tiles();
   a.M = M, a.K = K, a.ldx = ldx, a.N = N;
   a.Np = cdiv(N, kTileN) * kTileN, a.ktiles = cdiv(K, kTileK);
   a.splits = splits, a.tiles_per_split = cdiv(a.ktiles, splits), a.partial = partial, a.counters = counters;
@@ -391,26 +372,25 @@ inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int 
   return kOk;
 }
 
-template <class D, class F, int MT, bool HALF = false, bool PF = false>
+template <class D, class F, int MT, bool HALF = false>
 void launch_mt(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
   const int64_t mblocks = cdiv(a.M, 16 * MT);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  woq_kernel<D, F, MT, HALF, PF><<<grid, kThreads, 0, s>>>(a, map);
+  woq_kernel<D, F, MT, HALF><<<grid, kThreads, 0, s>>>(a, map);
 }
 
-// The formats only compiled for M <= 16 (the TMA rings): the swapped product for M <= 8, one
+// A format only compiled for M <= 16 (W8A16's TMA ring): the swapped product for M <= 8, one
 // m16 tile up to 16.
 template <class D, class F>
 void launch_upto16(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
   a.M <= 8 ? launch_mt<D, F, 1, true>(a, s, map) : launch_mt<D, F, 1, false>(a, s, map);
 }
 
-// M <= 8 takes the swapped product (HALF: half the activation loads and mmas), with the L2
-// prefetch when Args::prefetch asks for it (only there: the experiment is about decode).
+// M <= 8 takes the swapped product (HALF: half the activation loads and mmas).
 template <class D, class F>
 void launch(const Args& a, cudaStream_t s) {
-  if (a.M <= 8) return a.prefetch > 0 ? launch_mt<D, F, 1, true, true>(a, s) : launch_mt<D, F, 1, true>(a, s);
+  if (a.M <= 8) return launch_mt<D, F, 1, true>(a, s);
   switch (pick_mt(a.M)) {
     case 1: return launch_mt<D, F, 1>(a, s);
     case 2: return launch_mt<D, F, 2>(a, s);
