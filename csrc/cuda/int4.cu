@@ -106,7 +106,7 @@ __device__ __forceinline__ void magic_codes(const uint4& w, uint32_t (&b)[4][2][
 #pragma unroll
     for (int sub = 0; sub < 2; ++sub)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) b[j][sub][h] = ((words[j] >> (8 * sub + 4 * h)) & 0x000f000fu) | Magic<D>::kBias;
+      for (int h = 0; h < 2; ++h) b[j][sub][h] = and_or<0x000f000fu, Magic<D>::kBias>(words[j] >> (8 * sub + 4 * h));
 }
 
 // Weight format of woq_kernel, any M and group size: dequantized in registers. A lane copies

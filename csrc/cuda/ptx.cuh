@@ -115,6 +115,15 @@ template <> struct Mma16<BF16> {
 
 // Two int8 codes of a word (bytes I and J) as an exact packed pair of the mma type E,
 // from u = word ^ kFlip (XOR-ed once per word by the caller).
+// (a & B) | C in one LOP3 (truth table 0xEA = (0xF0 & 0xCC) | 0xAA). Written as C++, the
+// same expression with two immediates compiles to two LOP3s, one per immediate.
+template <uint32_t B, uint32_t C>
+__device__ __forceinline__ uint32_t and_or(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "n"(B), "n"(C));
+  return r;
+}
+
 template <class E> struct CodePair;
 template <> struct CodePair<F16> {
   static constexpr uint32_t kFlip = 0x80808080u;  // each code + 128, as an unsigned byte
