@@ -58,12 +58,12 @@ __device__ __forceinline__ H2 from_bits(uint32_t u) {
 template <class S> struct Pair;
 template <> struct Pair<uint16_t> {  // fp16 storage: 4 bytes a pair
   using Raw = uint32_t;
-  __device__ static void copy(Raw* dst, const Raw* src) { cp_async4(dst, src); }
+  __device__ static void copy(uint32_t dst, const Raw* src) { cp_async4(dst, src); }
   __device__ static float2 to_f32(Raw r) { return __half22float2(from_bits<__half2>(r)); }
 };
 template <> struct Pair<float> {
   using Raw = float2;
-  __device__ static void copy(Raw* dst, const Raw* src) { cp_async8(dst, src); }
+  __device__ static void copy(uint32_t dst, const Raw* src) { cp_async8(dst, src); }
   __device__ static float2 to_f32(Raw r) { return r; }
 };
 
@@ -123,12 +123,18 @@ template <class S> struct Int4 {
   };
   struct Cursor : Int4Cursor<S>, woq::CpAsyncSync {
     using Int4Cursor<S>::Int4Cursor;
-    __device__ void issue(Ring& r, int warp, int slot, int lane) {
+    uint32_t w0, dm0;  // shared addresses of the lane's word and pairs in slot 0
+    __device__ void start(Ring& r, int warp, int lane, const CUtensorMap* map) {
+      w0 = smem_addr(&r.w[warp][0][lane]), dm0 = smem_addr(&r.dm[warp][0][lane][0]);
+      CpAsyncSync::start(r, warp, lane, map);
+    }
+    __device__ void issue(Ring&, int, int slot, int) {
       const uint4* word;
       const Raw* src = this->next(word);
-      cp_async16(&r.w[warp][slot][lane], word);
-      Pair<S>::copy(&r.dm[warp][slot][lane][0], src);
-      Pair<S>::copy(&r.dm[warp][slot][lane][1], src + 8);
+      cp_async16(w0 + slot * uint32_t(sizeof(Ring::w[0][0])), word);
+      const uint32_t dm = dm0 + slot * uint32_t(sizeof(Ring::dm[0][0]));
+      Pair<S>::copy(dm, src);
+      Pair<S>::copy(dm + sizeof(Raw), src + 8);
     }
   };
   __device__ static Tile read(const Ring& r, int warp, int slot, int lane) {
