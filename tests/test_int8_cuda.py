@@ -457,7 +457,17 @@ def test_w8a8_vec_quantizer_agrees_small(M, N, K, cgen, monkeypatch):
     assert torch.equal(OPS["w8a8"](x, qw, s), y)
 
 
-def _check_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch):
+# On an H100 / H200 (132 SMs): 128 x 128 tiles with k past K (K = 16, 48), ragged N and k tails
+# (4112 = 32 x 128 + 16); 144 tiles (some CTAs take two: the 6-stage ring wraps across tiles,
+# 9 k tiles each; the default there is mma.sync); 128 x 256 tiles, 528 of them (4 per CTA, a
+# 4-stage ring), and a long K (the TMA kernel by default). "small" ids: the memcheck subset.
+@gpu
+@pytest.mark.parametrize("kernel", ["default", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("M,N,K", [pytest.param(*c, id="small-{}x{}x{}".format(*c))
+                                   for c in [(64, 8, 16), (200, 129, 4112), (257, 4096, 48)]]
+                         + [(1030, 2000, 1040), (4100, 4096, 1040), (2048, 2600, 10240)])
+def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch):
     """On sm_90a, W8A8's tensor-core path is the persistent TMA + wgmma kernel where it is the
     faster one (outputs up to 4M elements, or K >= 8192; LOWBIT_CUDA_W8A8=tma: everywhere), else
     mma.sync (LOWBIT_CUDA_W8A8=mma: everywhere). Both sum the same int32 products and share the
@@ -473,26 +483,6 @@ def _check_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch):
     assert torch.equal(y, OPS["w8a8"](x, qw, s, b)), f"{kernel} and mma.sync differ"
     assert_linear_close(y, ref_linear64("w8a8", x, qw, s, b), torch_linear_lowp("w8a8", x, qw, s, b),
                         f"w8a8 {kernel} {DT_ID[dtype]} M={M} N={N} K={K}")
-
-
-# On an H100 / H200 (132 SMs): 128 x 128 tiles with k past K (K = 16, 48), ragged N and k tails
-# (4112 = 32 x 128 + 16); 144 tiles (some CTAs take two: the 6-stage ring wraps across tiles,
-# 9 k tiles each; the default there is mma.sync); 128 x 256 tiles, 528 of them (4 per CTA, a
-# 4-stage ring), and a long K (the TMA kernel by default).
-@gpu
-@pytest.mark.parametrize("kernel", ["default", "tma"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K", [(64, 8, 16), (200, 129, 4112), (257, 4096, 48)])
-def test_w8a8_tensor_core_kernels_agree_small(kernel, dtype, M, N, K, cgen, monkeypatch):
-    _check_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch)
-
-
-@gpu
-@pytest.mark.parametrize("kernel", ["default", "tma"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
-@pytest.mark.parametrize("M,N,K", [(1030, 2000, 1040), (4100, 4096, 1040), (2048, 2600, 10240)])
-def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch):
-    _check_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch)
 
 
 @gpu
