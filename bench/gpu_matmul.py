@@ -10,7 +10,8 @@ W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape ru
 without activation quantization or scaling). Also, for comparison: the kernels the newest
 replaced (W8A16's CUDA-core GEMV; on Hopper, W8A8 on mma.sync and on the TMA kernel
 everywhere), W8A8's per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec) and, on
-Hopper at M <= 16, the opt-in bulk-copy ring of W8A16 (LOWBIT_CUDA_WOQ_COPY=bulk).
+Hopper at M <= 16, the opt-in bulk-copy ring of W8A16 (LOWBIT_CUDA_WOQ_COPY=bulk), and at M <= 8
+W4A16 and W8A16 with two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, opt-in).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -39,6 +40,8 @@ W8A8_TMA = "lowbit w8a8 (TMA everywhere)"
 W8A16_BULK = "lowbit w8a16 (bulk copies, opt-in)"
 QUANT = "lowbit per-token quantizer (part of w8a8)"
 QUANT_VEC = "lowbit per-token quantizer, vec (opt-in)"
+W4A16_TILES2 = "lowbit w4a16 (2 column tiles per warp, opt-in)"
+W8A16_TILES2 = "lowbit w8a16 (2 column tiles per warp, opt-in)"
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
@@ -210,6 +213,9 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             ops[W8A8_TMA] = ops["lowbit w8a8"]
         if M <= 16 and hopper:
             ops[W8A16_BULK] = ops["lowbit w8a16"]
+        if M <= 8:
+            ops[W4A16_TILES2] = ops["lowbit w4a16"]
+            ops[W8A16_TILES2] = ops["lowbit w8a16"]
         if M >= 256:  # W8A8's first pass over x, timed alone
             ops[QUANT] = (lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, 2 * M * K + M * K + 4 * M)
             ops[QUANT_VEC] = ops[QUANT]
@@ -222,7 +228,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             try:
                 env = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma"),
                        W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma"), QUANT_VEC: ("LOWBIT_CUDA_QUANT", "vec"),
-                       W8A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk")}.get(op)
+                       W8A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk"), W4A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2"),
+                       W8A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2")}.get(op)
                 with env_var(*env) if env else contextlib.nullcontext():
                     us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on

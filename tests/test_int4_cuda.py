@@ -249,6 +249,25 @@ def test_w4a16_strided_and_misaligned_x_small(gen):
 
 
 @gpu
+@pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (8, 4096, 11008, 32), (5, 40, 100, 100),
+                                     (3, 48, 2048, 64), (1, 11008, 4096, 4096), (2, 24, 192, 192)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["s16", "s32"])
+def test_w4a16_two_tiles_per_warp_agree(M, N, K, g, scale_dtype, gen, monkeypatch):
+    """LOWBIT_CUDA_WOQ_TILES=2 (M <= 8: each warp takes two column tiles, sharing activation
+    loads and ring waits) gives the same bits as one tile per warp: K splits, groups of 32,
+    ragged K, odd counts of 16-column tiles (N = 40, 48: a warp's second tile past the last),
+    per-channel and fp32 scales."""
+    codes, d, m = rand_canonical(N, K, g, False, gen, scale_dtype=scale_dtype)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn((M, K), generator=gen).to(dtype).cuda()
+        y = w4a16(x, q, table, None, N)
+        monkeypatch.setenv("LOWBIT_CUDA_WOQ_TILES", "2")
+        assert torch.equal(w4a16(x, q, table, None, N), y), dtype
+        monkeypatch.delenv("LOWBIT_CUDA_WOQ_TILES")
+
+
+@gpu
 def test_w4a16_deterministic_small(gen):
     """The K split adds partial sums in a fixed order: repeated calls agree bitwise."""
     codes, d, m = rand_canonical(4096, 4096, 128, False, gen)

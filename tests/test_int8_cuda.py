@@ -537,18 +537,26 @@ def test_w8a16_tensor_cores(dtype, M, N, K, w8a16_kernel, cgen):
     check_linear("w8a16", dtype, M, N, K, (M + N) % 2 == 1, cgen)
 
 
+_TC_SHAPES = W8A16_TC_SMALL + W8A16_TC
+
+
 @gpu
-@pytest.mark.parametrize("M,N,K", [c for c in W8A16_TC_SMALL + W8A16_TC if c[0] <= 16])
-def test_w8a16_bulk_copies_agree(M, N, K, cgen, monkeypatch):
-    """LOWBIT_CUDA_WOQ_COPY=bulk (sm_90a, M <= 16: lane 0 copies each 64 k x 16-row tile with one
-    TMA box onto an mbarrier, zeros past N and K) gives the same bits as the cp.async ring on
-    the tensor-core shapes with M <= 16 (K splits, N past a 16-row tile, K ending inside a
-    tile, the m16 tile). Elsewhere both calls take the cp.async ring."""
+@pytest.mark.parametrize("var,value,M,N,K",
+                         [("LOWBIT_CUDA_WOQ_COPY", "bulk") + c for c in _TC_SHAPES if c[0] <= 16]
+                         + [("LOWBIT_CUDA_WOQ_TILES", "2") + c for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 8])
+def test_w8a16_opt_in_kernels_agree(var, value, M, N, K, cgen, monkeypatch):
+    """The opt-in tensor-core variants give the same bits as the default kernel (the same sums
+    in the same order) on the tensor-core shapes they take: K splits, N past a 16-row tile, K
+    ending inside a tile, the m16 tile.
+    * LOWBIT_CUDA_WOQ_COPY=bulk (sm_90a, M <= 16): lane 0 copies each 64 k x 16-row tile with
+      one TMA box onto an mbarrier, zeros past N and K (elsewhere both calls take cp.async);
+    * LOWBIT_CUDA_WOQ_TILES=2 (M <= 8): two column tiles per warp; odd counts of 16-row tiles
+      (N = 37, 48) put a warp's second tile past the last."""
     dtype = torch.bfloat16 if (M + N) % 2 else torch.float16
     x = randn((M, K), cgen, dtype)
     qw, s = rand_weight(N, K, cgen)
     y = OPS["w8a16"](x, qw, s)
-    monkeypatch.setenv("LOWBIT_CUDA_WOQ_COPY", "bulk")
+    monkeypatch.setenv(var, value)
     assert torch.equal(OPS["w8a16"](x, qw, s), y)
 
 

@@ -23,6 +23,7 @@
 // activations need no zero halves (HALF). A warp takes its tiles two at a time (two
 // activation fragments used alternately: no register copies), and its cursor moves through
 // the weights by pointer increments (the loop is short: every address computation shows).
+// Opt-in for M <= 8 (LOWBIT_CUDA_WOQ_TILES=2): two column tiles per warp (see woq_kernel).
 //
 // The k order. The mma's k slots are mapped to real k so that each lane's 16 k of a tile
 // are contiguous: slot pair (2 tig, 2 tig + 1) of mma step j is k = 64 t + 16 tig + 4 j +
@@ -39,6 +40,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
+#include <utility>
 
 #include "common.h"
 #include "lowbit/cuda_common.cuh"
@@ -239,20 +241,47 @@ struct BulkSync {
 };
 
 // ---- the kernel -----------------------------------------------------------------------
-// F, the weight format: F::Ring (the block's rings: kWarps x kStages slots of 32 lanes),
-// F::Cursor (a lane's position in its column tile: constructed at the warp's first tile,
-// issue(ring, warp, slot, lane) copies its next tile into the slot and moves on; and the
-// ring's synchronization, CpAsyncSync or BulkSync above),
-// F::Tile / F::read(ring, warp, slot, lane) (a lane's slot back in registers),
+// F, the weight format: F::Ring (the block's rings: kWarps x kStages slots of 32 lanes, one
+// row of slots per column tile of the block), F::Cursor (a lane's position in its column
+// tile: constructed at the warp's first tile, issue(ring, c, slot, lane) copies its next tile
+// into slot `slot` of row c and moves on; and the ring's synchronization, CpAsyncSync or
+// BulkSync above), F::Tile / F::read(ring, c, slot, lane) (a lane's slot back in registers),
 // F::dequant<D>(tile, b) (the 16 weight registers) and F::finish(a, n, sum).
 // map: the weights' tensor map, for the formats whose cursor copies boxes by TMA (unused by
 // the others).
-template <class D, class F, int MT, bool HALF>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, const __grid_constant__ CUtensorMap map) {
+// NT: column tiles per warp. 1 by default; 2 (opt-in, LOWBIT_CUDA_WOQ_TILES=2, M <= 8): the
+// block's kWarps column tiles on kWarps / 2 warps, each sharing its activation loads, its ring
+// waits and its loop between two tiles, i.e. fewer instructions per weight byte for a loop that
+// is issue-bound (README). The sums are the same, in the same order: the same bits.
+template <int NT> constexpr int kThreadsOf = kThreads / NT;
+template <class C, int NT> struct Cursors {
+  C c[NT];
+  template <int... J>
+  __device__ Cursors(const Args& a, const int64_t* nt, int64_t t_begin, int lane, std::integer_sequence<int, J...>)
+      : c{C(a, nt[J], t_begin, lane)...} {}
+};
+
+template <class D, class F, int MT, bool HALF, int NT = 1>
+__global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
+    woq_kernel(Args a, const __grid_constant__ CUtensorMap map) {
   static_assert(!HALF || MT == 1, "a half tile is the only m tile");
+  static_assert(NT == 1 || std::is_base_of<CpAsyncSync, typename F::Cursor>::value,
+                "two column tiles share one cp.async group per tile");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tig = lane & 3;
-  const int64_t nt = int64_t(blockIdx.x) * kWarps + warp;  // this warp's 16-column tile
-  const bool active = nt < a.Np / kTileN;                   // warp-uniform; idle warps still meet the barriers
+  // This warp's column tiles: row c[j] of the ring, 16-column tile nt[j]. With NT = 2 a second
+  // tile past the last real one re-reads the last (valid addresses) and stores nothing.
+  const int64_t tiles_n = a.Np / kTileN;
+  int c[NT];
+  int64_t nt[NT];
+  bool live[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    c[j] = NT * warp + j;
+    const int64_t t = int64_t(blockIdx.x) * kWarps + c[j];
+    live[j] = t < tiles_n;
+    nt[j] = NT == 1 || live[j] ? t : tiles_n - 1;
+  }
+  const bool active = live[0];  // warp-uniform; idle warps still meet the barriers
   const int split = blockIdx.y;
   const int64_t t_begin = split * a.tiles_per_split;
   const int64_t t_end = t_begin + a.tiles_per_split < a.ktiles ? t_begin + a.tiles_per_split : a.ktiles;
@@ -261,29 +290,39 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, con
 
   for (int64_t mb = blockIdx.z; mb < mblocks; mb += gridDim.z) {
     const int64_t m0 = mb * 16 * MT;
-    float acc[MT][2][4] = {};
+    float acc[NT][MT][2][4] = {};
     if (active) {
       // 32-bit tile arithmetic from here (K < 2^37); the per-tile loop is instruction-bound.
-      typename F::Cursor cur(a, nt, t_begin, lane);  // issues tiles 0, 1, ... in order
-      cur.start(ring, warp, lane, &map);
+      // The cursors issue tiles 0, 1, ... in order; cur.c[0] also keeps the ring's sync.
+      Cursors<typename F::Cursor, NT> cur(a, nt, t_begin, lane, std::make_integer_sequence<int, NT>{});
+#pragma unroll
+      for (int j = 0; j < NT; ++j) cur.c[j].start(ring, c[j], lane, &map);
       const int count = int(t_end - t_begin), k_lane = int(t_begin) * kTileK + 16 * tig;
       auto issue = [&](int i) {  // tile i into slot i % kStages
-        if (i < count) cur.issue(ring, warp, i & (kStages - 1), lane);
-        cur.commit();
+        if (i < count) {
+#pragma unroll
+          for (int j = 0; j < NT; ++j) cur.c[j].issue(ring, c[j], i & (kStages - 1), lane);
+        }
+        cur.c[0].commit();
       };
       for (int i = 0; i < kStages - 1; ++i) issue(i);
       const XRows<D> xr(a, m0, k_lane);
       // Tile i: its weights from the ring, m tile 0's activations loaded one tile ahead (an
       // L1 / L2 round trip off the chain) into the other fragment.
       auto step = [&](int i, const XFrag<HALF>& x, XFrag<HALF>& x_next) {
-        cur.wait(ring, warp, i & (kStages - 1));  // tile i has landed
-        const typename F::Tile w = F::read(ring, warp, i & (kStages - 1), lane);
-        cur.release();
+        cur.c[0].wait(ring, c[0], i & (kStages - 1));  // tile i has landed
+        typename F::Tile w[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) w[j] = F::read(ring, c[j], i & (kStages - 1), lane);
+        cur.c[0].release();
         issue(i + kStages - 1);  // into the slot tile i - 1 used (already read)
         if (i + 1 < count) xr.load(a, (i + 1) * kTileK, k_lane + (i + 1) * kTileK, x_next);
-        uint32_t b[4][2][2];
-        F::template dequant<D>(w, b);
-        tile_mma<D, MT, HALF>(a, acc, b, m0, k_lane + i * kTileK, x);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t b[4][2][2];
+          F::template dequant<D>(w[j], b);
+          tile_mma<D, MT, HALF>(a, acc[j], b, m0, k_lane + i * kTileK, x);
+        }
       };
       XFrag<HALF> xa, xb;
       if (count > 0) xr.load(a, 0, k_lane, xa);
@@ -298,12 +337,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, con
           xa = xb;
         }
       }
-      cur.drain();
+      cur.c[0].drain();
     }
 
     // y, or with split K (then gridDim.z == mblocks) partial[split, r, n] for the last block to add up.
     constexpr int kSubs = HALF ? 1 : 2;  // accumulator quads per m tile
-    if (active) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      if (!live[j]) continue;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -311,12 +352,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, con
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             int64_t r, n;
-            elem_pos<HALF>(m0, nt, mt, sub, e, r, n);
+            elem_pos<HALF>(m0, nt[j], mt, sub, e, r, n);
             if (r >= a.M) continue;
             if (a.splits == 1) {
-              if (n < a.N) store_y<D, F>(a, r, n, acc[mt][sub][e]);
+              if (n < a.N) store_y<D, F>(a, r, n, acc[j][mt][sub][e]);
             } else {
-              a.partial[(split * a.M + r) * a.Np + n] = acc[mt][sub][e];  // n < Np always
+              a.partial[(split * a.M + r) * a.Np + n] = acc[j][mt][sub][e];  // n < Np always
             }
           }
     }
@@ -331,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) woq_kernel(Args a, con
     __threadfence();
     const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
     const int64_t rows = a.M - m0 < 16 * MT ? a.M - m0 : 16 * MT;
-    for (int64_t i = threadIdx.x; i < rows * kBlockN; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < rows * kBlockN; i += kThreadsOf<NT>) {
       const int64_t r = m0 + i / kBlockN, n = n0 + i % kBlockN;
       if (n >= a.N) continue;
       float v = 0.0f;
@@ -372,12 +413,12 @@ inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int 
   return kOk;
 }
 
-template <class D, class F, int MT, bool HALF = false>
+template <class D, class F, int MT, bool HALF = false, int NT = 1>
 void launch_mt(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
   const int64_t mblocks = cdiv(a.M, 16 * MT);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  woq_kernel<D, F, MT, HALF><<<grid, kThreads, 0, s>>>(a, map);
+  woq_kernel<D, F, MT, HALF, NT><<<grid, kThreadsOf<NT>, 0, s>>>(a, map);
 }
 
 // A format only compiled for M <= 16 (W8A16's TMA ring): the swapped product for M <= 8, one
@@ -387,10 +428,12 @@ void launch_upto16(const Args& a, cudaStream_t s, const CUtensorMap& map = CUten
   a.M <= 8 ? launch_mt<D, F, 1, true>(a, s, map) : launch_mt<D, F, 1, false>(a, s, map);
 }
 
-// M <= 8 takes the swapped product (HALF: half the activation loads and mmas).
+// M <= 8 takes the swapped product (HALF: half the activation loads and mmas); with
+// LOWBIT_CUDA_WOQ_TILES=2 (read per call), two column tiles per warp.
 template <class D, class F>
 void launch(const Args& a, cudaStream_t s) {
-  if (a.M <= 8) return launch_mt<D, F, 1, true>(a, s);
+  if (a.M <= 8)
+    return env_is("LOWBIT_CUDA_WOQ_TILES", "2") ? launch_mt<D, F, 1, true, 2>(a, s) : launch_mt<D, F, 1, true>(a, s);
   switch (pick_mt(a.M)) {
     case 1: return launch_mt<D, F, 1>(a, s);
     case 2: return launch_mt<D, F, 2>(a, s);
