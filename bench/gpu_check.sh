@@ -6,11 +6,11 @@
 # Builds lowbit for this GPU only (LOWBIT_CUDA_ARCHS, default 90a = H100/H200), runs
 # the CUDA tests, the GPU benchmarks (each after a probe that its newest kernel agrees with
 # the one it replaced; a failed probe runs that bench on the old kernel), a
-# compute-sanitizer memcheck of the small CUDA tests (CHECK_MEMCHECK_K: another -k) and, time permitting, the tuning
-# sweeps of dev/gpu_sweep.py (unless CHECK_SWEEP=0; CHECK_SWEEP_PARTS picks the parts) and
-# the CPU tests (unless CHECK_CPU_TESTS=0). Every step has its own timeout and the whole script
-# stops starting steps once its budget (CHECK_BUDGET_S, default 450 s)
-# is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
+# compute-sanitizer memcheck of the small CUDA tests (CHECK_MEMCHECK_K: another -k) and,
+# time permitting, the tuning sweeps of dev/gpu_sweep.py (unless CHECK_SWEEP=0;
+# CHECK_SWEEP_PARTS picks the parts) and the CPU tests (unless CHECK_CPU_TESTS=0). Every step
+# has its own timeout and the whole script stops starting steps once its budget
+# (CHECK_BUDGET_S, default 450 s) is spent, so it ends in under 8 minutes. A failing step is recorded, not fatal.
 #
 # Writes at most 8 files (all a device lease brings back), all at the top of OUTDIR:
 #   build.log (nvidia-smi, build, lowbit.info)  tests.log (CUDA tests, memcheck, CPU tests)
@@ -87,9 +87,9 @@ if [ "${RC[build]}" = 0 ]; then
 
   # 5. benchmarks: quantized matmul, then attention. Each first probes, in its own process, that
   # the newest kernels agree with the ones they replaced (W8A16 on tensor cores vs the CUDA-core
-  # GEMV, W8A8 by default (TMA kernel by shape) vs mma.sync, tensor-core decode vs CUDA-core decode); if not, that bench
-  # runs with the old kernel (LOWBIT_CUDA_W8A16=simt, LOWBIT_CUDA_W8A8=mma,
-  # LOWBIT_CUDA_DECODE=simt), so one wrong kernel cannot cost the tables.
+  # GEMV, W8A8 by default (the TMA kernel by shape) vs mma.sync, tensor-core decode vs CUDA-core
+  # decode); if not, that bench runs with the old kernel (LOWBIT_CUDA_W8A16=simt,
+  # LOWBIT_CUDA_W8A8=mma, LOWBIT_CUDA_DECODE=simt), so one wrong kernel cannot cost the tables.
   MM_ENV=() ATT_ENV=()
   step probe_matmul 60 "$OUT/bench.log" python3 bench/gpu_matmul.py --probe  # bit 0: W8A16, bit 1: W8A8
   case "${RC[probe_matmul]}" in

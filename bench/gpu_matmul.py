@@ -42,6 +42,11 @@ QUANT = "lowbit per-token quantizer (part of w8a8)"
 QUANT_VEC = "lowbit per-token quantizer, vec (opt-in)"
 W4A16_TILES2 = "lowbit w4a16 (2 column tiles per warp, opt-in)"
 W8A16_TILES2 = "lowbit w8a16 (2 column tiles per warp, opt-in)"
+# the switch each comparison row is timed under
+ROW_ENV = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma"),
+           W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma"), QUANT_VEC: ("LOWBIT_CUDA_QUANT", "vec"),
+           W8A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk"), W4A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2"),
+           W8A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2")}
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
@@ -226,10 +231,7 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         for op, (make_call, nbuf, nbytes) in ops.items():
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
             try:
-                env = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma"),
-                       W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma"), QUANT_VEC: ("LOWBIT_CUDA_QUANT", "vec"),
-                       W8A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk"), W4A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2"),
-                       W8A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2")}.get(op)
+                env = ROW_ENV.get(op)
                 with env_var(*env) if env else contextlib.nullcontext():
                     us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on
@@ -300,8 +302,9 @@ def probe() -> int:
     """Whether the newest kernels agree with the ones they replaced: W8A16 on tensor cores vs
     its CUDA-core GEMV (LOWBIT_CUDA_W8A16=simt), to rounding, on a few decode shapes; W8A8 by
     default (on Hopper: the TMA kernel, by shape) vs mma.sync (LOWBIT_CUDA_W8A8=mma), bit for
-    bit. Exit status: bit 0 set if W8A16 failed, bit 1 if W8A8 did. Run in its own process before the benchmark
-    (bench/gpu_check.sh), so a wrong or faulting kernel cannot take the benchmark down."""
+    bit. Exit status: bit 0 set if W8A16 failed, bit 1 if W8A8 did. Run in its own process
+    before the benchmark (bench/gpu_check.sh), so a wrong or faulting kernel cannot take the
+    benchmark down."""
     from lowbit import ref
     from lowbit.ops import int8 as int8_ops
 
@@ -313,7 +316,8 @@ def probe() -> int:
         return 3  # the CUDA context may be gone: no second probe
     try:
         same = True
-        for M, N, K in ((64, 4096, 4096), (300, 1000, 1040), (2048, 4096, 11008)):  # (the TMA kernel, both tile widths)
+        # (the TMA kernel at both tile widths on Hopper)
+        for M, N, K in ((64, 4096, 4096), (300, 1000, 1040), (2048, 4096, 11008)):
             q, s = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             y = int8_ops.int8_linear_w8a8(x, q, s)

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from gpu_matmul import (ROTATE_BYTES, env_var, measure_copy_bw, time_per_call,  # noqa: E402
-                        w4_weights)
+from gpu_matmul import ROTATE_BYTES, env_var, measure_copy_bw, time_per_call, w4_weights  # noqa: E402
 
 from lowbit import _native, ops, ref  # noqa: E402
 from lowbit.ops import int4 as int4_ops  # noqa: E402

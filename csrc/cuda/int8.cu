@@ -153,15 +153,15 @@ __device__ __forceinline__ float block_row_amax(float amax, int& bad) {
   return row_amax;
 }
 
-// Pass 2's arithmetic for one row: every code 0 in a row with NaN/Inf (inv = 0 as well
-// there and in a row of zeros).
+// Pass 2's arithmetic for one row: every code 0 in a row with NaN/Inf (and in a row of
+// zeros, through inv = 0).
 struct QuantRowScale {
   bool bad;
   float pre, inv;
   __device__ QuantRowScale(float amax, int bad_)
       : bad(bad_ != 0),
         pre(int8_format::per_token_prescale(amax)),
-        inv((bad_ || amax == 0.0f) ? 0.0f : per_token_inv(amax, pre)) {}
+        inv(amax == 0.0f ? 0.0f : per_token_inv(amax, pre)) {}
   __device__ int8_t code(float v) const {
     if (bad) return 0;
     const int c = __float2int_rn(__fmul_rn(__fmul_rn(v, pre), inv));  // round half to even

@@ -17,12 +17,11 @@ namespace lowbit::cuda::ptx {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-// (The uint32_t overloads take the shared-window address itself: a loop that keeps it in a
+// (cp_async16 / 8 / 4 take the shared-window address itself: a loop that keeps it in a
 // register does not convert a generic pointer at every copy.)
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) { cp_async16(smem_addr(dst), src); }
 // 16 bytes if pred, else 16 zero bytes (nothing is read): the tail of a tile.
 __device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -38,7 +37,6 @@ __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) { cp_async4(smem_addr(dst), src); }
 // 4 bytes if pred, else 4 zero bytes (nothing is read).
 __device__ __forceinline__ void cp_async4_zfill(void* dst, const void* src, bool pred) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(pred ? 4 : 0));
@@ -117,8 +115,6 @@ template <> struct Mma16<BF16> {
   __device__ static H2 splat(float v) { return __float2bfloat162_rn(v); }
 };
 
-// Two int8 codes of a word (bytes I and J) as an exact packed pair of the mma type E,
-// from u = word ^ kFlip (XOR-ed once per word by the caller).
 // (a & B) | C in one LOP3 (truth table 0xEA = (0xF0 & 0xCC) | 0xAA). Written as C++, the
 // same expression with two immediates compiles to two LOP3s, one per immediate.
 template <uint32_t B, uint32_t C>
@@ -128,6 +124,8 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a) {
   return r;
 }
 
+// Two int8 codes of a word (bytes I and J) as an exact packed pair of the mma type E,
+// from u = word ^ kFlip (XOR-ed once per word by the caller).
 template <class E> struct CodePair;
 template <> struct CodePair<F16> {
   static constexpr uint32_t kFlip = 0x80808080u;  // each code + 128, as an unsigned byte

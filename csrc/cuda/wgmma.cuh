@@ -142,14 +142,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
 }
 
-// ---- bulk copy: `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to
-// shared memory by the TMA unit, counted on `bar`: one instruction for a whole tile.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(ptx::smem_addr(dst)), "l"(src), "r"(bytes), "r"(ptx::smem_addr(bar))
-               : "memory");
-}
-
 // ---- TMA: a box of a 2-D tensor (tensor map `map`, a __grid_constant__ kernel parameter)
 // at element coordinates (inner c0, outer c1) into shared memory, laid out and swizzled as
 // the map says; elements outside the tensor arrive as zeros. The bytes are counted on `bar`.
