@@ -486,6 +486,39 @@ def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatc
 
 
 @gpu
+@pytest.mark.parametrize("kernel", ["default", "tma", "mma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_w8a8_tensor_core_strided_y_small(kernel, dtype, cgen, monkeypatch):
+    """The tensor-core epilogue into a y with padded rows (direct calls, poisoned): an even row
+    stride (column pairs in one store, whole tiles unchecked), an odd one (element stores: no
+    pair is aligned), and y starting one element past an aligned address; the values equal the
+    contiguous op's bit for bit, nothing past N or M is touched."""
+    mod = _native.cuda_module()
+    code = _native.DTYPE_CODE[dtype]
+    if kernel != "default":
+        monkeypatch.setenv("LOWBIT_CUDA_W8A8", kernel)
+    for M, N, K, pad, offset in [(130, 256, 64, 2, 0), (130, 256, 64, 1, 0), (200, 130, 1040, 3, 0),
+                                 (256, 128, 48, 0, 1), (65, 37, 48, 5, 0)]:
+        x = randn((M, K), cgen, dtype)
+        qw, s = rand_weight(N, K, cgen)
+        b = randn((N,), cgen, dtype)
+        ldy = N + pad
+        flat = torch.full(((M + 2) * ldy + offset,), float("nan"), dtype=dtype, device="cuda")
+        y_all = flat[offset:].view(M + 2, ldy)  # 2 rows past M
+        y = y_all[:M]
+        qx = torch.empty((M, K), dtype=torch.int8, device="cuda")
+        sx = torch.empty((M,), device="cuda")
+        st = mod.int8_linear_w8a8(x.data_ptr(), code, M, K, K, qw.data_ptr(), s.data_ptr(), N, b.data_ptr(), code,
+                                  y.data_ptr(), ldy, qx.data_ptr(), sx.data_ptr(), torch.cuda.current_device(),
+                                  torch.cuda.current_stream().cuda_stream)
+        assert st == _native.OK
+        what = f"w8a8 {kernel} {DT_ID[dtype]} M={M} N={N} K={K} ldy={ldy} offset={offset}"
+        assert torch.isnan(y[:, N:]).all(), f"{what}: wrote past N into the row padding"
+        assert torch.isnan(y_all[M:]).all(), f"{what}: wrote rows past M"
+        assert torch.equal(y[:, :N], OPS["w8a8"](x, qw, s, b)), f"{what}: differs from the contiguous call"
+
+
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("M,N,K", [(64, 100, 48), (130, 129, 4112)])
 def test_w8a8_mma_matches_dp4a_small(dtype, M, N, K, cgen):

@@ -347,6 +347,66 @@ __device__ __forceinline__ float w8a8_value(float acc, float sxm, float wsn, boo
   return has_bias ? __fadd_rn(v, b) : v;
 }
 
+// ---- the tensor-core W8A8 kernels' epilogue. mma.sync and wgmma leave the same m16 x n8
+// fragment per 8 columns in a thread: c[0], c[1] at row r, columns n, n + 1 (n even), and
+// c[2], c[3] at row r + 8. Why not element by element: a per-element load of ws (each waited
+// for before its store) and a branchy fp32 -> fp16 conversion made the epilogue cost as much
+// as the whole K loop at K = 4096 (H200 sweep: ~40 us a tile).
+
+// p[n], p[n + 1] as floats (a dtype code: ws is kF32, bias any), 0 past N.
+__device__ __forceinline__ float2 column_pair(const void* p, int code, int64_t n, int64_t N) {
+  return make_float2(n < N ? load_f32(p, code, n) : 0.0f, n + 1 < N ? load_f32(p, code, n + 1) : 0.0f);
+}
+
+// Two adjacent elements in one 4-byte (16-bit types) or 8-byte (fp32) store.
+template <class D>
+__device__ __forceinline__ void store_pair(typename D::T* p, float v0, float v1) {
+  if constexpr (std::is_same_v<typename D::T, float>)
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+  else
+    *reinterpret_cast<uint32_t*>(p) = D::from_f32x2(v0, v1);
+}
+
+template <class D>
+struct W8A8Out {
+  using T = typename D::T;
+  T* y;
+  int64_t ldy, M, N;
+  bool pairs;  // every even column of every row starts an aligned pair: store_pair
+
+  __device__ W8A8Out(T* y_, int64_t ldy_, int64_t M_, int64_t N_)
+      : y(y_), ldy(ldy_), M(M_), N(N_),
+        pairs((reinterpret_cast<uintptr_t>(y_) | uintptr_t(ldy_) * sizeof(T)) % (2 * sizeof(T)) == 0) {}
+
+  // Whether rows [m, m_end) and columns [n, n_end) (n even) all lie inside y with aligned
+  // pairs: the tile's stores need no checks (kChecked = false below).
+  __device__ __forceinline__ bool inside(int64_t m_end, int64_t n_end) const { return pairs && m_end <= M && n_end <= N; }
+
+  // y[m, n] = v0 and y[m, n + 1] = v1 (n even): where inside y if kChecked, else both are.
+  template <bool kChecked>
+  __device__ __forceinline__ void store2(int64_t m, int64_t n, float v0, float v1) const {
+    T* p = y + m * ldy + n;
+    if (!kChecked) return store_pair<D>(p, v0, v1);
+    if (m >= M) return;
+    if (pairs && n + 1 < N) {
+      store_pair<D>(p, v0, v1);
+    } else {
+      if (n < N) p[0] = D::from_f32(v0);
+      if (n + 1 < N) p[1] = D::from_f32(v1);
+    }
+  }
+
+  // The fragment c of rows r, r + 8 (sx: sxr) and columns n, n + 1 (ws, bias: wsn, bn).
+  template <bool kChecked>
+  __device__ __forceinline__ void fragment(const int* c, int64_t r, int64_t n, const float (&sxr)[2], float2 wsn,
+                                           float2 bn, bool has_bias) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      store2<kChecked>(r + 8 * h, n, w8a8_value(float(c[2 * h]), sxr[h], wsn.x, has_bias, bn.x),
+             w8a8_value(float(c[2 * h + 1]), sxr[h], wsn.y, has_bias, bn.y));
+  }
+};
+
 // Lane r * MT + m writes y[m0 + m, n0 + r] = mine * sx[m0 + m] (if sx) * ws[n] + bias[n].
 template <class D, int MT>
 __device__ __forceinline__ void store_tile(float mine, int64_t n0, int nr, int64_t m0, int mc, const float* sx,
@@ -747,65 +807,47 @@ __global__ void __launch_bounds__(mma_tc::kThreads, 2)
     ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the count clean
     __syncthreads();          // every warp is done reading shared memory before the next tile's prologue
 
-    // Epilogue from the accumulator fragments: c0, c1 at (row g, cols 2t, 2t+1) and
-    // c2, c3 at (row g + 8, same cols) of each m16 x n8 tile (g = lane / 4, t = lane % 4).
+    // Epilogue from the accumulator fragments (W8A8Out), every load issued before the stores.
     const int g = lane >> 2, t = lane & 3;
-    float wsv[kNTiles][2], bv[kNTiles][2];
+    const W8A8Out<D> out(y, ldy, M, N);
+    float2 wsv[kNTiles], bv[kNTiles];
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
+    for (int j = 0; j < kNTiles; ++j) {
+      const int64_t n = n0 + wn * kWN + j * 8 + 2 * t;
+      wsv[j] = column_pair(ws, kF32, n, N);
+      bv[j] = bias ? column_pair(bias, bias_dtype, n, N) : make_float2(0.0f, 0.0f);
+    }
+    auto store = [&](auto checked) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int64_t n = n0 + wn * kWN + j * 8 + 2 * t + c;
-        wsv[j][c] = n < N ? ws[n] : 0.0f;
-        bv[j][c] = bias && n < N ? load_f32(bias, bias_dtype, n) : 0.0f;
-      }
-#pragma unroll
-    for (int i = 0; i < kMTiles; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t m = m0 + wm * kWM + i * 16 + h * 8 + g;
-        if (m >= M) continue;
-        const float sxm = sx[m];
-        typename D::T* yr = y + m * ldy;
+      for (int i = 0; i < kMTiles; ++i) {
+        const int64_t r = m0 + wm * kWM + i * 16 + g;
+        const float sxr[2] = {r < M ? sx[r] : 0.0f, r + 8 < M ? sx[r + 8] : 0.0f};
 #pragma unroll
         for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int64_t n = n0 + wn * kWN + j * 8 + 2 * t + c;
-            if (n < N)
-              yr[n] = D::from_f32(w8a8_value(float(acc[i][j][2 * h + c]), sxm, wsv[j][c], bias != nullptr, bv[j][c]));
-          }
+          out.template fragment<decltype(checked)::value>(acc[i][j], r, n0 + wn * kWN + j * 8 + 2 * t, sxr, wsv[j],
+                                                          bv[j], bias != nullptr);
       }
+    };
+    if (out.inside(m0 + kBM, n0 + kBN))
+      store(std::false_type{});
+    else
+      store(std::true_type{});
   }
 }
 
-// The epilogue of a warpgroup's 64 x BN wgmma accumulators, rows m0 .. m0 + 63 of y from
-// column n0: acc[4 i + 2 h + e] is row 16 w + gid + 8 h (w: the warp in its warpgroup),
-// column 8 i + 2 tig + e; the same fp32 arithmetic as every W8A8 kernel (w8a8_value).
-template <class D, int BN>
-__device__ __forceinline__ void store_wgmma_tile(const int (&acc)[BN / 2], int64_t m0, int64_t n0,
-                                                 const float* __restrict__ sx, int64_t M, const float* __restrict__ ws,
-                                                 int64_t N, const void* __restrict__ bias, int bias_dtype,
-                                                 typename D::T* __restrict__ y, int64_t ldy) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t row = m0 + ((threadIdx.x >> 5) & 3) * 16 + g;
-  float sxm[2];
+// The epilogue of a warpgroup's 64 x BN wgmma accumulators: acc[4 i .. 4 i + 3] is the
+// m16 x n8 fragment of columns n0 + 8 i .. and this warp's rows r, r + 8 (sx: sxr); fs holds
+// ws and bias of the tile's BN columns (staged in shared memory, see w8a8_tma_kernel).
+template <class D, int BN, bool kChecked>
+__device__ __forceinline__ void store_wgmma_tile(const int (&acc)[BN / 2], int64_t r, int64_t n0, const float (&sxr)[2],
+                                                 const float* fs, bool has_bias, const W8A8Out<D>& out) {
+  const int t = threadIdx.x & 3;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) sxm[h] = row + 8 * h < M ? sx[row + 8 * h] : 0.0f;
-#pragma unroll
-  for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int64_t n = n0 + 8 * i + 2 * t + e;
-      if (n >= N) continue;
-      const float wsn = ws[n], bn = bias ? load_f32(bias, bias_dtype, n) : 0.0f;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t m = row + 8 * h;
-        if (m < M)
-          y[m * ldy + n] = D::from_f32(w8a8_value(float(acc[4 * i + 2 * h + e]), sxm[h], wsn, bias != nullptr, bn));
-      }
-    }
+  for (int i = 0; i < BN / 8; ++i) {
+    const int c = 8 * i + 2 * t;
+    out.template fragment<kChecked>(acc + 4 * i, r, n0 + c, sxr, *reinterpret_cast<const float2*>(fs + c),
+                 *reinterpret_cast<const float2*>(fs + BN + c), has_bias);
+  }
 }
 
 // ---------------------------------------------------------------- W8A8, Hopper TMA + wgmma
@@ -837,8 +879,8 @@ constexpr int kThreads = (kConsumers + 1) * 128;
 constexpr int kBytesA = kBM * kBK;
 template <int BN> constexpr int kStage = kBytesA + BN * kBK;
 template <int BN> constexpr int kStages = 196608 / kStage<BN>;  // a 192 KB ring
-template <int BN>  // the ring, its barriers, room to align
-constexpr int kSmemBytes = kStages<BN> * kStage<BN> + 2 * kStages<BN> * 8 + 1024;
+template <int BN>  // the ring, its barriers, each consumer's ws and bias of a tile (fp32), room to align
+constexpr int kSmemBytes = kStages<BN> * kStage<BN> + 2 * kStages<BN> * 8 + kConsumers * 2 * BN * 4 + 1024;
 static_assert(kBytesA % 1024 == 0 && kStage<128> % 1024 == 0, "tiles start swizzle atoms");
 }  // namespace wgmma_ws
 
@@ -854,6 +896,7 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStage);
   uint64_t* empty = full + kStages;
+  float* factors = reinterpret_cast<float*>(empty + kStages);
   const int tid = threadIdx.x, wg = tid >> 7;
   const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + BN - 1) / BN;
   const int ktiles = int((K + kBK - 1) / kBK);
@@ -891,9 +934,22 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     return;
   }
   const int cw = wg - 1;  // this consumer's 64 rows of the tile
+  float* fs = factors + cw * 2 * BN;  // its ws and bias of the tile's columns
+  const W8A8Out<D> out(y, ldy, M, N);
   for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
     int64_t m0, n0;
     grouped_tile(tile, tiles_m, tiles_n, m0, n0);
+    // The tile's epilogue factors, loaded before the k loop (which hides their latency):
+    // sx of this thread's rows r, r + 8 in registers; ws and bias of the BN columns into
+    // fs, once every warp of the warpgroup has stored the previous tile (named barrier).
+    const int64_t r = m0 * kBM + cw * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
+    const float sxr[2] = {r < M ? sx[r] : 0.0f, r + 8 < M ? sx[r + 8] : 0.0f};
+    ptx::bar_sync(1 + cw, 128);
+    for (int c = tid & 127; c < BN; c += 128) {
+      const int64_t n = n0 * BN + c;
+      fs[c] = n < N ? ws[n] : 0.0f;
+      fs[BN + c] = bias && n < N ? load_f32(bias, bias_dtype, n) : 0.0f;
+    }
     int acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
@@ -914,7 +970,11 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     wgmma::wait<0>();
     wgmma::fence_operands(acc);
     if (prev >= 0 && (tid & 127) == 0) wgmma::mbar_arrive(empty + prev);
-    store_wgmma_tile<D, BN>(acc, m0 * kBM + cw * 64, n0 * BN, sx, M, ws, N, bias, bias_dtype, y, ldy);
+    ptx::bar_sync(1 + cw, 128);  // fs as the whole warpgroup wrote it
+    if (out.inside(m0 * kBM + cw * 64 + 64, n0 * BN + BN))
+      store_wgmma_tile<D, BN, false>(acc, r, n0 * BN, sxr, fs, bias != nullptr, out);
+    else
+      store_wgmma_tile<D, BN, true>(acc, r, n0 * BN, sxr, fs, bias != nullptr, out);
   }
 #else
   __trap();  // built without sm_90a code: the host never launches it (w8a8_tma_ok)

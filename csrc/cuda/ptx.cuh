@@ -47,6 +47,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// ---- named barrier `id` (1..15; 0 is __syncthreads) over `count` threads (a multiple of
+// 32): one warpgroup's warps meet without stopping the rest of the block.
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
 // ---- ldmatrix: four 8x8 b16 matrices from shared memory (lane l gives the row
 // address of matrix l / 8); .trans transposes each (B operands stored k-minor).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {

@@ -3,6 +3,7 @@
 // Only included from .cu files (nvcc); the scalar conversions themselves live in
 // half.h so the CPU build and its tests run the same bit-twiddling code.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -16,8 +17,10 @@ namespace lowbit::cuda {
 // ---- element types ---------------------------------------------------------
 // Storage is float or the raw 16-bit pattern; arithmetic is always fp32.
 // fp16 -> fp32 uses the hardware conversion on the device: it is exact, so it
-// equals half.h's f16_to_f32 bit for bit (which the host side uses). Stores go
-// through half.h (round to nearest-even, as torch does).
+// equals half.h's f16_to_f32 bit for bit (which the host side uses). fp32 -> 16 bits
+// rounds to nearest-even (as torch does): on the device (sm_80+) one cvt.rn instruction
+// instead of half.h's branches, with NaN rewritten to half.h's pattern (cvt gives the
+// canonical 0x7fff) so that host and device store the same bits for every input.
 struct F32 {
   using T = float;
   static constexpr int kCode = kF32;
@@ -35,14 +38,49 @@ struct F16 {
     return f16_to_f32(h);
 #endif
   }
-  LOWBIT_HD static uint16_t from_f32(float v) { return f32_to_f16(v); }
+  LOWBIT_HD static uint16_t from_f32(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t u = __float_as_uint(v);
+    const uint16_t h = __half_as_ushort(__float2half_rn(v));
+    return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(((u >> 16) & 0x8000u) | 0x7e00u) : h;
+#else
+    return f32_to_f16(v);
+#endif
+  }
+  // from_f32(lo) | from_f32(hi) << 16; one cvt for both on the device unless one is NaN.
+  LOWBIT_HD static uint32_t from_f32x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (!(lo != lo || hi != hi)) {
+      const __half2 h = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    }
+#endif
+    return uint32_t(from_f32(lo)) | uint32_t(from_f32(hi)) << 16;
+  }
 };
 
 struct BF16 {
   using T = uint16_t;
   static constexpr int kCode = kBF16;
   LOWBIT_HD static float to_f32(uint16_t h) { return bf16_to_f32(h); }
-  LOWBIT_HD static uint16_t from_f32(float v) { return f32_to_bf16(v); }
+  LOWBIT_HD static uint16_t from_f32(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t u = __float_as_uint(v);
+    const uint16_t h = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u) : h;
+#else
+    return f32_to_bf16(v);
+#endif
+  }
+  LOWBIT_HD static uint32_t from_f32x2(float lo, float hi) {  // as F16's
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (!(lo != lo || hi != hi)) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    }
+#endif
+    return uint32_t(from_f32(lo)) | uint32_t(from_f32(hi)) << 16;
+  }
 };
 
 LOWBIT_HD bool valid_dtype(int code) { return code == kF32 || code == kF16 || code == kBF16; }
