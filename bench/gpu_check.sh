@@ -117,14 +117,22 @@ if [ "${RC[build]}" = 0 ]; then
   fi
   MEMCHECK=$( (grep -E 'ERROR SUMMARY' "$TMP/memcheck.log" || true) | tail -n 1)
 
-  # 6b. a profile of the W4A16 kernel (stall reasons, instruction mix), when Nsight Compute is here
+  # 6b. a profile (stall reasons, instruction mix), when Nsight Compute is here: of the W4A16
+  # kernel, or with CHECK_PROFILE=w8a8 of W8A8's TMA kernel at M = 2048 on 4096 x 4096
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)
   if [ -n "$NCU" ] && [ "${CHECK_PROFILE:-1}" != 0 ]; then
-    # (the kernel is woq_kernel<..., Int4<...>>; ncu matches the base name, not the template
-    # arguments: the 3rd and 4th launches are W4A16 at M = 1 and M = 16, see --profile)
-    step profile 90 "$OUT/profile.txt" "$NCU" --kernel-name regex:woq_kernel --launch-skip 2 --launch-count 2 \
+    # ncu matches the kernel's base name, not its template arguments: W4A16's is woq_kernel<...,
+    # Int4<...>>, its 3rd and 4th launches M = 1 and M = 16; W8A8's two launches are the TMA
+    # kernel alone and in clusters of two (see --profile)
+    if [ "${CHECK_PROFILE:-1}" = w8a8 ]; then
+      PROFILED=(--kernel-name regex:w8a8_tma_kernel --launch-count 2)
+    else
+      PROFILED=(--kernel-name regex:woq_kernel --launch-skip 2 --launch-count 2)
+    fi
+    step profile 90 "$OUT/profile.txt" "$NCU" "${PROFILED[@]}" \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section InstructionStats \
-      --section SchedulerStats --section MemoryWorkloadAnalysis python3 bench/gpu_matmul.py --profile
+      --section SchedulerStats --section MemoryWorkloadAnalysis \
+      python3 bench/gpu_matmul.py --profile "$([ "${CHECK_PROFILE:-1}" = w8a8 ] && echo w8a8 || echo w4a16)"
   else
     echo "Nsight Compute (ncu) not found, or CHECK_PROFILE=0" >"$OUT/profile.txt"
     RC[profile]=missing
@@ -191,7 +199,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- benchmark (matmul): $(status bench) (${SECS[bench]:-0}s)"
   echo "- probe decode tensor cores = CUDA cores: $(status probe_decode)${ATT_ENV:+ (bench ran with ${ATT_ENV[*]})}"
   echo "- benchmark (attention): $(status bench_attention) (${SECS[bench_attention]:-0}s)"
-  echo "- profile (ncu, W4A16): $(status profile) (${SECS[profile]:-0}s)"
+  echo "- profile (ncu, $([ "${CHECK_PROFILE:-1}" = w8a8 ] && echo W8A8 || echo W4A16)): $(status profile) (${SECS[profile]:-0}s)"
   echo "- sweep (dev/gpu_sweep.py, in sweep.txt): $(status sweep) (${SECS[sweep]:-0}s)"
   echo "- total: $((SECONDS - START))s of a ${BUDGET}s budget"
 } >"$TMP/head.md"

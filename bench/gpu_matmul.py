@@ -37,16 +37,19 @@ MS = [1, 16, 64]
 W8A16_SIMT = "lowbit w8a16 (CUDA cores)"
 W8A8_MMA = "lowbit w8a8 (mma.sync)"
 W8A8_TMA = "lowbit w8a8 (TMA everywhere)"
+W8A8_CLUSTER = "lowbit w8a8 (TMA, clusters of 2, opt-in)"
+W8A8_CLUSTER_VEC = "lowbit w8a8 (TMA, clusters of 2, vec quantizer, opt-in)"
 W8A16_BULK = "lowbit w8a16 (bulk copies, opt-in)"
 QUANT = "lowbit per-token quantizer (part of w8a8)"
 QUANT_VEC = "lowbit per-token quantizer, vec (opt-in)"
 W4A16_TILES2 = "lowbit w4a16 (2 column tiles per warp, opt-in)"
 W8A16_TILES2 = "lowbit w8a16 (2 column tiles per warp, opt-in)"
-# the switch each comparison row is timed under
-ROW_ENV = {W8A16_SIMT: ("LOWBIT_CUDA_W8A16", "simt"), W8A8_MMA: ("LOWBIT_CUDA_W8A8", "mma"),
-           W8A8_TMA: ("LOWBIT_CUDA_W8A8", "tma"), QUANT_VEC: ("LOWBIT_CUDA_QUANT", "vec"),
-           W8A16_BULK: ("LOWBIT_CUDA_WOQ_COPY", "bulk"), W4A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2"),
-           W8A16_TILES2: ("LOWBIT_CUDA_WOQ_TILES", "2")}
+# the switches each comparison row is timed under
+ROW_ENV = {W8A16_SIMT: [("LOWBIT_CUDA_W8A16", "simt")], W8A8_MMA: [("LOWBIT_CUDA_W8A8", "mma")],
+           W8A8_TMA: [("LOWBIT_CUDA_W8A8", "tma")], W8A8_CLUSTER: [("LOWBIT_CUDA_W8A8", "cluster")],
+           W8A8_CLUSTER_VEC: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec")],
+           QUANT_VEC: [("LOWBIT_CUDA_QUANT", "vec")], W8A16_BULK: [("LOWBIT_CUDA_WOQ_COPY", "bulk")],
+           W4A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")], W8A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")]}
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
@@ -209,13 +212,17 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         }
         # the kernels the newest ones replaced, for comparison: W8A16's CUDA-core GEMV (M <= 128;
         # larger M takes the dequantize + cuBLAS path either way), and on Hopper W8A8 (M >= 64) on
-        # mma.sync and on the TMA kernel for every shape (the default picks one by shape)
+        # mma.sync and on the TMA kernel for every shape (the default picks one by shape), the
+        # latter also in clusters of two (and at M = 2048 with the vec quantizer: the target row)
         if M <= int8_ops.DENSE_MIN_M:
             ops[W8A16_SIMT] = ops["lowbit w8a16"]
         hopper = torch.cuda.get_device_capability()[0] == 9
         if M >= 64 and hopper:
             ops[W8A8_MMA] = ops["lowbit w8a8"]
             ops[W8A8_TMA] = ops["lowbit w8a8"]
+            ops[W8A8_CLUSTER] = ops["lowbit w8a8"]
+        if M >= 2048 and hopper:
+            ops[W8A8_CLUSTER_VEC] = ops["lowbit w8a8"]
         if M <= 16 and hopper:
             ops[W8A16_BULK] = ops["lowbit w8a16"]
         if M <= 8:
@@ -231,8 +238,9 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         for op, (make_call, nbuf, nbytes) in ops.items():
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
             try:
-                env = ROW_ENV.get(op)
-                with env_var(*env) if env else contextlib.nullcontext():
+                with contextlib.ExitStack() as switches:
+                    for name, value in ROW_ENV.get(op, []):
+                        switches.enter_context(env_var(name, value))
                     us = time_per_call(make_call, nbuf, reps)
             except Exception as e:  # noqa: BLE001 - e.g. _int_mm shape rules; record and go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -298,6 +306,21 @@ def profile_w4a16() -> int:
     return 0
 
 
+def profile_w8a8() -> int:
+    """W8A8 at M = 2048 on 4096 x 4096 for a profiler: one call on the TMA kernel alone, one in
+    clusters of two."""
+    from lowbit import ref
+    from lowbit.ops import int8 as int8_ops
+
+    q, s = ref.int8.quantize_weight_per_channel(torch.randn(4096, 4096, device="cuda") * 0.02)
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.float16)
+    for kernel in ("tma", "cluster"):
+        with env_var("LOWBIT_CUDA_W8A8", kernel):
+            int8_ops.int8_linear_w8a8(x, q, s)
+    torch.cuda.synchronize()
+    return 0
+
+
 def probe() -> int:
     """Whether the newest kernels agree with the ones they replaced: W8A16 on tensor cores vs
     its CUDA-core GEMV (LOWBIT_CUDA_W8A16=simt), to rounding, on a few decode shapes; W8A8 by
@@ -353,13 +376,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON output path (required unless --profile / --probe)")
     ap.add_argument("--reps", type=int, default=15, help="timed graph replays per op (default 15)")
     ap.add_argument("--quick", action="store_true", help="one shape, M=1 only (smoke test)")
-    ap.add_argument("--profile", action="store_true",
-                    help="only run W4A16 on 4096x11008 at M=1 and 16, a few calls each (for ncu; no timing)")
+    ap.add_argument("--profile", nargs="?", const="w4a16", choices=["w4a16", "w8a8"],
+                    help="only a few calls for ncu, no timing: W4A16 on 4096x11008 at M=1 and 16 (default), "
+                         "or W8A8 at M=2048 on 4096x4096 (TMA kernel alone, then in clusters)")
     ap.add_argument("--probe", action="store_true",
                     help="only compare the newest kernels with the ones they replaced (see probe())")
     args = ap.parse_args(argv)
     if args.profile:
-        return profile_w4a16()
+        return profile_w8a8() if args.profile == "w8a8" else profile_w4a16()
     if args.probe:
         return probe()
     if not args.out:

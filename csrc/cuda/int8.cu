@@ -869,9 +869,18 @@ __device__ __forceinline__ void store_wgmma_tile(const int (&acc)[BN / 2], int64
 //     next stage's batch). The producer runs ahead across tiles, so the next tile's first
 //     stages load while the consumers store this one. dev/lane_models/w8a8_tma_ring.py models
 //     this protocol under random schedules of the copies and mma batches.
+//   * CL = 2 (LOWBIT_CUDA_W8A8=cluster, opt-in until a GPU has timed it): clusters of two
+//     CTAs take tiles (2 p, n) and (2 p + 1, n) together, and each CTA's producer copies half
+//     of the shared weight box (BN / 2 rows) into both CTAs' stage at once (TMA multicast):
+//     48 -> 32 KB read from L2 per stage and CTA. Why: the H200 sweep's K loop ran at ~0.9 us
+//     per 128 x 256 x 128 stage, ~55% of the int8 peak, while its copies drew ~7 TB/s from L2
+//     over the 132 SMs, about what Hopper's L2 delivers. A stage is then written by both
+//     producers, so each consumer releases it on the "empty" barrier of both CTAs (remote
+//     arrivals: 2 x 2 per use), and a CTA exits only after its peer (cluster barrier).
 // Its weak spot: both consumer warpgroups store a tile together, so the tensor cores idle
 // during each epilogue; where tiles are many and K short, mma.sync's two CTAs per SM
-// (one computing while the other stores) win (see int8_linear_w8a8).
+// (one computing while the other stores) won before the epilogue was made cheap (see
+// int8_linear_w8a8).
 namespace wgmma_ws {
 constexpr int kBM = 128, kBK = 128;  // rows of y per tile; k bytes per stage (one swizzle row)
 constexpr int kConsumers = 2;        // warpgroups of 64 rows
@@ -884,7 +893,7 @@ constexpr int kSmemBytes = kStages<BN> * kStage<BN> + 2 * kStages<BN> * 8 + kCon
 static_assert(kBytesA % 1024 == 0 && kStage<128> % 1024 == 0, "tiles start swizzle atoms");
 }  // namespace wgmma_ws
 
-template <class D, int BN>
+template <class D, int BN, int CL>
 __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     w8a8_tma_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
                     const float* __restrict__ sx, int64_t M, int64_t K, const float* __restrict__ ws, int64_t N,
@@ -892,22 +901,34 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
 #if defined(LOWBIT_WGMMA)
   using namespace wgmma_ws;
   constexpr int kStage = wgmma_ws::kStage<BN>, kStages = wgmma_ws::kStages<BN>;
+  constexpr int kRowsW = BN / CL;  // weight rows each CTA of a cluster copies per stage
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStage);
   uint64_t* empty = full + kStages;
   float* factors = reinterpret_cast<float*>(empty + kStages);
   const int tid = threadIdx.x, wg = tid >> 7;
+  const uint32_t rank = CL > 1 ? wgmma::cluster_ctarank() : 0;
+  // A cluster walks groups of CL tiles stacked along M (the same n0): tile (CL g_m + rank, n).
   const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + BN - 1) / BN;
+  const int64_t groups_m = (tiles_m + CL - 1) / CL, groups = groups_m * tiles_n;
+  const int64_t first = blockIdx.x / CL, stride = gridDim.x / CL;
   const int ktiles = int((K + kBK - 1) / kBK);
+  auto tile_of = [&](int64_t group, int64_t& m0, int64_t& n0) {
+    grouped_tile(group, groups_m, tiles_n, m0, n0);
+    m0 = m0 * CL + rank;  // past tiles_m for the second CTA of a last, odd group: all rows
+  };                      // zero-filled, nothing stored
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
       wgmma::mbar_init(full + st, 1);
-      wgmma::mbar_init(empty + st, kConsumers);
+      wgmma::mbar_init(empty + st, kConsumers * CL);
     }
     wgmma::mbar_init_fence();
   }
-  __syncthreads();
+  if constexpr (CL > 1)
+    wgmma::cluster_sync();  // the peer's barriers exist before anything lands in or arrives on them
+  else
+    __syncthreads();
 
   // Both roles walk the same (tile, k tile) sequence through the ring: stage st, and the
   // parity of the stage's current use.
@@ -917,65 +938,79 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     if (++st == kStages) st = 0, parity ^= 1;
   };
   if (wg == 0) {
-    if (tid != 0) return;  // the producer is one thread
-    wgmma::tma_prefetch_map(&map_x);
-    wgmma::tma_prefetch_map(&map_w);
-    for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
-      int64_t m0, n0;
-      grouped_tile(tile, tiles_m, tiles_n, m0, n0);
-      for (int kt = 0; kt < ktiles; ++kt, advance()) {
-        wgmma::mbar_wait(empty + st, parity ^ 1);  // both consumers are done with the stage's last use
-        uint8_t* sa = smem + st * kStage;
-        wgmma::mbar_arrive_expect_tx(full + st, kStage);
-        wgmma::tma_load_2d(sa, &map_x, kt * kBK, int(m0 * kBM), full + st);
-        wgmma::tma_load_2d(sa + kBytesA, &map_w, kt * kBK, int(n0 * BN), full + st);
+    if (tid == 0) {  // the producer is one thread
+      wgmma::tma_prefetch_map(&map_x);
+      wgmma::tma_prefetch_map(&map_w);
+      for (int64_t group = first; group < groups; group += stride) {
+        int64_t m0, n0;
+        tile_of(group, m0, n0);
+        for (int kt = 0; kt < ktiles; ++kt, advance()) {
+          wgmma::mbar_wait(empty + st, parity ^ 1);  // every consumer writing-to-be is done with the stage's last use
+          uint8_t* sa = smem + st * kStage;
+          wgmma::mbar_arrive_expect_tx(full + st, kStage);
+          wgmma::tma_load_2d(sa, &map_x, kt * kBK, int(m0 * kBM), full + st);
+          uint8_t* sb = sa + kBytesA + rank * kRowsW * kBK;
+          if constexpr (CL > 1)
+            wgmma::tma_load_2d_multicast(sb, &map_w, kt * kBK, int(n0 * BN + rank * kRowsW), full + st,
+                                         uint16_t((1u << CL) - 1));
+          else
+            wgmma::tma_load_2d(sb, &map_w, kt * kBK, int(n0 * BN), full + st);
+        }
       }
     }
-    return;
-  }
-  const int cw = wg - 1;  // this consumer's 64 rows of the tile
-  float* fs = factors + cw * 2 * BN;  // its ws and bias of the tile's columns
-  const W8A8Out<D> out(y, ldy, M, N);
-  for (int64_t tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
-    int64_t m0, n0;
-    grouped_tile(tile, tiles_m, tiles_n, m0, n0);
-    // The tile's epilogue factors, loaded before the k loop (which hides their latency):
-    // sx of this thread's rows r, r + 8 in registers; ws and bias of the BN columns into
-    // fs, once every warp of the warpgroup has stored the previous tile (named barrier).
-    const int64_t r = m0 * kBM + cw * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
-    const float sxr[2] = {r < M ? sx[r] : 0.0f, r + 8 < M ? sx[r + 8] : 0.0f};
-    ptx::bar_sync(1 + cw, 128);
-    for (int c = tid & 127; c < BN; c += 128) {
-      const int64_t n = n0 * BN + c;
-      fs[c] = n < N ? ws[n] : 0.0f;
-      fs[BN + c] = bias && n < N ? load_f32(bias, bias_dtype, n) : 0.0f;
-    }
-    int acc[BN / 2];
+  } else {
+    const int cw = wg - 1;  // this consumer's 64 rows of the tile
+    float* fs = factors + cw * 2 * BN;  // its ws and bias of the tile's columns
+    const W8A8Out<D> out(y, ldy, M, N);
+    auto release = [&](int stage) {  // this warpgroup's wgmma batches on the stage have finished
+      if ((tid & 127) != 0) return;
+      if constexpr (CL > 1)
+        for (uint32_t c = 0; c < CL; ++c) wgmma::mbar_arrive_cluster(empty + stage, c);
+      else
+        wgmma::mbar_arrive(empty + stage);
+    };
+    for (int64_t group = first; group < groups; group += stride) {
+      int64_t m0, n0;
+      tile_of(group, m0, n0);
+      // The tile's epilogue factors, loaded before the k loop (which hides their latency):
+      // sx of this thread's rows r, r + 8 in registers; ws and bias of the BN columns into
+      // fs, once every warp of the warpgroup has stored the previous tile (named barrier).
+      const int64_t r = m0 * kBM + cw * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
+      const float sxr[2] = {r < M ? sx[r] : 0.0f, r + 8 < M ? sx[r + 8] : 0.0f};
+      ptx::bar_sync(1 + cw, 128);
+      for (int c = tid & 127; c < BN; c += 128) {
+        const int64_t n = n0 * BN + c;
+        fs[c] = n < N ? ws[n] : 0.0f;
+        fs[BN + c] = bias && n < N ? load_f32(bias, bias_dtype, n) : 0.0f;
+      }
+      int acc[BN / 2];
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
-    int prev = -1;  // the stage of the previous k tile, released once its wgmma finished
-    for (int kt = 0; kt < ktiles; ++kt, advance()) {
-      wgmma::mbar_wait(full + st, parity);
-      const uint8_t* sa = smem + st * kStage;
-      wgmma::fence();
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
+      int prev = -1;  // the stage of the previous k tile, released once its wgmma finished
+      for (int kt = 0; kt < ktiles; ++kt, advance()) {
+        wgmma::mbar_wait(full + st, parity);
+        const uint8_t* sa = smem + st * kStage;
+        wgmma::fence();
 #pragma unroll
-      for (int ks = 0; ks < kBK / 32; ++ks)
-        wgmma::mma_s8<BN>(acc, wgmma::desc_sw128(sa + cw * 64 * kBK + 32 * ks),
-                           wgmma::desc_sw128(sa + kBytesA + 32 * ks));
-      wgmma::commit();
-      wgmma::wait<1>();  // the previous k tile's batch has finished reading its stage
-      if (prev >= 0 && (tid & 127) == 0) wgmma::mbar_arrive(empty + prev);
-      prev = st;
+        for (int ks = 0; ks < kBK / 32; ++ks)
+          wgmma::mma_s8<BN>(acc, wgmma::desc_sw128(sa + cw * 64 * kBK + 32 * ks),
+                             wgmma::desc_sw128(sa + kBytesA + 32 * ks));
+        wgmma::commit();
+        wgmma::wait<1>();  // the previous k tile's batch has finished reading its stage
+        if (prev >= 0) release(prev);
+        prev = st;
+      }
+      wgmma::wait<0>();
+      wgmma::fence_operands(acc);
+      if (prev >= 0) release(prev);
+      ptx::bar_sync(1 + cw, 128);  // fs as the whole warpgroup wrote it
+      if (out.inside(m0 * kBM + cw * 64 + 64, n0 * BN + BN))
+        store_wgmma_tile<D, BN, false>(acc, r, n0 * BN, sxr, fs, bias != nullptr, out);
+      else
+        store_wgmma_tile<D, BN, true>(acc, r, n0 * BN, sxr, fs, bias != nullptr, out);
     }
-    wgmma::wait<0>();
-    wgmma::fence_operands(acc);
-    if (prev >= 0 && (tid & 127) == 0) wgmma::mbar_arrive(empty + prev);
-    ptx::bar_sync(1 + cw, 128);  // fs as the whole warpgroup wrote it
-    if (out.inside(m0 * kBM + cw * 64 + 64, n0 * BN + BN))
-      store_wgmma_tile<D, BN, false>(acc, r, n0 * BN, sxr, fs, bias != nullptr, out);
-    else
-      store_wgmma_tile<D, BN, true>(acc, r, n0 * BN, sxr, fs, bias != nullptr, out);
   }
+  if constexpr (CL > 1) wgmma::cluster_sync();  // no CTA leaves while its peer may still write into it
 #else
   __trap();  // built without sm_90a code: the host never launches it (w8a8_tma_ok)
 #endif
@@ -1052,10 +1087,10 @@ int prepare_w8a8_mma() {
   return opt_in_smem(w8a8_mma_kernel<D>, mma_tc::kSmemBytes, done, "int8_linear_w8a8");
 }
 
-template <class D, int BN>
+template <class D, int BN, int CL>
 int prepare_w8a8_tma() {
   static std::atomic<uint64_t> done{0};
-  return opt_in_smem(w8a8_tma_kernel<D, BN>, wgmma_ws::kSmemBytes<BN>, done, "int8_linear_w8a8");
+  return opt_in_smem(w8a8_tma_kernel<D, BN, CL>, wgmma_ws::kSmemBytes<BN>, done, "int8_linear_w8a8");
 }
 
 // The current device's SM count (1 if it cannot be read).
@@ -1109,26 +1144,87 @@ bool w8a8_tma_ok() {
   if (env_is("LOWBIT_CUDA_W8A8", "mma")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
-    return runs_sm90a_code(dev, w8a8_tma_kernel<F16, 128>) && encode_tiled() != nullptr;
+    return runs_sm90a_code(dev, w8a8_tma_kernel<F16, 128, 1>) && encode_tiled() != nullptr;
   });
 }
 
-// w8a8_tma_kernel on a persistent grid (one CTA per SM, at most one per tile); kCudaError
-// (recorded for last_error) if the driver would not build the tensor maps.
-template <class D, int BN>
+// The launch configuration of w8a8_tma_kernel with clusters of CL CTAs.
+template <int CL>
+struct ClusterLaunch {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t cfg{};
+  ClusterLaunch(unsigned grid, int smem, cudaStream_t s) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = CL, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(grid), cfg.blockDim = dim3(wgmma_ws::kThreads), cfg.dynamicSmemBytes = size_t(smem);
+    cfg.stream = s, cfg.attrs = &attr, cfg.numAttrs = 1;
+  }
+};
+
+// How many clusters of `kernel` fit on the current device at once (an SM may not pair with
+// another of its GPC: not always sms / CL); sms / CL if the runtime cannot say. Per device, cached.
+template <int CL, class Kernel>
+int resident_clusters(Kernel kernel, int smem, int sms) {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
+  if (known && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load(std::memory_order_relaxed);
+  ClusterLaunch<CL> launch(unsigned(sms / CL * CL), smem, nullptr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    n = sms / CL > 0 ? sms / CL : 1;
+  }
+  if (known) cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// w8a8_tma_kernel on a persistent grid (one CTA per SM, at most one per tile; with CL > 1 as
+// many clusters as fit at once, at most one per group of CL tiles); kCudaError (recorded for
+// last_error) if the driver would not build the tensor maps or launch the clusters.
+template <class D, int BN, int CL>
 int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, const int8_t* qw, const float* ws,
                     int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, int sms, cudaStream_t s) {
   using namespace wgmma_ws;
   CUtensorMap map_x, map_w;
   if (!int8_tensor_map(&map_x, qx, M, K, kBK, kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !int8_tensor_map(&map_w, qw, N, K, kBK, BN, CU_TENSOR_MAP_SWIZZLE_128B)) {
+      !int8_tensor_map(&map_w, qw, N, K, kBK, BN / CL, CU_TENSOR_MAP_SWIZZLE_128B)) {
     record_cuda_error("int8_linear_w8a8", "cuTensorMapEncodeTiled", "the driver refused a tensor map");
     return kCudaError;
   }
-  const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + BN - 1) / BN);
-  w8a8_tma_kernel<D, BN><<<unsigned(tiles < sms ? tiles : sms), wgmma_ws::kThreads, kSmemBytes<BN>, s>>>(
-      map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
-  return kOk;
+  auto kernel = w8a8_tma_kernel<D, BN, CL>;
+  auto* yt = static_cast<typename D::T*>(y);
+  const int64_t groups = ((M + kBM * CL - 1) / (kBM * CL)) * ((N + BN - 1) / BN);
+  if constexpr (CL == 1) {
+    const unsigned grid = unsigned(groups < sms ? groups : sms);
+    kernel<<<grid, wgmma_ws::kThreads, kSmemBytes<BN>, s>>>(map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
+    return kOk;
+  } else {
+    const int64_t fit = resident_clusters<CL>(kernel, kSmemBytes<BN>, sms);
+    ClusterLaunch<CL> launch(unsigned((groups < fit ? groups : fit) * CL), kSmemBytes<BN>, s);
+    const cudaError_t e =
+        cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
+    if (e == cudaSuccess) return kOk;
+    (void)cudaGetLastError();
+    record_cuda_error("int8_linear_w8a8 (cluster launch)", cudaGetErrorName(e), cudaGetErrorString(e));
+    return kCudaError;
+  }
+}
+
+// The TMA kernel's variants: tiles 128 x 256 (wide) or 128 x 128, clusters of 2 or none.
+template <class D>
+struct W8A8Tma {
+  int (*prepare)();
+  int (*launch)(const int8_t*, const float*, int64_t, int64_t, const int8_t*, const float*, int64_t, const void*, int,
+                void*, int64_t, int, cudaStream_t);
+};
+template <class D>
+W8A8Tma<D> w8a8_tma_variant(bool wide, bool cluster) {
+  if (wide)
+    return cluster ? W8A8Tma<D>{prepare_w8a8_tma<D, 256, 2>, launch_w8a8_tma<D, 256, 2>}
+                   : W8A8Tma<D>{prepare_w8a8_tma<D, 256, 1>, launch_w8a8_tma<D, 256, 1>};
+  return cluster ? W8A8Tma<D>{prepare_w8a8_tma<D, 128, 2>, launch_w8a8_tma<D, 128, 2>}
+                 : W8A8Tma<D>{prepare_w8a8_tma<D, 128, 1>, launch_w8a8_tma<D, 128, 1>};
 }
 
 // w8a8_mma_kernel: a CTA per tile of y, grid-striding past kMaxGridX tiles.
@@ -1271,21 +1367,22 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   // that idles its tensor cores is amortized over >= 64 k tiles: 1.08-1.27x at M >= 1024). It
   // loses (0.75-0.95x) on many tiles of short K, e.g. M = 2048 on 4096 x 4096, where
   // mma.sync's two CTAs per SM overlap one's epilogue with the other's MMAs.
-  // LOWBIT_CUDA_W8A8=tma takes it wherever a tensor-core kernel runs, =mma never. Its tensor
-  // maps take M, N < 2^31 rows. 256-wide tiles when those still give every SM one.
+  // LOWBIT_CUDA_W8A8=tma takes it wherever a tensor-core kernel runs, =cluster the same with
+  // clusters of two CTAs sharing the weight copies, =mma never. Its tensor maps take M, N <
+  // 2^31 rows. 256-wide tiles when those still give every SM one.
+  const bool cluster = env_is("LOWBIT_CUDA_W8A8", "cluster");
   const bool tma = mma && M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && w8a8_tma_ok() &&
-                   (M * N <= (int64_t(4) << 20) || K >= 8192 || env_is("LOWBIT_CUDA_W8A8", "tma"));
+                   (M * N <= (int64_t(4) << 20) || K >= 8192 || env_is("LOWBIT_CUDA_W8A8", "tma") || cluster);
   const int sms = tma ? sm_count() : 1;
   const bool wide = tma && ((M + wgmma_ws::kBM - 1) / wgmma_ws::kBM) * ((N + 255) / 256) >= sms;
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
-    if (mma) st = tma ? (wide ? prepare_w8a8_tma<D, 256>() : prepare_w8a8_tma<D, 128>()) : prepare_w8a8_mma<D>();
+    const W8A8Tma<D> variant = w8a8_tma_variant<D>(wide, cluster);
+    if (mma) st = tma ? variant.prepare() : prepare_w8a8_mma<D>();
     if (st == kOk) {
       launch_quantize<D>(x, M, K, ldx, qx, sx, s);
-      if (tma && wide)
-        st = launch_w8a8_tma<D, 256>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
-      else if (tma)
-        st = launch_w8a8_tma<D, 128>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
+      if (tma)
+        st = variant.launch(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
       else if (mma)
         launch_w8a8_mma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
       else

@@ -1,7 +1,8 @@
 // Hopper warpgroup MMA (wgmma) wrappers: the shared-memory matrix descriptor, the fences
 // and commit / wait of the asynchronous mma, and the shapes lowbit uses (m64n128k32 and
 // m64n256k32, s8 x s8 -> s32, both operands from shared memory); and the tensor memory
-// accelerator (TMA) with the mbarriers that count its bytes, for a producer / consumer ring.
+// accelerator (TMA) with the mbarriers that count its bytes, for a producer / consumer ring,
+// including the cluster forms (multicast copies, remote arrivals).
 // sm_90a only: every use sits under LOWBIT_WGMMA (defined when nvcc compiles for sm_90a), and
 // the host checks that the kernel's code was built for it (ptxVersion 90) before launching it.
 #pragma once
@@ -142,6 +143,29 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
 }
 
+// ---- clusters (sm_90): CTAs of a cluster share their shared memory windows; lowbit uses
+// them for TMA multicast (one copy lands in every CTA of a mask) and remote mbarrier arrivals.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster (that has not exited) arrives, then waits for all:
+// orders the barrier inits before any remote use, and keeps a CTA's shared memory alive until
+// its peers are done writing into it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// One arrival on the mbarrier at bar's offset in CTA `rank` of the cluster (this CTA included).
+// Default (CTA-scope) release: what it announces is that this warpgroup's wgmma reads of a
+// stage have completed (wait_group), no writes of its own to publish; a cluster-scope release
+// would cost a GPU-wide memory barrier per arrival.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(ptx::smem_addr(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+
 // ---- TMA: a box of a 2-D tensor (tensor map `map`, a __grid_constant__ kernel parameter)
 // at element coordinates (inner c0, outer c1) into shared memory, laid out and swizzled as
 // the map says; elements outside the tensor arrive as zeros. The bytes are counted on `bar`.
@@ -152,6 +176,17 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, 
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
       ::"r"(ptx::smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(ptx::smem_addr(bar))
+      : "memory");
+}
+// The same box into dst of every CTA in `mask` (bit r: cluster rank r), each CTA's bytes
+// counted on its own mbarrier at bar's offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, int c0, int c1, uint64_t* bar,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n"
+      ::"r"(ptx::smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(ptx::smem_addr(bar)),
+      "h"(mask)
       : "memory");
 }
 #endif
