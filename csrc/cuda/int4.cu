@@ -72,26 +72,31 @@ template <> struct Pair<float> {
 // checks groups x Np < 2^31).
 template <class S> struct Int4Cursor {
   using Raw = typename Pair<S>::Raw;
-  const uint4* wp;  // the lane's word of the next tile to issue
-  const Raw* sp;    // column na of group 0
+  const uint4* wp;   // the lane's word of the next tile to issue
+  const Raw* scales;  // the table (a kernel parameter: uniform registers)
+  uint32_t s0;       // column na of group 0: scales[s0]
   int Np, k, last_grp, g_shift;  // k: the lane's first k of the next tile to issue
   __device__ Int4Cursor(const woq::Args& a, int64_t nt, int64_t t_begin, int lane)
       : wp(static_cast<const uint4*>(a.qweight) + (nt * a.ktiles + t_begin) * 32 + lane),
-        sp(static_cast<const Raw*>(a.scales) + nt * woq::kTileN + (lane >> 2)),
+        scales(static_cast<const Raw*>(a.scales)),
+        s0(uint32_t(nt * woq::kTileN + (lane >> 2))),
         Np(int(a.Np)),
         k(int(t_begin) * kTileK + 16 * (lane & 3)),
         last_grp(int(a.groups) - 1),
         g_shift(a.g_shift) {}
-  // The group of the lane's 16 k at k0 (k past K, where x is zero, takes the last).
+  // The group of the lane's 16 k at k0 (k past K, where x is zero, takes the last; one group:
+  // g_shift 0, and last_grp 0 clamps k0 to it).
   __device__ int group_at(int k0) const {
-    const int grp = last_grp == 0 ? 0 : k0 >> g_shift;
+    const int grp = k0 >> g_shift;
     return grp < last_grp ? grp : last_grp;
   }
-  // The next tile's word and scale row; then the cursor moves to the tile after it.
+  // The next tile's word and scale row; then the cursor moves to the tile after it. (The
+  // scale index stays 32-bit unsigned: one wide multiply-add from the table, where a 64-bit
+  // index cost the loop ~10 instructions a tile.)
   __device__ const Raw* next(const uint4*& word) {
     word = wp;
-    const Raw* src = sp + group_at(k) * Np;
     wp += 32;
+    const Raw* src = scales + (s0 + uint32_t(group_at(k) * Np));
     k += kTileK;
     return src;
   }

@@ -47,6 +47,14 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// p, as a value the compiler cannot see through: address arithmetic on it stays pointer
+// arithmetic in registers instead of being re-derived from a kernel parameter at every use.
+template <class T>
+__device__ __forceinline__ T* opaque(T* p) {
+  asm("" : "+l"(p));
+  return p;
+}
+
 // ---- named barrier `id` (1..15; 0 is __syncthreads) over `count` threads (a multiple of
 // 32): one warpgroup's warps meet without stopping the rest of the block.
 __device__ __forceinline__ void bar_sync(int id, int count) {

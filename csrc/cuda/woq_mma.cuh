@@ -81,58 +81,56 @@ struct Args {
 };
 
 // ---- activations ---------------------------------------------------------------------
-// The 16 activations p[0 .. 16) of a row (its k0 .. k0 + 16) as 8 packed pairs: zeros for a
-// row past M (p null) and past K.
+// A lane's activation rows of an m16 tile (row gid, and gid + 8 unless HALF), at its first k,
+// and how far its 16-byte loads stay inside K: set up once per m tile, so a k tile costs an
+// address add and one compare per row. Rows past M read row M - 1 instead of zeros: their
+// products land only in outputs past M (an mma never mixes rows), which are never stored.
 template <class D>
-__device__ __forceinline__ void load_x16(const Args& a, const typename D::T* p, int64_t k0, uint32_t (&out)[8]) {
-  if (!p) {
+struct XRows {
+  using T = typename D::T;
+  const T* p[2];
+  int vec_end;  // k0 < vec_end: the lane's 16 k from k0 are inside K and x rows 16-byte aligned
+  __device__ XRows(const Args& a, int64_t row0, int k0) {
+    const int gid = (threadIdx.x & 31) >> 2;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = 0;
-    return;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = row0 + gid + 8 * h;
+      p[h] = static_cast<const T*>(a.x) + (r < a.M ? r : a.M - 1) * a.ldx + k0;
+    }
+    vec_end = a.xvec ? int(a.K - 15 < 2147483647 ? a.K - 15 : 2147483647) : -2147483647 - 1;
   }
-  if (a.xvec && k0 + 16 <= a.K) {
-    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(p)), hi = __ldg(reinterpret_cast<const uint4*>(p + 8));
-    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
-    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
-    return;
-  }
+  // The 16 activations q[0 .. 16) (k0 .. k0 + 16) as 8 packed pairs, zeros past K.
+  __device__ void load16(const Args& a, const T* q, int k0, uint32_t (&out)[8]) const {
+    if (k0 < vec_end) {
+      const uint4 lo = __ldg(reinterpret_cast<const uint4*>(q)), hi = __ldg(reinterpret_cast<const uint4*>(q + 8));
+      out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
+      out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+      return;
+    }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t e0 = k0 + 2 * i < a.K ? p[2 * i] : 0, e1 = k0 + 2 * i + 1 < a.K ? p[2 * i + 1] : 0;
-    out[i] = e0 | (e1 << 16);
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t e0 = k0 + 2 * i < a.K ? q[2 * i] : 0, e1 = k0 + 2 * i + 1 < a.K ? q[2 * i + 1] : 0;
+      out[i] = e0 | (e1 << 16);
+    }
   }
-}
+  template <class Frag>
+  __device__ void load(const Args& a, int dk, int k, Frag& f) const {  // dk: from the first k
+    load16(a, p[0] + dk, k, f.lo);
+    if constexpr (!Frag::kHalf) load16(a, p[1] + dk, k, f.hi);
+  }
+};
 
 // The activations of one k tile: rows gid and gid + 8 of an m16 tile, the lane's 16 k, as
 // the A operand of x . W^T; HALF (M <= 8): row gid only, as the B operand of the swapped
 // product W . x^T (see tile_mma).
 template <bool HALF>
 struct XFrag {
+  static constexpr bool kHalf = HALF;
   uint32_t lo[8], hi[HALF ? 1 : 8];
   // The A operand of mma step j (rows gid | gid + 8) x (slot pairs 2 tig | 2 tig + 8).
   __device__ void frag(int j, uint32_t (&f)[4]) const {
     static_assert(!HALF, "a half tile is a B operand");
     f[0] = lo[2 * j], f[1] = hi[2 * j], f[2] = lo[2 * j + 1], f[3] = hi[2 * j + 1];
-  }
-};
-
-// A lane's two activation rows of an m16 tile, at its first k (null past M): computed once
-// per m tile, so a k tile costs an add per row.
-template <class D>
-struct XRows {
-  const typename D::T* p[2];
-  __device__ XRows(const Args& a, int64_t row0, int64_t k0) {
-    const int gid = (threadIdx.x & 31) >> 2;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = row0 + gid + 8 * h;
-      p[h] = r < a.M ? static_cast<const typename D::T*>(a.x) + r * a.ldx + k0 : nullptr;
-    }
-  }
-  template <bool HALF>
-  __device__ void load(const Args& a, int64_t dk, int64_t k, XFrag<HALF>& f) const {  // dk: from the first k
-    load_x16<D>(a, p[0] ? p[0] + dk : nullptr, k, f.lo);
-    if constexpr (!HALF) load_x16<D>(a, p[1] ? p[1] + dk : nullptr, k, f.hi);
   }
 };
 
@@ -144,7 +142,7 @@ struct XRows {
 // so one mma per step instead of two, with no zero halves to assemble.
 template <class D, int MT, bool HALF>
 __device__ __forceinline__ void tile_mma(const Args& a, float (&acc)[MT][2][4], const uint32_t (&b)[4][2][2],
-                                         int64_t m0, int64_t k0, const XFrag<HALF>& first) {
+                                         int64_t m0, int k0, const XFrag<HALF>& first) {
   if constexpr (HALF) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {

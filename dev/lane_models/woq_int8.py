@@ -5,7 +5,8 @@ One warp, one 16-column tile, one m16 tile of activations (M <= 8: the swapped p
 woq's HALF kernel), K in 64-k tiles: each lane copies
 the 16 codes k = 64 t + 16 tig .. + 16 of rows na = gid and na + 8 (zeros past N and K),
 turns word j of each row into B registers with CodePair (bytes 0, 1 and 2, 3), loads its 16
-activations of rows gid and gid + 8 as the A fragments of woq's k order, runs the m16n8k16
+activations of rows gid and gid + 8 as the A fragments of woq's k order (zeros past K; a row
+past M reads row M - 1, whose products land only in outputs that are not stored), runs the m16n8k16
 mma per step j and sub-tile, and stores with the accumulator map; the result must equal the
 float64 product x . (codes * scale)^T. Mutations of the byte pairs, the row of sub-tile 1 and
 the activation order fail.
@@ -45,11 +46,12 @@ def warp_tile(x16, codes, scale, kind, mut=""):
                     sel = ((0, 1), (2, 3)) if "pair" not in mut else ((0, 2), (1, 3))
                     b[lane][j][sub] = [code_pair(u, *sel[0], kind), code_pair(u, *sel[1], kind)]
             xs = []
-            for r in (g, g + 8):  # load_x16: the lane's 16 activations as 8 pairs
+            for r in (g, g + 8):  # XRows::load16: the lane's 16 activations as 8 pairs
+                rr = r if r < M else M - 1  # a row past M reads row M - 1 (its outputs are not stored)
                 v = [0] * 16
                 for i in range(16):
-                    if r < M and k0 + i < K:
-                        v[i] = int(x16[r, k0 + i])
+                    if k0 + i < K:
+                        v[i] = int(x16[rr, k0 + i])
                 if "xorder" in mut:
                     v = v[::-1]
                 xs.append([pack16(v[2 * i], v[2 * i + 1]) for i in range(8)])
