@@ -516,11 +516,17 @@ struct Int8W {
       left = int(a.K - k);
     }
     __device__ void issue(Ring& r, int warp, int slot, int lane) {
-      const int n = left < 0 ? 0 : left > 16 ? 16 : left;
+      uint4* dst = &r.w[warp][slot][0][lane];  // sub 1: 32 slots on
+      if (ok[1] && left >= 16) {  // both rows, 16 codes each: plain copies (all but the edges)
+        ptx::cp_async16(ptx::smem_addr(dst), row);
+        ptx::cp_async16(ptx::smem_addr(dst + 32), row + ld8);
+      } else {  // the first (n) codes of each row that exists, zeros after them
+        const int n = left < 0 ? 0 : left > 16 ? 16 : left;
 #pragma unroll
-      for (int sub = 0; sub < 2; ++sub) {
-        const bool live = ok[sub] && n > 0;
-        ptx::cp_async16_zfill_n(&r.w[warp][slot][sub][lane], live ? row + sub * ld8 : base, live ? n : 0);
+        for (int sub = 0; sub < 2; ++sub) {
+          const bool live = ok[sub] && n > 0;
+          ptx::cp_async16_zfill_n(dst + 32 * sub, live ? row + sub * ld8 : base, live ? n : 0);
+        }
       }
       row += woq::kTileK;
       left -= woq::kTileK;
