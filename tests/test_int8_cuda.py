@@ -488,6 +488,22 @@ def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatc
 
 
 @gpu
+@pytest.mark.parametrize("kernel", ["default", "mma"])
+@pytest.mark.parametrize("M,N,K", [(16, 4096, 4096), (17, 129, 4112), (33, 576, 48), (63, 1000, 1040)])
+def test_w8a8_tensor_cores_from_m16_agree_small(kernel, M, N, K, cgen, monkeypatch):
+    """LOWBIT_CUDA_W8A8_MIN_M=16 (an experiment) runs M = 16..63 on the tensor-core kernels
+    instead of dp4a: the same int32 sums and epilogue, so the same bits."""
+    x = randn((M, K), cgen, torch.float16)
+    qw, s = rand_weight(N, K, cgen)
+    b = randn((N,), cgen, torch.float16)
+    y = OPS["w8a8"](x, qw, s, b)
+    monkeypatch.setenv("LOWBIT_CUDA_W8A8_MIN_M", "16")
+    if kernel != "default":
+        monkeypatch.setenv("LOWBIT_CUDA_W8A8", kernel)
+    assert torch.equal(OPS["w8a8"](x, qw, s, b), y)
+
+
+@gpu
 @pytest.mark.parametrize("kernel", ["default", "tma", "cluster", "mma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 def test_w8a8_tensor_core_strided_y_small(kernel, dtype, cgen, monkeypatch):

@@ -644,7 +644,9 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------- W8A8, tensor cores (large M)
 // y = (qx . qweight^T) * sx[m] * ws[n] + bias[n] with mma.sync.m16n8k32 s8 x s8 -> s32.
 // Used when M >= kMinM (64: below that the dp4a kernel above, tuned for decode-size
-// M, wins or ties, and a 128-row tile would be mostly padding), K % 16 == 0 (every
+// M, won or tied when measured, and a 128-row tile is mostly padding; an experiment,
+// LOWBIT_CUDA_W8A8_MIN_M=16 lowers it to 16, where the dp4a kernel measured 0.25-0.35x
+// fp16 cuBLAS on an H200 while the tensor-core kernels' epilogue then was slow), K % 16 == 0 (every
 // row of qx and qweight is a run of whole 16-byte cp.async chunks), K <= kChunkK
 // (the int32 accumulators cannot overflow, and equal the dp4a kernel's single int32
 // chunk sum, so both paths give the same bits) and qx, qweight 16-byte aligned.
@@ -1366,7 +1368,8 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   // The quantizer writes qx as M contiguous rows of K codes; the int8 kernel reads them in stream order.
   const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(qx);
   // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
-  const bool mma = M >= mma_tc::kMinM && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
+  const int64_t min_m = env_is("LOWBIT_CUDA_W8A8_MIN_M", "16") ? 16 : mma_tc::kMinM;
+  const bool mma = M >= min_m && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
   // On sm_90a, the same GEMM on w8a8_tma_kernel (same bits), where it measured faster than
   // mma.sync (H200, dev/gpu_sweep.py w8a8: M = 64-4096 on four Llama shapes): outputs up to
   // 4M elements (few tiles: 1.05-1.25x), and a K of 8192 or more at any size (the epilogue
