@@ -364,7 +364,7 @@ __device__ __forceinline__ void store_pair(typename D::T* p, float v0, float v1)
   if constexpr (std::is_same_v<typename D::T, float>)
     *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
   else
-    *reinterpret_cast<uint32_t*>(p) = D::from_f32x2(v0, v1);
+    *reinterpret_cast<uint32_t*>(p) = from_f32x2<D>(v0, v1);
 }
 
 template <class D>

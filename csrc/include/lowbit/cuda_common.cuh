@@ -47,16 +47,6 @@ struct F16 {
     return f32_to_f16(v);
 #endif
   }
-  // from_f32(lo) | from_f32(hi) << 16; one cvt for both on the device unless one is NaN.
-  LOWBIT_HD static uint32_t from_f32x2(float lo, float hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if (!(lo != lo || hi != hi)) {
-      const __half2 h = __floats2half2_rn(lo, hi);
-      return *reinterpret_cast<const uint32_t*>(&h);
-    }
-#endif
-    return uint32_t(from_f32(lo)) | uint32_t(from_f32(hi)) << 16;
-  }
 };
 
 struct BF16 {
@@ -72,16 +62,25 @@ struct BF16 {
     return f32_to_bf16(v);
 #endif
   }
-  LOWBIT_HD static uint32_t from_f32x2(float lo, float hi) {  // as F16's
+};
+
+// D::from_f32(lo) | D::from_f32(hi) << 16 for a 16-bit D: on the device one cvt for both
+// (unless one is NaN, which takes from_f32's pattern).
+template <class D>
+LOWBIT_HD uint32_t from_f32x2(float lo, float hi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if (!(lo != lo || hi != hi)) {
+  if (!(lo != lo || hi != hi)) {
+    if constexpr (D::kCode == kF16) {
+      const __half2 h = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    } else {
       const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
       return *reinterpret_cast<const uint32_t*>(&h);
     }
-#endif
-    return uint32_t(from_f32(lo)) | uint32_t(from_f32(hi)) << 16;
   }
-};
+#endif
+  return uint32_t(D::from_f32(lo)) | uint32_t(D::from_f32(hi)) << 16;
+}
 
 LOWBIT_HD bool valid_dtype(int code) { return code == kF32 || code == kF16 || code == kBF16; }
 LOWBIT_HD int64_t dtype_size(int code) { return code == kF32 ? 4 : 2; }
