@@ -40,6 +40,7 @@ W8A8_TMA = "lowbit w8a8 (TMA everywhere)"
 W8A8_CLUSTER = "lowbit w8a8 (TMA, clusters of 2, opt-in)"
 W8A8_CLUSTER_VEC = "lowbit w8a8 (TMA, clusters of 2, vec quantizer, opt-in)"
 W8A8_TC16 = "lowbit w8a8 (tensor cores from M = 16, opt-in)"
+W8A8_DECODE = "lowbit w8a8 (tensor-core decode, opt-in)"
 W8A16_BULK = "lowbit w8a16 (bulk copies, opt-in)"
 QUANT = "lowbit per-token quantizer (part of w8a8)"
 QUANT_VEC = "lowbit per-token quantizer, vec (opt-in)"
@@ -49,7 +50,7 @@ W8A16_TILES2 = "lowbit w8a16 (2 column tiles per warp, opt-in)"
 ROW_ENV = {W8A16_SIMT: [("LOWBIT_CUDA_W8A16", "simt")], W8A8_MMA: [("LOWBIT_CUDA_W8A8", "mma")],
            W8A8_TMA: [("LOWBIT_CUDA_W8A8", "tma")], W8A8_CLUSTER: [("LOWBIT_CUDA_W8A8", "cluster")],
            W8A8_CLUSTER_VEC: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec")],
-           W8A8_TC16: [("LOWBIT_CUDA_W8A8_MIN_M", "16")], QUANT_VEC: [("LOWBIT_CUDA_QUANT", "vec")], W8A16_BULK: [("LOWBIT_CUDA_WOQ_COPY", "bulk")],
+           W8A8_TC16: [("LOWBIT_CUDA_W8A8_MIN_M", "16")], W8A8_DECODE: [("LOWBIT_CUDA_W8A8_DECODE", "mma")], QUANT_VEC: [("LOWBIT_CUDA_QUANT", "vec")], W8A16_BULK: [("LOWBIT_CUDA_WOQ_COPY", "bulk")],
            W4A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")], W8A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")]}
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
@@ -226,6 +227,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             ops[W8A8_CLUSTER_VEC] = ops["lowbit w8a8"]
         if 16 <= M < 64:
             ops[W8A8_TC16] = ops["lowbit w8a8"]
+        if M <= 8:
+            ops[W8A8_DECODE] = ops["lowbit w8a8"]
         if M <= 16 and hopper:
             ops[W8A16_BULK] = ops["lowbit w8a16"]
         if M <= 8:

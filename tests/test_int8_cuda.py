@@ -488,6 +488,24 @@ def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatc
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("M,N,K", [(1, 37, 48), (3, 4096, 4096), (8, 129, 4112), (5, 1000, 11008), (2, 16, 16),
+                                   (7, 40, 131072), (2, 20, 131088), (4, 33, 100)])
+def test_w8a8_tensor_core_decode_agrees_small(dtype, M, N, K, cgen, monkeypatch):
+    """LOWBIT_CUDA_W8A8_DECODE=mma (an experiment) runs M <= 8 on int8 tensor cores
+    (w8a8_decode_kernel: K split over a block's warps, ragged N and k tiles, K up to one exact
+    int32 chunk; K % 16 != 0 and longer K keep dp4a): the same int32 sums and epilogue as the
+    dp4a kernel, so the same bits."""
+    x = randn((M, K), cgen, dtype)
+    qw, s = rand_weight(N, K, cgen)
+    b = randn((N,), cgen, dtype)
+    y = OPS["w8a8"](x, qw, s, b)
+    monkeypatch.setenv("LOWBIT_CUDA_W8A8_DECODE", "mma")
+    assert torch.equal(OPS["w8a8"](x, qw, s, b), y)
+    assert torch.equal(OPS["w8a8"](x, qw, s), OPS["w8a8"](x, qw, s)), "not deterministic"
+
+
+@gpu
 @pytest.mark.parametrize("kernel", ["default", "mma"])
 @pytest.mark.parametrize("M,N,K", [(16, 4096, 4096), (17, 129, 4112), (33, 576, 48), (63, 1000, 1040)])
 def test_w8a8_tensor_cores_from_m16_agree_small(kernel, M, N, K, cgen, monkeypatch):

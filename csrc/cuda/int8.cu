@@ -641,6 +641,81 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// ---------------------------------------------------------------- W8A8, tensor-core decode (M <= 8)
+// LOWBIT_CUDA_W8A8_DECODE=mma (opt-in, compile-verified only): the decode product on int8
+// tensor cores, with nothing to dequantize. A block owns 16 output columns and its kWarps
+// warps split K (a quarter of the k tiles each, so that N = 4096 still gives 256 blocks x 4
+// streams); each warp streams its weight rows through W8A16's cp.async ring (Int8W: a lane's
+// 16 codes of rows na, na + 8 per 64-k tile) and runs the swapped product of woq's HALF
+// kernel, y^T = W . q(x)^T, on mma.m16n8k32 s8: per 64-k tile two steps s, whose A are the
+// weight words 2 s and 2 s + 1 of both rows and B the same words of the lane's 16 codes of
+// activation row gid. (Slot group 4 tig .. 4 tig + 3 of step s is real k 16 tig + 8 s .. + 3,
+// group 16 + 4 tig .. is k 16 tig + 8 s + 4 .. + 7, for A and B alike: the slots cover each k
+// once.) The warps' int32 sums add exactly through shared memory, and the epilogue is every
+// W8A8 kernel's (w8a8_value): the same bits as the dp4a kernel. Needs K % 16 == 0 (the
+// activation rows load 16 codes at a time), K <= kChunkK (one exact int32 sum), qx and
+// qweight 16-byte aligned.
+template <class D>
+__global__ void __launch_bounds__(woq::kThreads, woq::kBlocksPerSm)
+    w8a8_decode_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, int64_t M, int64_t K,
+                       const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
+                       const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
+  using woq::kStages;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const int64_t nt = blockIdx.x;  // this block's 16 columns
+  __shared__ Int8W::Ring ring;
+  __shared__ int sums[woq::kWarps][32][4];
+  woq::Args a{};  // what Int8W's cursor reads
+  a.qweight = qw, a.N = N, a.K = K;
+  const int ktiles = int((K + woq::kTileK - 1) / woq::kTileK), per = (ktiles + woq::kWarps - 1) / woq::kWarps;
+  const int t0 = warp * per, count = ktiles - t0 < per ? (ktiles - t0 > 0 ? ktiles - t0 : 0) : per;
+  int acc[4] = {0, 0, 0, 0};
+  Int8W::Cursor cur(a, nt, t0, lane);
+  auto issue = [&](int i) {  // tile i into slot i % kStages
+    if (i < count) cur.issue(ring, warp, i & (kStages - 1), lane);
+    cur.commit();
+  };
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  // Row gid of q(x) (row M - 1 past M: its products land only in outputs that are not stored),
+  // the lane's 16 codes of each tile, one tile ahead; zeros past K (the weights are zero there).
+  const int k_lane = t0 * woq::kTileK + 16 * tig;
+  const int8_t* xp = qx + (gid < M ? gid : M - 1) * K + k_lane;
+  auto load_x = [&](int i) {
+    return k_lane + i * woq::kTileK < K ? ldg16(xp + i * woq::kTileK) : make_int4(0, 0, 0, 0);
+  };
+  int4 x_next = count > 0 ? load_x(0) : make_int4(0, 0, 0, 0);
+  for (int i = 0; i < count; ++i) {
+    cur.wait(ring, warp, i & (kStages - 1));
+    const Int8W::Tile w = Int8W::read(ring, warp, i & (kStages - 1), lane);
+    issue(i + kStages - 1);  // into the slot tile i - 1 used (already read)
+    const int4 x = x_next;
+    if (i + 1 < count) x_next = load_x(i + 1);
+    const uint32_t w0[4] = {w.w[0].x, w.w[0].y, w.w[0].z, w.w[0].w}, w1[4] = {w.w[1].x, w.w[1].y, w.w[1].z, w.w[1].w};
+    const uint32_t xs[4] = {uint32_t(x.x), uint32_t(x.y), uint32_t(x.z), uint32_t(x.w)};
+#pragma unroll
+    for (int st = 0; st < 2; ++st) {
+      const uint32_t wa[4] = {w0[2 * st], w1[2 * st], w0[2 * st + 1], w1[2 * st + 1]};
+      ptx::mma_s8(acc, wa, xs[2 * st], xs[2 * st + 1]);
+    }
+  }
+  cur.drain();
+#pragma unroll
+  for (int e = 0; e < 4; ++e) sums[warp][lane][e] = acc[e];
+  __syncthreads();
+  if (warp != 0) return;
+  // acc[e]: column nt * 16 + gid + 8 (e >> 1), row 2 tig + (e & 1)
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    int sum = 0;
+#pragma unroll
+    for (int w = 0; w < woq::kWarps; ++w) sum += sums[w][lane][e];
+    const int64_t n = nt * woq::kTileN + gid + 8 * (e >> 1), m = 2 * tig + (e & 1);
+    if (m < M && n < N)
+      y[m * ldy + n] = D::from_f32(w8a8_value(float(sum), sx[m], ws[n], bias != nullptr,
+                                              bias ? load_f32(bias, bias_dtype, n) : 0.0f));
+  }
+}
+
 // ---------------------------------------------------------------- W8A8, tensor cores (large M)
 // y = (qx . qweight^T) * sx[m] * ws[n] + bias[n] with mma.sync.m16n8k32 s8 x s8 -> s32.
 // Used when M >= kMinM (64: below that the dp4a kernel above, tuned for decode-size
@@ -1368,6 +1443,9 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   // The quantizer writes qx as M contiguous rows of K codes; the int8 kernel reads them in stream order.
   const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(qx);
   // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
+  // LOWBIT_CUDA_W8A8_DECODE=mma: M <= 8 on w8a8_decode_kernel (see there for the conditions).
+  const bool decode = M <= 8 && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx) &&
+                      (N + woq::kTileN - 1) / woq::kTileN <= kMaxGridX && env_is("LOWBIT_CUDA_W8A8_DECODE", "mma");
   const int64_t min_m = env_is("LOWBIT_CUDA_W8A8_MIN_M", "16") ? 16 : mma_tc::kMinM;
   const bool mma = M >= min_m && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
   // On sm_90a, the same GEMM on w8a8_tma_kernel (same bits), where it measured faster than
@@ -1394,6 +1472,9 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
         st = variant.launch(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, sms, s);
       else if (mma)
         launch_w8a8_mma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
+      else if (decode)
+        w8a8_decode_kernel<D><<<unsigned((N + woq::kTileN - 1) / woq::kTileN), woq::kThreads, 0, s>>>(
+            qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
       else
         launch_w8a8<D>(vec, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
     }
