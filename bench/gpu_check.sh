@@ -108,7 +108,7 @@ if [ "${RC[build]}" = 0 ]; then
   # 6. memcheck of the small CUDA tests (each tensor its own allocation so overruns are seen)
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
   if [ -n "$SANITIZER" ]; then
-    step memcheck 150 "$TMP/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    step memcheck 200 "$TMP/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -k "${CHECK_MEMCHECK_K:-small and not nobias}" $CUDA_FILES
   else
     echo "compute-sanitizer not found" >"$TMP/memcheck.log"
