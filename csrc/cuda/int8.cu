@@ -351,7 +351,7 @@ __device__ __forceinline__ float w8a8_value(float acc, float sxm, float wsn, boo
 // fragment per 8 columns in a thread: c[0], c[1] at row r, columns n, n + 1 (n even), and
 // c[2], c[3] at row r + 8. Why not element by element: a per-element load of ws (each waited
 // for before its store) and a branchy fp32 -> fp16 conversion made the epilogue cost as much
-// as the whole K loop at K = 4096 (H200 sweep: ~40 us a tile).
+// as the whole K loop at K = 4096 (H200 sweep: ~45 us a 128 x 256 tile).
 
 // p[n], p[n + 1] as floats (a dtype code: ws is kF32, bias any), 0 past N.
 __device__ __forceinline__ float2 column_pair(const void* p, int code, int64_t n, int64_t N) {
@@ -380,7 +380,9 @@ struct W8A8Out {
 
   // Whether rows [m, m_end) and columns [n, n_end) (n even) all lie inside y with aligned
   // pairs: the tile's stores need no checks (kChecked = false below).
-  __device__ __forceinline__ bool inside(int64_t m_end, int64_t n_end) const { return pairs && m_end <= M && n_end <= N; }
+  __device__ __forceinline__ bool inside(int64_t m_end, int64_t n_end) const {
+    return pairs && m_end <= M && n_end <= N;
+  }
 
   // y[m, n] = v0 and y[m, n + 1] = v1 (n even): where inside y if kChecked, else both are.
   template <bool kChecked>
@@ -403,7 +405,7 @@ struct W8A8Out {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       store2<kChecked>(r + 8 * h, n, w8a8_value(float(c[2 * h]), sxr[h], wsn.x, has_bias, bn.x),
-             w8a8_value(float(c[2 * h + 1]), sxr[h], wsn.y, has_bias, bn.y));
+                       w8a8_value(float(c[2 * h + 1]), sxr[h], wsn.y, has_bias, bn.y));
   }
 };
 
@@ -929,7 +931,7 @@ __device__ __forceinline__ void store_wgmma_tile(const int (&acc)[BN / 2], int64
   for (int i = 0; i < BN / 8; ++i) {
     const int c = 8 * i + 2 * t;
     out.template fragment<kChecked>(acc + 4 * i, r, n0 + c, sxr, *reinterpret_cast<const float2*>(fs + c),
-                 *reinterpret_cast<const float2*>(fs + BN + c), has_bias);
+                                    *reinterpret_cast<const float2*>(fs + BN + c), has_bias);
   }
 }
 
