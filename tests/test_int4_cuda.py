@@ -215,8 +215,10 @@ def check(dtype, M, N, K, g, symmetric, gen, bias=True, scale_dtype=torch.float1
     return y
 
 
-# M > 48 takes the dense path (ops/int8.py DENSE_MIN_M): a dequantization kernel, then cuBLAS
+# M <= 16 takes the swapped product (one or two blocks of 8 rows), M = 17-48 the m16-tile kernel,
+# M > 48 the dense path (ops/int8.py DENSE_MIN_M): a dequantization kernel, then cuBLAS
 SMALL = [(1, 16, 64, 64), (3, 24, 96, 32), (1, 40, 100, 100), (17, 48, 128, 128), (5, 8, 320, 64),
+         (9, 24, 96, 32), (12, 40, 100, 100), (16, 8, 320, 64),
          (40, 20, 192, 64), (129, 24, 98, 98), (160, 20, 192, 64)]
 LARGE = [(1, 4096, 4096, 128), (16, 4096, 11008, 128), (1, 11008, 4096, 32), (33, 1000, 2048, 64),
          (64, 512, 4096, 128), (65, 300, 1024, 32), (200, 256, 512, 64)]

@@ -648,7 +648,7 @@ __global__ void __launch_bounds__(kThreads)
 // tensor cores, with nothing to dequantize. A block owns 16 output columns and its kWarps
 // warps split K (a quarter of the k tiles each, so that N = 4096 still gives 256 blocks x 4
 // streams); each warp streams its weight rows through W8A16's cp.async ring (Int8W: a lane's
-// 16 codes of rows na, na + 8 per 64-k tile) and runs the swapped product of woq's HALF
+// 16 codes of rows na, na + 8 per 64-k tile) and runs the swapped product of woq's M <= 8
 // kernel, y^T = W . q(x)^T, on mma.m16n8k32 s8: per 64-k tile two steps s, whose A are the
 // weight words 2 s and 2 s + 1 of both rows and B the same words of the lane's 16 codes of
 // activation row gid. (Slot group 4 tig .. 4 tig + 3 of step s is real k 16 tig + 8 s .. + 3,
@@ -1349,7 +1349,7 @@ bool w8a16_bulk_ok() {
   if (!env_is("LOWBIT_CUDA_WOQ_COPY", "bulk")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
   return cached_per_device(known, ok, [](int dev) {
-    return runs_sm90a_code(dev, woq::woq_kernel<F16, Int8WBulk, 1, true>) && encode_tiled() != nullptr;
+    return runs_sm90a_code(dev, woq::woq_kernel<F16, Int8WBulk, 1, 1>) && encode_tiled() != nullptr;
   });
 }
 

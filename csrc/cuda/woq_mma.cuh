@@ -18,9 +18,10 @@
 // finish (elected by an atomic counter, which it then resets) adds them up in split
 // order (so results do not depend on timing) and writes y.
 //
-// M <= 8 (decode) swaps the operands: y^T = W . x^T, the 16 columns of a warp on the mma's
-// m16 and the (at most 8) rows of x on its n8, so a step is one mma instead of two and the
-// activations need no zero halves (HALF). A warp takes its tiles two at a time (two
+// M <= 16 (decode) swaps the operands: y^T = W . x^T, the 16 columns of a warp on the mma's
+// m16 and the rows of x on its n8 (SW = 1 block of 8 rows for M <= 8, 2 for M <= 16), so a
+// step is SW mmas on one weight fragment, and the activations need no zero halves nor
+// fragment shuffles. A warp takes its tiles two at a time (two
 // activation fragments used alternately: no register copies), and its cursor moves through
 // the weights by pointer increments (the loop is short: every address computation shows).
 // Opt-in for M <= 8 (LOWBIT_CUDA_WOQ_TILES=2): two column tiles per warp (see woq_kernel).
@@ -81,7 +82,7 @@ struct Args {
 };
 
 // ---- activations ---------------------------------------------------------------------
-// A lane's activation rows of an m16 tile (row gid, and gid + 8 unless HALF), at its first k,
+// A lane's activation rows of an m16 tile (row gid, and gid + 8 unless SW == 1), at its first k,
 // and how far its 16-byte loads stay inside K: set up once per m tile, so a k tile costs an
 // address add and one compare per row. Rows past M read row M - 1 instead of zeros: their
 // products land only in outputs past M (an mma never mixes rows), which are never stored.
@@ -116,46 +117,48 @@ struct XRows {
   template <class Frag>
   __device__ void load(const Args& a, int dk, int k, Frag& f) const {  // dk: from the first k
     load16(a, p[0] + dk, k, f.lo);
-    if constexpr (!Frag::kHalf) load16(a, p[1] + dk, k, f.hi);
+    if constexpr (Frag::kRows == 2) load16(a, p[1] + dk, k, f.hi);
   }
 };
 
 // The activations of one k tile: rows gid and gid + 8 of an m16 tile, the lane's 16 k, as
-// the A operand of x . W^T; HALF (M <= 8): row gid only, as the B operand of the swapped
-// product W . x^T (see tile_mma).
-template <bool HALF>
+// the A operand of x . W^T; with SW > 0 (M <= 16) as the B operands of the swapped product
+// W . x^T, one per block of 8 rows: row gid (lo), row gid + 8 if SW == 2 (hi) (see tile_mma).
+template <int SW>
 struct XFrag {
-  static constexpr bool kHalf = HALF;
-  uint32_t lo[8], hi[HALF ? 1 : 8];
+  static constexpr int kRows = SW == 1 ? 1 : 2;
+  uint32_t lo[8], hi[kRows == 1 ? 1 : 8];
   // The A operand of mma step j (rows gid | gid + 8) x (slot pairs 2 tig | 2 tig + 8).
   __device__ void frag(int j, uint32_t (&f)[4]) const {
-    static_assert(!HALF, "a half tile is a B operand");
+    static_assert(SW == 0, "the swapped product's activations are B operands");
     f[0] = lo[2 * j], f[1] = hi[2 * j], f[2] = lo[2 * j + 1], f[3] = hi[2 * j + 1];
   }
 };
 
 // One k tile of one warp: the 16 dequantized weight registers b[j][sub][h] (4 steps x 2 n8
 // column halves x 2) against each m16 tile of activations (m tile 0's loaded ahead by the
-// caller; the others here). HALF (M <= 8) swaps the operands, y^T = W . x^T: the weights of
-// a step are one A operand (rows = the 16 columns, gid | gid + 8 = sub 0 | 1; k slot pairs
-// 2 tig | 2 tig + 8 = h 0 | 1) and row gid's activations the B operand (n8 = the rows of x),
-// so one mma per step instead of two, with no zero halves to assemble.
-template <class D, int MT, bool HALF>
+// caller; the others here). SW > 0 (M <= 16) swaps the operands, y^T = W . x^T: the
+// weights of a step are one A operand (rows = the 16 columns, gid | gid + 8 = sub 0 | 1; k
+// slot pairs 2 tig | 2 tig + 8 = h 0 | 1) and each block of 8 rows of x a B operand (n8 =
+// the rows; row gid's activations, and row gid + 8's into acc[0][1] if SW == 2), with no
+// zero halves or fragment shuffles to assemble.
+template <class D, int MT, int SW>
 __device__ __forceinline__ void tile_mma(const Args& a, float (&acc)[MT][2][4], const uint32_t (&b)[4][2][2],
-                                         int64_t m0, int k0, const XFrag<HALF>& first) {
-  if constexpr (HALF) {
+                                         int64_t m0, int k0, const XFrag<SW>& first) {
+  if constexpr (SW > 0) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t w[4] = {b[j][0][0], b[j][1][0], b[j][0][1], b[j][1][1]};
       ptx::Mma16<D>::mma(acc[0][0], w, first.lo[2 * j], first.lo[2 * j + 1]);
+      if constexpr (SW == 2) ptx::Mma16<D>::mma(acc[0][1], w, first.hi[2 * j], first.hi[2 * j + 1]);
     }
   } else {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       if (m0 + 16 * mt >= a.M) break;  // warp-uniform
-      XFrag<HALF> other;
+      XFrag<SW> other;
       if (mt > 0) XRows<D>(a, m0 + 16 * mt, k0).load(a, 0, k0, other);
-      const XFrag<HALF>& x = mt == 0 ? first : other;
+      const XFrag<SW>& x = mt == 0 ? first : other;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t frag[4];
@@ -168,13 +171,14 @@ __device__ __forceinline__ void tile_mma(const Args& a, float (&acc)[MT][2][4], 
 }
 
 // Where accumulator element (mt, sub, e) of this lane lands in y: x . W^T's layout (row
-// m0 + 16 mt + gid + 8 (e >> 1), column 16 nt + 8 sub + 2 tig + (e & 1)), or with HALF the
-// swapped product's (sub 0 only: row m0 + 2 tig + (e & 1), column 16 nt + gid + 8 (e >> 1)).
-template <bool HALF>
+// m0 + 16 mt + gid + 8 (e >> 1), column 16 nt + 8 sub + 2 tig + (e & 1)), or with SW > 0 the
+// swapped product's (sub: the block of 8 rows; row m0 + 8 sub + 2 tig + (e & 1), column
+// 16 nt + gid + 8 (e >> 1)).
+template <int SW>
 __device__ __forceinline__ void elem_pos(int64_t m0, int64_t nt, int mt, int sub, int e, int64_t& r, int64_t& n) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  if constexpr (HALF) {
-    r = m0 + 2 * tig + (e & 1), n = nt * kTileN + gid + 8 * (e >> 1);
+  if constexpr (SW > 0) {
+    r = m0 + 8 * sub + 2 * tig + (e & 1), n = nt * kTileN + gid + 8 * (e >> 1);
   } else {
     r = m0 + 16 * mt + gid + 8 * (e >> 1), n = nt * kTileN + 8 * sub + 2 * tig + (e & 1);
   }
@@ -258,10 +262,10 @@ template <class C, int NT> struct Cursors {
       : c{C(a, nt[J], t_begin, lane)...} {}
 };
 
-template <class D, class F, int MT, bool HALF, int NT = 1>
+template <class D, class F, int MT, int SW, int NT = 1>
 __global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
     woq_kernel(Args a, const __grid_constant__ CUtensorMap map) {
-  static_assert(!HALF || MT == 1, "a half tile is the only m tile");
+  static_assert(SW == 0 || MT == 1, "the swapped product takes one m tile");
   static_assert(NT == 1 || std::is_base_of<CpAsyncSync, typename F::Cursor>::value,
                 "two column tiles share one cp.async group per tile");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tig = lane & 3;
@@ -306,7 +310,7 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
       const XRows<D> xr(a, m0, k_lane);
       // Tile i: its weights from the ring, m tile 0's activations loaded one tile ahead (an
       // L1 / L2 round trip off the chain) into the other fragment.
-      auto step = [&](int i, const XFrag<HALF>& x, XFrag<HALF>& x_next) {
+      auto step = [&](int i, const XFrag<SW>& x, XFrag<SW>& x_next) {
         cur.c[0].wait(ring, c[0], i & (kStages - 1));  // tile i has landed
         typename F::Tile w[NT];
 #pragma unroll
@@ -318,10 +322,10 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
         for (int j = 0; j < NT; ++j) {
           uint32_t b[4][2][2];
           F::template dequant<D>(w[j], b);
-          tile_mma<D, MT, HALF>(a, acc[j], b, m0, k_lane + i * kTileK, x);
+          tile_mma<D, MT, SW>(a, acc[j], b, m0, k_lane + i * kTileK, x);
         }
       };
-      XFrag<HALF> xa, xb;
+      XFrag<SW> xa, xb;
       if (count > 0) xr.load(a, 0, k_lane, xa);
       if constexpr (MT == 1) {  // two by two: no copies between the fragments
         for (int i = 0; i < count; i += 2) {
@@ -338,7 +342,7 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
     }
 
     // y, or with split K (then gridDim.z == mblocks) partial[split, r, n] for the last block to add up.
-    constexpr int kSubs = HALF ? 1 : 2;  // accumulator quads per m tile
+    constexpr int kSubs = SW == 1 ? 1 : 2;  // accumulator quads per m tile
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       if (!live[j]) continue;
@@ -349,7 +353,7 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             int64_t r, n;
-            elem_pos<HALF>(m0, nt[j], mt, sub, e, r, n);
+            elem_pos<SW>(m0, nt[j], mt, sub, e, r, n);
             if (r >= a.M) continue;
             if (a.splits == 1) {
               if (n < a.N) store_y<D, F>(a, r, n, acc[j][mt][sub][e]);
@@ -410,32 +414,28 @@ inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int 
   return kOk;
 }
 
-template <class D, class F, int MT, bool HALF = false, int NT = 1>
+template <class D, class F, int MT, int SW = 0, int NT = 1>
 void launch_mt(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
   const int64_t mblocks = cdiv(a.M, 16 * MT);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  woq_kernel<D, F, MT, HALF, NT><<<grid, kThreadsOf<NT>, 0, s>>>(a, map);
+  woq_kernel<D, F, MT, SW, NT><<<grid, kThreadsOf<NT>, 0, s>>>(a, map);
 }
 
-// A format only compiled for M <= 16 (W8A16's TMA ring): the swapped product for M <= 8, one
-// m16 tile up to 16.
+// A format only compiled for M <= 16 (W8A16's TMA ring): the swapped product.
 template <class D, class F>
 void launch_upto16(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
-  a.M <= 8 ? launch_mt<D, F, 1, true>(a, s, map) : launch_mt<D, F, 1, false>(a, s, map);
+  a.M <= 8 ? launch_mt<D, F, 1, 1>(a, s, map) : launch_mt<D, F, 1, 2>(a, s, map);
 }
 
-// M <= 8 takes the swapped product (HALF: half the activation loads and mmas); with
-// LOWBIT_CUDA_WOQ_TILES=2 (read per call), two column tiles per warp.
+// M <= 16 takes the swapped product (one or two blocks of 8 rows on the mma's n8); at M <= 8
+// with LOWBIT_CUDA_WOQ_TILES=2 (read per call), two column tiles per warp.
 template <class D, class F>
 void launch(const Args& a, cudaStream_t s) {
   if (a.M <= 8)
-    return env_is("LOWBIT_CUDA_WOQ_TILES", "2") ? launch_mt<D, F, 1, true, 2>(a, s) : launch_mt<D, F, 1, true>(a, s);
-  switch (pick_mt(a.M)) {
-    case 1: return launch_mt<D, F, 1>(a, s);
-    case 2: return launch_mt<D, F, 2>(a, s);
-    default: return launch_mt<D, F, 4>(a, s);
-  }
+    return env_is("LOWBIT_CUDA_WOQ_TILES", "2") ? launch_mt<D, F, 1, 1, 2>(a, s) : launch_mt<D, F, 1, 1>(a, s);
+  if (a.M <= 16) return launch_mt<D, F, 1, 2>(a, s);
+  return a.M <= 32 ? launch_mt<D, F, 2>(a, s) : launch_mt<D, F, 4>(a, s);
 }
 
 }  // namespace lowbit::cuda::woq

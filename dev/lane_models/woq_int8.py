@@ -1,15 +1,16 @@
 """Lane-level model of the W8A16 tensor-core path (woq_kernel with the Int8W format of
 csrc/cuda/int8.cu), for checking its index math without a GPU.
 
-One warp, one 16-column tile, one m16 tile of activations (M <= 8: the swapped product of
-woq's HALF kernel), K in 64-k tiles: each lane copies
+One warp, one 16-column tile, one m16 tile of activations (M <= 16: woq's swapped product,
+one n8 block of rows for M <= 8, two for M <= 16), K in 64-k tiles: each lane copies
 the 16 codes k = 64 t + 16 tig .. + 16 of rows na = gid and na + 8 (zeros past N and K),
 turns word j of each row into B registers with CodePair (bytes 0, 1 and 2, 3), loads its 16
 activations of rows gid and gid + 8 as the A fragments of woq's k order (zeros past K; a row
 past M reads row M - 1, whose products land only in outputs that are not stored), runs the m16n8k16
 mma per step j and sub-tile, and stores with the accumulator map; the result must equal the
-float64 product x . (codes * scale)^T. Mutations of the byte pairs, the row of sub-tile 1 and
-the activation order fail.
+float64 product x . (codes * scale)^T (and so must the unswapped form, which woq runs from
+M = 17). Mutations of the byte pairs, the row of sub-tile 1, the activation order, the weight
+quad and the second block of 8 rows fail.
 
 Run: python3 dev/lane_models/woq_int8.py   (numpy only; not part of the test suite)
 """
@@ -23,12 +24,14 @@ from decode_mma import code_pair, dec16, enc16, flip, mma, pack16
 
 def warp_tile(x16, codes, scale, kind, mut=""):
     """x16 [M <= 16, K] uint16 patterns, codes int8 [N <= 16, K], scale [N]: y [M, N] float64.
-    M <= 8 takes the swapped product (woq's HALF: y^T = W . x^T, one mma per step)."""
+    M <= 16 takes the swapped product (woq's SW: y^T = W . x^T, one mma per step and block of
+    8 rows); mut "unswapped" runs the x . W^T form (woq's SW = 0, used from M = 17)."""
     M, K = x16.shape
     N = codes.shape[0]
-    half = M <= 8
+    swapped = M <= 16 and mut != "unswapped"
+    blocks = 1 if M <= 8 else 2
     tiles = -(-K // 64)
-    acc = [[[0.0] * 4 for _ in range(32)] for _ in range(2)]  # [sub][lane][e] (HALF: sub 0 only)
+    acc = [[[0.0] * 4 for _ in range(32)] for _ in range(2)]  # [sub][lane][e] (swapped: sub = row block)
     for t in range(tiles):
         b = [[[[0, 0] for _ in range(2)] for _ in range(4)] for _ in range(32)]  # [lane][j][sub][h]
         a = [[None] * 4 for _ in range(32)]  # [lane][j] A fragment
@@ -59,22 +62,24 @@ def warp_tile(x16, codes, scale, kind, mut=""):
             for j in range(4):
                 a[lane][j] = [lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]]
         for j in range(4):
-            if half:  # A = the weights of step j (rows: column na | na + 8), B = row gid's activations
+            if swapped:  # A = the weights of step j (rows: column na | na + 8), B = rows gid (+ 8)
                 wa = [[b[ln][j][0][0], b[ln][j][1][0], b[ln][j][0][1], b[ln][j][1][1]] for ln in range(32)]
                 if "quad" in mut:
                     wa = [[b[ln][j][0][0], b[ln][j][0][1], b[ln][j][1][0], b[ln][j][1][1]] for ln in range(32)]
-                xb = [[a[ln][j][0], a[ln][j][2]] for ln in range(32)]  # lo[2 j], lo[2 j + 1]
-                mma(acc[0], wa, xb, kind)
+                for blk in range(blocks):  # lo[2 j], lo[2 j + 1] (row gid); hi (row gid + 8)
+                    lo_hi = (0, 2) if blk == 0 or "block" in mut else (1, 3)
+                    xb = [[a[ln][j][lo_hi[0]], a[ln][j][lo_hi[1]]] for ln in range(32)]
+                    mma(acc[blk], wa, xb, kind)
             else:
                 for sub in range(2):
                     mma(acc[sub], [a[ln][j] for ln in range(32)], [b[ln][j][sub] for ln in range(32)], kind)
     y = np.zeros((M, N))
-    for sub in range(1 if half else 2):
+    for sub in range(blocks if swapped else 2):
         for lane in range(32):
             g, tig = lane >> 2, lane & 3
             for e in range(4):
-                if half:  # woq's elem_pos
-                    r, n = 2 * tig + (e & 1), g + 8 * (e >> 1)
+                if swapped:  # woq's elem_pos
+                    r, n = 8 * sub + 2 * tig + (e & 1), g + 8 * (e >> 1)
                 else:
                     r, n = g + 8 * (e >> 1), 8 * sub + 2 * tig + (e & 1)
                 if r < M and n < N:
@@ -95,12 +100,15 @@ def check(kind, M, N, K, mut="", seed=0):
 def main() -> int:
     ok = True
     for kind in ("f16", "bf16"):
-        for M, N, K in ((1, 16, 64), (5, 13, 160), (8, 16, 64), (9, 16, 64), (16, 9, 48)):
-            err = check(kind, M, N, K)
+        for M, N, K, form in ((1, 16, 64, ""), (5, 13, 160, ""), (8, 16, 64, ""), (9, 16, 64, ""),
+                              (16, 9, 48, ""), (13, 16, 160, ""), (16, 9, 48, "unswapped"),
+                              (12, 13, 160, "unswapped")):
+            err = check(kind, M, N, K, form)
             good = err < 1e-6  # codes and activations are exact in the mma; fp32 sums
             ok &= good
-            print(f"{kind} M={M} N={N} K={K}: rel err {err:.1e} {'ok' if good else 'FAIL'}")
-    for M, mut in ((5, "pair"), (5, "row"), (5, "xorder"), (5, "quad"), (12, "pair"), (12, "xorder")):
+            print(f"{kind} M={M} N={N} K={K} {form or 'swapped'}: rel err {err:.1e} {'ok' if good else 'FAIL'}")
+    for M, mut in ((5, "pair"), (5, "row"), (5, "xorder"), (5, "quad"), (12, "pair"), (12, "xorder"), (12, "quad"),
+                   (12, "block")):
         err = check("f16", M, 13, 160, mut)
         caught = err > 1e-2
         ok &= caught
