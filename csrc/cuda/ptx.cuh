@@ -47,12 +47,16 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// p, as a value the compiler cannot see through: address arithmetic on it stays pointer
-// arithmetic in registers instead of being re-derived from a kernel parameter at every use.
+// p (or v), as a value the compiler cannot see through: it stays in a register instead of
+// being re-derived from kernel parameters at every use in a loop.
 template <class T>
 __device__ __forceinline__ T* opaque(T* p) {
   asm("" : "+l"(p));
   return p;
+}
+__device__ __forceinline__ int opaque(int v) {
+  asm("" : "+r"(v));
+  return v;
 }
 
 // ---- named barrier `id` (1..15; 0 is __syncthreads) over `count` threads (a multiple of

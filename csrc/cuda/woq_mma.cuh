@@ -86,6 +86,7 @@ struct Args {
 // and how far its 16-byte loads stay inside K: set up once per m tile, so a k tile costs an
 // address add and one compare per row. Rows past M read row M - 1 instead of zeros: their
 // products land only in outputs past M (an mma never mixes rows), which are never stored.
+// (Opaque values: else the compiler recomputes them from the kernel's arguments every tile.)
 template <class D>
 struct XRows {
   using T = typename D::T;
@@ -96,9 +97,9 @@ struct XRows {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t r = row0 + gid + 8 * h;
-      p[h] = static_cast<const T*>(a.x) + (r < a.M ? r : a.M - 1) * a.ldx + k0;
+      p[h] = ptx::opaque(static_cast<const T*>(a.x) + (r < a.M ? r : a.M - 1) * a.ldx + k0);
     }
-    vec_end = a.xvec ? int(a.K - 15 < 2147483647 ? a.K - 15 : 2147483647) : -2147483647 - 1;
+    vec_end = ptx::opaque(a.xvec ? int(a.K - 15 < 2147483647 ? a.K - 15 : 2147483647) : -2147483647 - 1);
   }
   // The 16 activations q[0 .. 16) (k0 .. k0 + 16) as 8 packed pairs, zeros past K.
   __device__ void load16(const Args& a, const T* q, int k0, uint32_t (&out)[8]) const {
