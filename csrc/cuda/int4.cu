@@ -33,14 +33,21 @@ using woq::kTileK;
 using woq::kWarps;
 using namespace ptx;
 
-// ---- the two activation types: their magic bias
+// ---- the two activation types: their magic bias B (a code in a half's low nibble gives
+// B + q), and what takes B + q back to q - 8 exactly: (B + q) - (B + 8). fp16's 10-bit
+// significand also holds a code in the next nibble, B + 16 q, which one exact fma takes back,
+// (B + 16 q) / 16 - (B / 16 + 8): so fp16 needs one shift a word instead of three. (bf16's
+// 7-bit significand does not: there that nibble reaches the exponent.)
 template <class D> struct Magic;
 template <> struct Magic<F16> {
   static constexpr uint32_t kBias = 0x64006400u;  // 1024.0 in each half
+  static constexpr bool kNibble1 = true;          // B + 16 q
   __device__ static __half2 bias_plus_8() { return __float2half2_rn(1032.0f); }
+  __device__ static __half2 minus_bias16_plus_8() { return __float2half2_rn(-72.0f); }
 };
 template <> struct Magic<BF16> {
   static constexpr uint32_t kBias = 0x43004300u;  // 128.0 in each half
+  static constexpr bool kNibble1 = false;
   __device__ static __nv_bfloat162 bias_plus_8() { return __float2bfloat162_rn(136.0f); }
 };
 
@@ -102,16 +109,20 @@ template <class S> struct Int4Cursor {
   }
 };
 
-// The 16 B registers of a tile with each code as the magic value (1024 + q fp16, 128 + q bf16).
+// The 16 B registers of a tile with each code as a magic value: B + q, but B + 16 q for h = 1
+// where Magic<D>::kNibble1 (the nibble left where it is).
 template <class D>
 __device__ __forceinline__ void magic_codes(const uint4& w, uint32_t (&b)[4][2][2]) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
-    for (int sub = 0; sub < 2; ++sub)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) b[j][sub][h] = and_or<0x000f000fu, Magic<D>::kBias>(words[j] >> (8 * sub + 4 * h));
+    for (int sub = 0; sub < 2; ++sub) {
+      const uint32_t u = words[j] >> (8 * sub);
+      b[j][sub][0] = and_or<0x000f000fu, Magic<D>::kBias>(u);
+      b[j][sub][1] = Magic<D>::kNibble1 ? and_or<0x00f000f0u, Magic<D>::kBias>(u)
+                                        : and_or<0x000f000fu, Magic<D>::kBias>(u >> 4);
+    }
 }
 
 // Weight format of woq_kernel, any M and group size: dequantized in registers. A lane copies
@@ -160,10 +171,16 @@ template <class S> struct Int4 {
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
-      for (int sub = 0; sub < 2; ++sub)
+      for (int sub = 0; sub < 2; ++sub) {
+        H2 q[2];  // q - 8 of the two codes of each register, exact
+        q[0] = __hsub2(from_bits<H2>(b[j][sub][0]), off);
+        if constexpr (Magic<D>::kNibble1)
+          q[1] = __hfma2(from_bits<H2>(b[j][sub][1]), Mma16<D>::splat(0.0625f), Magic<D>::minus_bias16_plus_8());
+        else
+          q[1] = __hsub2(from_bits<H2>(b[j][sub][1]), off);
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          b[j][sub][h] = bits(__hfma2(__hsub2(from_bits<H2>(b[j][sub][h]), off), d2[sub], c2[sub]));
+        for (int h = 0; h < 2; ++h) b[j][sub][h] = bits(__hfma2(q[h], d2[sub], c2[sub]));
+      }
   }
   __device__ static float finish(const woq::Args&, int64_t, float v) { return v; }  // scaled while dequantizing
 };
