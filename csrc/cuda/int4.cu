@@ -12,7 +12,9 @@
 // (fp16 0x6400) or 128.0 (bf16 0x4300) gives 1024 + q / 128 + q exactly; subtracting
 // 1032 / 136 gives q - 8 exactly; w = (q - 8) * d + (m + 8 d) is one fma2. (The
 // centred form keeps the fma's inputs small, which matters for bf16's 8-bit
-// significand: (q - 8) * d + (m + 8 d) rounds d and m + 8 d, both of order d.)
+// significand: (q - 8) * d + (m + 8 d) rounds d and m + 8 d, both of order d.) With fp16
+// activations the codes of register h = 1 (each byte's upper nibble) are used in place, as
+// 1024 + 16 q (Magic).
 // The (d, m) pair of a lane's group is copied with its tile into the ring.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -21,9 +21,9 @@
 // M <= 16 (decode) swaps the operands: y^T = W . x^T, the 16 columns of a warp on the mma's
 // m16 and the rows of x on its n8 (SW = 1 block of 8 rows for M <= 8, 2 for M <= 16), so a
 // step is SW mmas on one weight fragment, and the activations need no zero halves nor
-// fragment shuffles. A warp takes its tiles two at a time (two
-// activation fragments used alternately: no register copies), and its cursor moves through
-// the weights by pointer increments (the loop is short: every address computation shows).
+// fragment shuffles. A warp takes its tiles two at a time (two activation fragments used
+// alternately: no register copies), and its cursor moves through the weights by pointer
+// increments (the loop is short: every address computation shows).
 // Opt-in for M <= 8 (LOWBIT_CUDA_WOQ_TILES=2): two column tiles per warp (see woq_kernel).
 //
 // The k order. The mma's k slots are mapped to real k so that each lane's 16 k of a tile
