@@ -6,12 +6,14 @@
 Measures the machine first (device-to-device copy bandwidth, counting bytes read
 plus written; fp16 matmul peak on 8192^3), then for each weight shape (N, K) and
 activation rows M: lowbit W4A16 (group 128, asymmetric: Q4_1 / GPTQ-style), W8A16 and
-W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape rules allow, torch._int_mm (the bare int8 GEMM,
-without activation quantization or scaling). Also, for comparison: the kernels the newest
-replaced (W8A16's CUDA-core GEMV; on Hopper, W8A8 on mma.sync and on the TMA kernel
-everywhere), W8A8's per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec) and, on
-Hopper at M <= 16, the opt-in bulk-copy ring of W8A16 (LOWBIT_CUDA_WOQ_COPY=bulk), and at M <= 8
-W4A16 and W8A16 with two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, opt-in).
+W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape rules allow,
+torch._int_mm (the bare int8 GEMM, without activation quantization or scaling). Also, for
+comparison, each under its switch (ROW_ENV): the kernels the newest replaced (W8A16's
+CUDA-core GEMV; on Hopper, W8A8 on mma.sync and on the TMA kernel everywhere), and the
+opt-in ones: W8A8's TMA kernel in clusters of two (M >= 64; at M = 2048 also with the vec
+quantizer), W8A8 on tensor cores from M = 16 and its tensor-core decode (M <= 8), W8A8's
+per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec), W8A16's bulk-copy ring
+(Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp (M <= 8).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -47,11 +49,19 @@ QUANT_VEC = "lowbit per-token quantizer, vec (opt-in)"
 W4A16_TILES2 = "lowbit w4a16 (2 column tiles per warp, opt-in)"
 W8A16_TILES2 = "lowbit w8a16 (2 column tiles per warp, opt-in)"
 # the switches each comparison row is timed under
-ROW_ENV = {W8A16_SIMT: [("LOWBIT_CUDA_W8A16", "simt")], W8A8_MMA: [("LOWBIT_CUDA_W8A8", "mma")],
-           W8A8_TMA: [("LOWBIT_CUDA_W8A8", "tma")], W8A8_CLUSTER: [("LOWBIT_CUDA_W8A8", "cluster")],
-           W8A8_CLUSTER_VEC: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec")],
-           W8A8_TC16: [("LOWBIT_CUDA_W8A8_MIN_M", "16")], W8A8_DECODE: [("LOWBIT_CUDA_W8A8_DECODE", "mma")], QUANT_VEC: [("LOWBIT_CUDA_QUANT", "vec")], W8A16_BULK: [("LOWBIT_CUDA_WOQ_COPY", "bulk")],
-           W4A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")], W8A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")]}
+ROW_ENV = {
+    W8A16_SIMT: [("LOWBIT_CUDA_W8A16", "simt")],
+    W8A8_MMA: [("LOWBIT_CUDA_W8A8", "mma")],
+    W8A8_TMA: [("LOWBIT_CUDA_W8A8", "tma")],
+    W8A8_CLUSTER: [("LOWBIT_CUDA_W8A8", "cluster")],
+    W8A8_CLUSTER_VEC: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec")],
+    W8A8_TC16: [("LOWBIT_CUDA_W8A8_MIN_M", "16")],
+    W8A8_DECODE: [("LOWBIT_CUDA_W8A8_DECODE", "mma")],
+    QUANT_VEC: [("LOWBIT_CUDA_QUANT", "vec")],
+    W8A16_BULK: [("LOWBIT_CUDA_WOQ_COPY", "bulk")],
+    W4A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")],
+    W8A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")],
+}
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
