@@ -446,6 +446,16 @@ def test_w8a8_mma(dtype, M, N, K, cgen):
     check_linear("w8a8", dtype, M, N, K, (M + N + K) % 2 == 1, cgen)
 
 
+def w8a8_same_bits_under(monkeypatch, switches: dict, x, qw, s, b=None):
+    """W8A8 of (x, qw, s, b) as the environment stands, then again with the kernel `switches`
+    set: equal bit for bit. Returns the first result."""
+    y = OPS["w8a8"](x, qw, s, b)
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
+    assert torch.equal(OPS["w8a8"](x, qw, s, b), y), f"{switches} changed the bits"
+    return y
+
+
 @gpu
 @pytest.mark.parametrize("M,N,K", [(3, 37, 300), (17, 576, 4096), (257, 4096, 48), (64, 40, 33001)])
 def test_w8a8_vec_quantizer_agrees_small(M, N, K, cgen, monkeypatch):
@@ -453,9 +463,7 @@ def test_w8a8_vec_quantizer_agrees_small(M, N, K, cgen, monkeypatch):
     dp4a and tensor-core paths, ragged K (element by element) and a row past one chunk."""
     x = randn((M, K), cgen, torch.float16)
     qw, s = rand_weight(N, K, cgen)
-    y = OPS["w8a8"](x, qw, s)
-    monkeypatch.setenv("LOWBIT_CUDA_QUANT", "vec")
-    assert torch.equal(OPS["w8a8"](x, qw, s), y)
+    w8a8_same_bits_under(monkeypatch, {"LOWBIT_CUDA_QUANT": "vec"}, x, qw, s)
 
 
 # On an H100 / H200 (132 SMs): 128 x 128 tiles with k past K (K = 16, 48), ragged N and k tails
@@ -481,9 +489,7 @@ def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatc
     b = randn((N,), cgen, dtype)
     if kernel != "default":
         monkeypatch.setenv("LOWBIT_CUDA_W8A8", kernel)
-    y = OPS["w8a8"](x, qw, s, b)
-    monkeypatch.setenv("LOWBIT_CUDA_W8A8", "mma")
-    assert torch.equal(y, OPS["w8a8"](x, qw, s, b)), f"{kernel} and mma.sync differ"
+    y = w8a8_same_bits_under(monkeypatch, {"LOWBIT_CUDA_W8A8": "mma"}, x, qw, s, b)
     assert_linear_close(y, ref_linear64("w8a8", x, qw, s, b), torch_linear_lowp("w8a8", x, qw, s, b),
                         f"w8a8 {kernel} {DT_ID[dtype]} M={M} N={N} K={K}")
 
@@ -500,9 +506,7 @@ def test_w8a8_tensor_core_decode_agrees_small(dtype, M, N, K, cgen, monkeypatch)
     x = randn((M, K), cgen, dtype)
     qw, s = rand_weight(N, K, cgen)
     b = randn((N,), cgen, dtype)
-    y = OPS["w8a8"](x, qw, s, b)
-    monkeypatch.setenv("LOWBIT_CUDA_W8A8_DECODE", "mma")
-    assert torch.equal(OPS["w8a8"](x, qw, s, b), y)
+    w8a8_same_bits_under(monkeypatch, {"LOWBIT_CUDA_W8A8_DECODE": "mma"}, x, qw, s, b)
     assert torch.equal(OPS["w8a8"](x, qw, s), OPS["w8a8"](x, qw, s)), "not deterministic"
 
 
@@ -515,11 +519,8 @@ def test_w8a8_tensor_cores_from_m16_agree_small(kernel, M, N, K, cgen, monkeypat
     x = randn((M, K), cgen, torch.float16)
     qw, s = rand_weight(N, K, cgen)
     b = randn((N,), cgen, torch.float16)
-    y = OPS["w8a8"](x, qw, s, b)
-    monkeypatch.setenv("LOWBIT_CUDA_W8A8_MIN_M", "16")
-    if kernel != "default":
-        monkeypatch.setenv("LOWBIT_CUDA_W8A8", kernel)
-    assert torch.equal(OPS["w8a8"](x, qw, s, b), y)
+    switches = {"LOWBIT_CUDA_W8A8_MIN_M": "16"} | ({} if kernel == "default" else {"LOWBIT_CUDA_W8A8": kernel})
+    w8a8_same_bits_under(monkeypatch, switches, x, qw, s, b)
 
 
 @gpu

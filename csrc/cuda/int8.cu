@@ -670,7 +670,7 @@ __global__ void __launch_bounds__(woq::kThreads, woq::kBlocksPerSm)
   woq::Args a{};  // what Int8W's cursor reads
   a.qweight = qw, a.N = N, a.K = K;
   const int ktiles = int((K + woq::kTileK - 1) / woq::kTileK), per = (ktiles + woq::kWarps - 1) / woq::kWarps;
-  const int t0 = warp * per, count = ktiles - t0 < per ? (ktiles - t0 > 0 ? ktiles - t0 : 0) : per;
+  const int t0 = min(warp * per, ktiles), count = min(per, ktiles - t0);  // this warp's k tiles
   int acc[4] = {0, 0, 0, 0};
   Int8W::Cursor cur(a, nt, t0, lane);
   auto issue = [&](int i) {  // tile i into slot i % kStages
@@ -1444,12 +1444,14 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   // The quantizer writes qx as M contiguous rows of K codes; the int8 kernel reads them in stream order.
   const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(qx);
-  // Tensor cores for prefill-size M (see w8a8_mma_kernel for the conditions); dp4a otherwise.
-  // LOWBIT_CUDA_W8A8_DECODE=mma: M <= 8 on w8a8_decode_kernel (see there for the conditions).
-  const bool decode = M <= 8 && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx) &&
-                      (N + woq::kTileN - 1) / woq::kTileN <= kMaxGridX && env_is("LOWBIT_CUDA_W8A8_DECODE", "mma");
+  // What every int8 tensor-core kernel takes (see w8a8_mma_kernel): whole 16-byte chunks of
+  // aligned rows, one exact int32 sum. Prefill-size M runs on them; dp4a otherwise, but with
+  // LOWBIT_CUDA_W8A8_DECODE=mma M <= 8 on w8a8_decode_kernel.
+  const bool tc_shapes = K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
+  const bool decode = tc_shapes && M <= 8 && (N + woq::kTileN - 1) / woq::kTileN <= kMaxGridX &&
+                      env_is("LOWBIT_CUDA_W8A8_DECODE", "mma");
   const int64_t min_m = env_is("LOWBIT_CUDA_W8A8_MIN_M", "16") ? 16 : mma_tc::kMinM;
-  const bool mma = M >= min_m && K % 16 == 0 && K <= kChunkK && aligned16(qweight) && aligned16(qx);
+  const bool mma = tc_shapes && M >= min_m;
   // On sm_90a, the same GEMM on w8a8_tma_kernel (same bits), where it measured faster than
   // mma.sync (H200, dev/gpu_sweep.py w8a8: M = 64-4096 on four Llama shapes): outputs up to
   // 4M elements (few tiles: 1.05-1.25x), and a K of 8192 or more at any size (the epilogue
