@@ -14,8 +14,9 @@ decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16 on 128 x 128), then
         W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
-        plan's splits with two column tiles per warp (M = 1, LOWBIT_CUDA_WOQ_TILES=2) and on
-        W8A16's bulk-copy ring (LOWBIT_CUDA_WOQ_COPY=bulk).
+        plan's splits with two column tiles per warp (M = 1, LOWBIT_CUDA_WOQ_TILES=2), with 8
+        resident blocks per SM (M = 1, LOWBIT_CUDA_WOQ_BLOCKS=8) and on W8A16's bulk-copy ring
+        (LOWBIT_CUDA_WOQ_COPY=bulk).
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
 w8a8:   W8A8 by default (the TMA kernel or mma.sync, by shape), on mma.sync, on the TMA kernel,
@@ -138,7 +139,8 @@ def woq() -> None:
     # ... and with the plan's K split (16 splits of 4 tiles: the partial sums, the counters, the
     # last block's reduction), still almost no bytes
     xk, w4k = torch.randn(1, 4096, device="cuda", dtype=torch.float16), w4_weights(128, 4096)
-    splits = MOD.int4_w4a16_plan(1, 4096, 128, _native.sm_count(xk.device))[0]
+    f16 = _native.DTYPE_CODE[torch.float16]
+    splits = MOD.int4_w4a16_plan(1, 4096, 128, f16, f16, _native.sm_count(xk.device), xk.device.index)[0]
     us = time_per_call(lambda i: (lambda: int4_ops.int4_linear_w4a16(xk, *w4k, None, 128)), 1, REPS)
     print(f"woq fixed: w4a16 128x4096 M=1 ({splits} K splits) {us:.1f} us", flush=True)
     for N, K in ((4096, 11008), (11008, 4096)):
@@ -166,8 +168,10 @@ def woq() -> None:
                         setattr(MOD, plan, orig)
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
-                # the plan's splits with two column tiles per warp (M <= 8), on W8A16's bulk-copy ring
-                configs = [("LOWBIT_CUDA_WOQ_TILES", "2", "two tiles per warp")] if M <= 8 else []
+                # the plan's splits with two column tiles per warp or 8 resident blocks per SM (M <= 8),
+                # on W8A16's bulk-copy ring
+                configs = ([("LOWBIT_CUDA_WOQ_TILES", "2", "two tiles per warp"),
+                            ("LOWBIT_CUDA_WOQ_BLOCKS", "8", "8 blocks per SM")] if M <= 8 else [])
                 if name == "w8a16":
                     configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
                 for var, value, what in configs:

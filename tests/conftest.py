@@ -267,6 +267,19 @@ def built_cuda_module():
     return mod
 
 
+def default_plan(plan, var: str):
+    """plan (a K-split plan function of lowbit._cuda) as the default kernels plan it: with the
+    kernel switch `var` (set) unset while it runs. An opt-in kernel that plans for more resident
+    blocks then runs the default's split, to compare bits."""
+    def planned(*args):
+        saved = os.environ.pop(var)
+        try:
+            return plan(*args)
+        finally:
+            os.environ[var] = saved
+    return planned
+
+
 def capture_graph(fn, warmup: int = 3):
     """(graph, fn's result inside it): fn run warmup times on a side stream (lazy init, allocator
     warm-up), then captured once in a torch.cuda.CUDAGraph."""

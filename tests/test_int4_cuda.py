@@ -24,7 +24,7 @@ from lowbit.formats import int4 as fmt
 from lowbit.nn import Int4Linear
 from lowbit.ops import int4 as int4_ops
 
-from conftest import built_cuda_module, capture_graph, cuda_detail
+from conftest import built_cuda_module, capture_graph, cuda_detail, default_plan
 
 _REASON = _native.cuda_unavailable_reason()
 
@@ -142,11 +142,31 @@ def test_cuda_build_has_int4():
     assert call(ldx=32) == bad                           # ldx < K
     assert call(splits=0) == bad
     assert call(M=2) == bad                              # null pointers with M > 0
-    # the plan: N = 4096 needs a K split on a 132-SM GPU to fill it; a large M does not
-    splits, counters = mod.int4_w4a16_plan(1, 11008, 4096, 132)
+    assert call(M=2, K=2**31 - 64, ldx=2**31, groups=1, x=16, qweight=16, scales=16, y=16) == bad  # K > the bound
+    # the plan (device -1: for the launch bound): N = 4096 needs a K split on a 132-SM GPU to fill
+    # it; a large M does not
+    splits, counters = mod.int4_w4a16_plan(1, 11008, 4096, f16, f16, 132, -1)
     assert 1 < splits <= 16 and counters == 4096 // 64
-    assert mod.int4_w4a16_plan(2048, 4096, 4096, 132) == (1, 0)
-    assert mod.int4_w4a16_plan(1, 64, 16, 132) == (1, 0)  # one k tile: nothing to split
+    assert mod.int4_w4a16_plan(2048, 4096, 4096, f16, f16, 132, -1) == (1, 0)
+    assert mod.int4_w4a16_plan(1, 64, 16, bf16, f32, 132, -1) == (1, 0)  # one k tile: nothing to split
+
+
+@pytest.mark.parametrize("var", ["LOWBIT_CUDA_WOQ_BLOCKS=8", "LOWBIT_CUDA_WOQ_TILES=2"])
+def test_cuda_plan_fills_the_blocks_the_kernel_keeps_resident(var, monkeypatch):
+    """The K split fills one wave of the resident blocks of the kernel the call will run: 4 per SM
+    by default; 8 for the M <= 8 kernel with twice the warps (LOWBIT_CUDA_WOQ_BLOCKS=8) or two
+    column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, 8 blocks of 2 warps), read per call. At
+    4096 x 11008 on 132 SMs: 64 column blocks, so 132 * 4 / 64 -> 8 splits, or 16."""
+    mod = built_cuda_module()
+    f16, f32 = _native.DTYPE_CODE[torch.float16], _native.DTYPE_CODE[torch.float32]
+    plans = {M: mod.int4_w4a16_plan(M, 11008, 4096, f16, f32, 132, -1) for M in (1, 16)}
+    assert plans == {1: (8, 64), 16: (8, 64)}
+    name, value = var.split("=")
+    monkeypatch.setenv(name, value)
+    assert mod.int4_w4a16_plan(1, 11008, 4096, f16, f32, 132, -1) == (16, 64)
+    assert mod.int4_w4a16_plan(16, 11008, 4096, f16, f32, 132, -1) == plans[16]  # M > 8: the default kernel
+    code = _native.DTYPE_CODE[torch.bfloat16]
+    assert mod.int8_w8a16_plan(1, 11008, 4096, code, 132, -1) == (16, 64)      # W8A16's kernel alike
 
 
 def test_cuda_layout_checked_by_the_fake_impl():
@@ -180,6 +200,17 @@ def test_cuda_layout_checked_by_the_fake_impl():
             op(x, torch.empty(7, 5, 32, 4, dtype=torch.int32, device="cuda"), table(2), None, 100)
         with pytest.raises(TypeError, match="qweight"):
             op(x, q.to(torch.uint8), table(2), None, 100)
+        # the kernels' 32-bit offsets: K (a lane's k), groups x roundup(N, 16) (the scale table)
+        big = 2**31
+        xb = torch.empty(1, big, dtype=torch.float16, device="cuda")
+        qb = torch.empty(fmt.packed_cuda_shape(16, big), dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match="K must be at most 2147483583"):
+            op(xb, qb, table(1, n=16), None, 16)
+        xg = torch.empty(1, 2**17, dtype=torch.float16, device="cuda")
+        n = 2**19  # groups of 32: 2^12 groups x 2^19 columns = 2^31 pairs
+        qg = torch.empty(fmt.packed_cuda_shape(n, 2**17), dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match="groups x roundup"):
+            op(xg, qg, table(2**12, n=n), None, n)
 
 
 def test_w4a8_on_cuda_is_refused_clearly():
@@ -242,6 +273,13 @@ def test_w4a16_per_channel_fp32_scales_nobias(M, gen):
 
 
 @gpu
+def test_w4a16_wider_than_the_dense_path(gen):
+    """N past the dense path's dequantization grid (65535 tiles of 16 columns): a large M runs on
+    the tensor-core kernel instead, correct all the same."""
+    check(torch.float16, 49, int4_ops.DEQUANT_MAX_N + 24, 64, 64, False, gen)
+
+
+@gpu
 def test_w4a16_strided_and_misaligned_x_small(gen):
     """A column slice (rows ldx apart) and an x whose data is 2-byte but not 16-byte aligned."""
     big = torch.randn((5, 300), generator=gen).half().cuda()
@@ -250,23 +288,38 @@ def test_w4a16_strided_and_misaligned_x_small(gen):
     check(torch.float16, 2, 16, 128, 32, True, gen, x=flat[1:].view(2, 128))
 
 
+# The opt-in M <= 8 kernels: two column tiles per warp, and 8 resident blocks per SM.
+DECODE_SWITCHES = [pytest.param("LOWBIT_CUDA_WOQ_TILES", "2", id="tiles2"),
+                   pytest.param("LOWBIT_CUDA_WOQ_BLOCKS", "8", id="blocks8")]
+
+
 @gpu
+@pytest.mark.parametrize("var,value", DECODE_SWITCHES)
 @pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (8, 4096, 11008, 32), (5, 40, 100, 100),
                                      (3, 48, 2048, 64), (1, 11008, 4096, 4096), (2, 24, 192, 192)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["s16", "s32"])
-def test_w4a16_two_tiles_per_warp_agree(M, N, K, g, scale_dtype, gen, monkeypatch):
-    """LOWBIT_CUDA_WOQ_TILES=2 (M <= 8: each warp takes two column tiles, sharing activation
-    loads and ring waits) gives the same bits as one tile per warp: K splits, groups of 32,
-    ragged K, odd counts of 16-column tiles (N = 40, 48: a warp's second tile past the last),
-    per-channel and fp32 scales."""
+def test_w4a16_opt_in_decode_kernels_agree(var, value, M, N, K, g, scale_dtype, gen, monkeypatch):
+    """The opt-in M <= 8 kernels give the default kernel's bits at its K split (the same sums in
+    the same order), and their own plan's results match the reference (check()): K splits,
+    groups of 32, ragged K, odd counts of 16-column tiles (N = 40, 48: with two tiles per warp, a
+    warp's second tile past the last), per-channel and fp32 scales.
+    * LOWBIT_CUDA_WOQ_TILES=2: each warp takes two column tiles, sharing activation loads and
+      ring waits;
+    * LOWBIT_CUDA_WOQ_BLOCKS=8: the one-tile kernel in 64 registers, 8 blocks resident per SM
+      (its plan splits K twice as finely)."""
+    mod = built_cuda_module()
     codes, d, m = rand_canonical(N, K, g, False, gen, scale_dtype=scale_dtype)
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn((M, K), generator=gen).to(dtype).cuda()
         y = w4a16(x, q, table, None, N)
-        monkeypatch.setenv("LOWBIT_CUDA_WOQ_TILES", "2")
-        assert torch.equal(w4a16(x, q, table, None, N), y), dtype
-        monkeypatch.delenv("LOWBIT_CUDA_WOQ_TILES")
+        monkeypatch.setenv(var, value)
+        with monkeypatch.context() as mp:
+            mp.setattr(mod, "int4_w4a16_plan", default_plan(mod.int4_w4a16_plan, var))
+            assert torch.equal(w4a16(x, q, table, None, N), y), dtype
+        monkeypatch.delenv(var)
+    monkeypatch.setenv(var, value)
+    check(torch.bfloat16 if M % 2 else torch.float16, M, N, K, g, M % 3 == 0, gen, scale_dtype=scale_dtype)
 
 
 @gpu

@@ -34,7 +34,7 @@ from lowbit.formats import int8 as fmt
 from lowbit.nn import Int8Linear
 from lowbit.ops import int8 as int8_ops
 
-from conftest import built_cuda_module, capture_graph, cuda_detail
+from conftest import built_cuda_module, capture_graph, cuda_detail, default_plan
 
 _REASON = _native.cuda_unavailable_reason()
 
@@ -193,11 +193,11 @@ def test_cuda_build_reports_archs():
     assert mod.int8_linear_w8a16(0, 0, 0, 8, 8, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0, 0, 0) == bad  # splits < 1
     # W8A16's K split (host arithmetic): tensor cores for fp16 / bf16 with K % 16 == 0 only
     f16, bf16, f32 = (_native.DTYPE_CODE[t] for t in (torch.float16, torch.bfloat16, torch.float32))
-    splits, count = mod.int8_w8a16_plan(1, 4096, 4096, f16, 132)
+    splits, count = mod.int8_w8a16_plan(1, 4096, 4096, f16, 132, -1)
     assert splits > 1 and count > 0, (splits, count)  # 64 column blocks do not fill 132 SMs
-    assert mod.int8_w8a16_plan(1, 4096, 4096, bf16, 132)[0] == splits
-    assert mod.int8_w8a16_plan(1, 4096, 4096, f32, 132) == (1, 0)
-    assert mod.int8_w8a16_plan(1, 4100, 4096, f16, 132) == (1, 0)
+    assert mod.int8_w8a16_plan(1, 4096, 4096, bf16, 132, -1)[0] == splits
+    assert mod.int8_w8a16_plan(1, 4096, 4096, f32, 132, -1) == (1, 0)
+    assert mod.int8_w8a16_plan(1, 4100, 4096, f16, 132, -1) == (1, 0)
     # W8A8 scratch missing (fake non-null operands, never dereferenced): rejected before any device work
     assert mod.int8_linear_w8a8(16, 0, 64, 16, 16, 16, 16, 8, 0, 0, 16, 8, 0, 16, 0, 0) == bad
     assert mod.int8_linear_w8a8(16, 0, 64, 16, 16, 16, 16, 8, 0, 0, 16, 8, 16, 0, 0, 0) == bad
@@ -370,7 +370,7 @@ def test_native_poisoned_outputs_small(op, dtype, cgen):
         stream = torch.cuda.current_stream().cuda_stream
         dev = torch.cuda.current_device()
         if op == "w8a16":  # the plan's K split, with its scratch (poisoned partial sums)
-            splits, count = mod.int8_w8a16_plan(M, K, N, code, _native.sm_count(x.device))
+            splits, count = mod.int8_w8a16_plan(M, K, N, code, _native.sm_count(x.device), x.device.index)
             partial = torch.full((splits, M, (N + 15) // 16 * 16), float("nan"), device="cuda")
             counters = torch.zeros(max(count, 1), dtype=torch.int32, device="cuda")
             st = mod.int8_linear_w8a16(x.data_ptr(), code, M, K, ldx, qw.data_ptr(), s.data_ptr(), N,
@@ -614,21 +614,29 @@ _TC_SHAPES = W8A16_TC_SMALL + W8A16_TC
 @gpu
 @pytest.mark.parametrize("var,value,M,N,K",
                          [("LOWBIT_CUDA_WOQ_COPY", "bulk") + c for c in _TC_SHAPES if c[0] <= 16]
-                         + [("LOWBIT_CUDA_WOQ_TILES", "2") + c for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 8])
+                         + [(v, n) + c for v, n in (("LOWBIT_CUDA_WOQ_TILES", "2"), ("LOWBIT_CUDA_WOQ_BLOCKS", "8"))
+                            for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 8])
 def test_w8a16_opt_in_kernels_agree(var, value, M, N, K, cgen, monkeypatch):
-    """The opt-in tensor-core variants give the same bits as the default kernel (the same sums
-    in the same order) on the tensor-core shapes they take: K splits, N past a 16-row tile, K
-    ending inside a tile, the m16 tile.
+    """The opt-in tensor-core variants give the same bits as the default kernel at its K split
+    (the same sums in the same order) on the tensor-core shapes they take: K splits, N past a
+    16-row tile, K ending inside a tile, the m16 tile; and at their own plan, the reference's
+    results.
     * LOWBIT_CUDA_WOQ_COPY=bulk (sm_90a, M <= 16): lane 0 copies each 64 k x 16-row tile with
       one TMA box onto an mbarrier, zeros past N and K (elsewhere both calls take cp.async);
     * LOWBIT_CUDA_WOQ_TILES=2 (M <= 8): two column tiles per warp; odd counts of 16-row tiles
-      (N = 37, 48) put a warp's second tile past the last."""
+      (N = 37, 48) put a warp's second tile past the last;
+    * LOWBIT_CUDA_WOQ_BLOCKS=8 (M <= 8): the one-tile kernel in 64 registers, 8 blocks per SM.
+    (The last two plan for 8 resident blocks per SM: a finer K split than the default's.)"""
+    mod = built_cuda_module()
     dtype = torch.bfloat16 if (M + N) % 2 else torch.float16
     x = randn((M, K), cgen, dtype)
     qw, s = rand_weight(N, K, cgen)
     y = OPS["w8a16"](x, qw, s)
     monkeypatch.setenv(var, value)
-    assert torch.equal(OPS["w8a16"](x, qw, s), y)
+    with monkeypatch.context() as mp:
+        mp.setattr(mod, "int8_w8a16_plan", default_plan(mod.int8_w8a16_plan, var))
+        assert torch.equal(OPS["w8a16"](x, qw, s), y)
+    check_linear("w8a16", dtype, M, N, K, True, cgen)
 
 
 @gpu

@@ -77,11 +77,25 @@ int int8_quantize_per_token(uintptr_t x, int x_dtype, int64_t M, int64_t K, int6
                                        stream_ptr(stream));
 }
 
-py::tuple int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count) {
+// The K-split plans: device >= 0 plans for the blocks that fit on it (switched to for the
+// occupancy query), device < 0 for the kernel's launch bound (host arithmetic only).
+template <class Plan>
+py::tuple split_plan(int device, Plan plan) {
   int splits = 1;
   int64_t counters = 0;
-  cuda::int8_w8a16_plan(M, K, N, x_dtype, sm_count, &splits, &counters);
+  if (device >= 0) {
+    DeviceScope scope(device);
+    plan(scope.ok() ? device : -1, &splits, &counters);
+  } else {
+    plan(-1, &splits, &counters);
+  }
   return py::make_tuple(splits, counters);
+}
+
+py::tuple int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count, int device) {
+  return split_plan(device, [&](int dev, int* splits, int64_t* counters) {
+    cuda::int8_w8a16_plan(M, K, N, x_dtype, sm_count, dev, splits, counters);
+  });
 }
 
 int int8_linear_w8a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t qweight,
@@ -117,11 +131,11 @@ int int8_linear_w8a8(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx
                                 ptr<int8_t>(qx), ptr<float>(sx), stream_ptr(stream));
 }
 
-py::tuple int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count) {
-  int splits = 1;
-  int64_t counters = 0;
-  cuda::int4_w4a16_plan(M, K, N, sm_count, &splits, &counters);
-  return py::make_tuple(splits, counters);
+py::tuple int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int scales_dtype, int sm_count,
+                          int device) {
+  return split_plan(device, [&](int dev, int* splits, int64_t* counters) {
+    cuda::int4_w4a16_plan(M, K, N, x_dtype, scales_dtype, sm_count, dev, splits, counters);
+  });
 }
 
 int int4_linear_w4a16(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t qweight,
@@ -229,7 +243,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("int8_quantize_per_token", &int8_quantize_per_token, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"),
         py::arg("K"), py::arg("ldx"), py::arg("q"), py::arg("scale"), py::arg("device"), py::arg("stream"));
   m.def("int8_w8a16_plan", &int8_w8a16_plan, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("x_dtype"),
-        py::arg("sm_count"), "(splits, counters): how int8_linear_w8a16 runs this shape (host-only arithmetic).");
+        py::arg("sm_count"), py::arg("device"),
+        "(splits, counters): how int8_linear_w8a16 runs this shape on device (< 0: for the kernel's launch bound, "
+        "host-only arithmetic).");
   m.def("int8_linear_w8a16", &int8_linear_w8a16, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("ldx"), py::arg("qweight"), py::arg("wscale"), py::arg("N"), py::arg("bias"), py::arg("bias_dtype"),
         py::arg("y"), py::arg("ldy"), py::arg("splits"), py::arg("partial"), py::arg("counters"), py::arg("device"),
@@ -237,8 +253,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("int8_linear_w8a8", &int8_linear_w8a8, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("ldx"), py::arg("qweight"), py::arg("wscale"), py::arg("N"), py::arg("bias"), py::arg("bias_dtype"),
         py::arg("y"), py::arg("ldy"), py::arg("qx"), py::arg("sx"), py::arg("device"), py::arg("stream"));
-  m.def("int4_w4a16_plan", &int4_w4a16_plan, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("sm_count"),
-        "(splits, counters): how int4_linear_w4a16 runs this shape (host-only arithmetic).");
+  m.def("int4_w4a16_plan", &int4_w4a16_plan, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("x_dtype"),
+        py::arg("scales_dtype"), py::arg("sm_count"), py::arg("device"),
+        "(splits, counters): how int4_linear_w4a16 runs this shape on device (< 0: for the kernel's launch bound, "
+        "host-only arithmetic).");
   m.def("int4_linear_w4a16", &int4_linear_w4a16, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("ldx"), py::arg("qweight"), py::arg("scales"), py::arg("scales_dtype"), py::arg("groups"),
         py::arg("N"), py::arg("bias"), py::arg("bias_dtype"), py::arg("y"), py::arg("ldy"), py::arg("splits"),

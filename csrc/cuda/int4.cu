@@ -30,6 +30,8 @@
 namespace lowbit::cuda {
 namespace {
 
+static_assert(kW4a16MaxK == woq::kMaxK, "int4.h's bound is the kernel's");
+
 using woq::kStages;
 using woq::kTileK;
 using woq::kWarps;
@@ -246,8 +248,15 @@ int set_weights(woq::Args& a, const uint32_t* qweight, const void* scales, int64
 
 }  // namespace
 
-void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters) {
-  woq::plan(M, K, N, sm_count, splits, counters);
+void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int scales_dtype, int sm_count, int device,
+                     int* splits, int64_t* counters) {
+  if (x_dtype == kF16) {
+    scales_dtype == kF16 ? woq::plan_for<F16, Int4<uint16_t>>(M, K, N, sm_count, device, splits, counters)
+                         : woq::plan_for<F16, Int4<float>>(M, K, N, sm_count, device, splits, counters);
+  } else {
+    scales_dtype == kF16 ? woq::plan_for<BF16, Int4<uint16_t>>(M, K, N, sm_count, device, splits, counters)
+                         : woq::plan_for<BF16, Int4<float>>(M, K, N, sm_count, device, splits, counters);
+  }
 }
 
 int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const uint32_t* qweight,

@@ -16,10 +16,15 @@
 
 namespace lowbit::cuda {
 
+// The kernels' 32-bit offsets: K up to kW4a16MaxK (a lane's k), groups x Np below 2^31 (the
+// scale table's index); lowbit.ops.int4 raises on anything larger before calling.
+constexpr int64_t kW4a16MaxK = 2147483647 - 64;
+
 inline int check_w4a16_args(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void* qweight,
                             const void* scales, int scales_dtype, int64_t groups, int64_t N, const void* bias,
                             int bias_dtype, const void* y, int64_t ldy, int splits) {
   if (M < 0 || K < 1 || N < 1 || ldx < K || ldy < N || groups < 1 || K % groups != 0) return kInvalidArgument;
+  if (K > kW4a16MaxK) return kInvalidArgument;
   if ((x_dtype != kF16 && x_dtype != kBF16) || (scales_dtype != kF16 && scales_dtype != kF32)) return kInvalidArgument;
   if (bias && !valid_dtype_code(bias_dtype)) return kInvalidArgument;
   if (splits < 1) return kInvalidArgument;
@@ -27,9 +32,12 @@ inline int check_w4a16_args(const void* x, int x_dtype, int64_t M, int64_t K, in
   return kOk;
 }
 
-// How to run an [M, K] x [N, K]^T W4A16 product on a GPU with sm_count SMs: the
-// number of K splits and of int32 counters the call needs (0 when splits == 1).
-void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters);
+// How to run an [M, K] x [N, K]^T W4A16 product (x_dtype activations, scales_dtype scales) on
+// a GPU with sm_count SMs: the number of K splits and of int32 counters the call needs (0 when
+// splits == 1). device >= 0: the current device, whose shared memory may hold fewer resident
+// blocks than the kernel's launch bound; device < 0: planned for the launch bound.
+void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int scales_dtype, int sm_count, int device,
+                     int* splits, int64_t* counters);
 
 int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const uint32_t* qweight,
                       const void* scales, int scales_dtype, int64_t groups, int64_t N, const void* bias,

@@ -1340,7 +1340,7 @@ namespace {
 // K % 16 == 0 (16-byte weight rows), unless LOWBIT_CUDA_W8A16=simt (read per call).
 bool w8a16_tensor_cores(int x_dtype, int64_t K) {
   if (env_is("LOWBIT_CUDA_W8A16", "simt")) return false;
-  return (x_dtype == kF16 || x_dtype == kBF16) && K % 16 == 0 && K < (int64_t(1) << 31);
+  return (x_dtype == kF16 || x_dtype == kBF16) && K % 16 == 0 && K <= woq::kMaxK;
 }
 
 // Whether W8A16 at M <= 16 takes the TMA ring (Int8WBulk): LOWBIT_CUDA_WOQ_COPY=bulk (read per
@@ -1387,9 +1387,13 @@ __global__ void __launch_bounds__(kDequantThreads)
 
 }  // namespace
 
-void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count, int* splits, int64_t* counters) {
+void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count, int device, int* splits,
+                     int64_t* counters) {
   *splits = 1, *counters = 0;
-  if (w8a16_tensor_cores(x_dtype, K)) woq::plan(M, K, N, sm_count, splits, counters);
+  if (!w8a16_tensor_cores(x_dtype, K)) return;
+  // (The bulk-copy ring, opt-in, keeps the default plan: the same launch bound.)
+  x_dtype == kF16 ? woq::plan_for<F16, Int8W>(M, K, N, sm_count, device, splits, counters)
+                  : woq::plan_for<BF16, Int8W>(M, K, N, sm_count, device, splits, counters);
 }
 
 int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,
@@ -1410,7 +1414,7 @@ int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
     CUtensorMap map{};
     if (M <= 16 && N < (int64_t(1) << 31) && w8a16_bulk_ok() &&
         int8_tensor_map(&map, qweight, N, K, woq::kTileK, woq::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE))
-      x_dtype == kF16 ? woq::launch_upto16<F16, Int8WBulk>(a, s, map) : woq::launch_upto16<BF16, Int8WBulk>(a, s, map);
+      x_dtype == kF16 ? woq::launch<F16, Int8WBulk, true>(a, s, map) : woq::launch<BF16, Int8WBulk, true>(a, s, map);
     else
       x_dtype == kF16 ? woq::launch<F16, Int8W>(a, s) : woq::launch<BF16, Int8W>(a, s);
   } else {  // the CUDA-core kernel (needs no split scratch: any plan is fine)

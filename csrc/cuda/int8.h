@@ -42,9 +42,10 @@ int int8_quantize_per_token(const void* x, int x_dtype, int64_t M, int64_t K, in
 
 // W8A16 runs on the tensor cores (woq_mma.cuh, split K like W4A16) for fp16 / bf16 x and
 // K % 16 == 0: int8_w8a16_plan gives its K splits and counters (1 and 0 where it does not
-// apply); with splits > 1, partial is fp32 [splits, M, roundup(N, 16)] and counters int32
-// [count], zero before the call and left zero after it.
-void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count, int* splits, int64_t* counters);
+// apply; device as in int4_w4a16_plan); with splits > 1, partial is fp32 [splits, M,
+// roundup(N, 16)] and counters int32 [count], zero before the call and left zero after it.
+void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count, int device, int* splits,
+                     int64_t* counters);
 
 int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,
                       const float* wscale, int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy,

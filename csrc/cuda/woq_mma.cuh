@@ -24,7 +24,8 @@
 // fragment shuffles. A warp takes its tiles two at a time (two activation fragments used
 // alternately: no register copies), and its cursor moves through the weights by pointer
 // increments (the loop is short: every address computation shows).
-// Opt-in for M <= 8 (LOWBIT_CUDA_WOQ_TILES=2): two column tiles per warp (see woq_kernel).
+// Opt-in for M <= 8: two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2) or twice the resident
+// warps (LOWBIT_CUDA_WOQ_BLOCKS=8); see pick().
 //
 // The k order. The mma's k slots are mapped to real k so that each lane's 16 k of a tile
 // are contiguous: slot pair (2 tig, 2 tig + 1) of mma step j is k = 64 t + 16 tig + 4 j +
@@ -38,6 +39,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -57,8 +59,9 @@ constexpr int kTileK = 64;                // k per warp step
 constexpr int kStages = 8;                // k tiles a warp keeps in flight (cp.async ring; a power of 2)
 constexpr int kMaxSplits = 16;
 constexpr int kMinTilesPerSplit = 2;
-constexpr int kBlocksPerSm = 4;           // resident blocks per SM (launch bound); the split aims at one wave
+constexpr int kBlocksPerSm = 4;           // resident blocks per SM by default (launch bound); the split aims at one wave
 constexpr int64_t kMaxGridZ = 65535;
+constexpr int64_t kMaxK = 2147483647 - kTileK;  // a lane's k is 32-bit (the loop's tile arithmetic)
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -255,6 +258,7 @@ struct BulkSync {
 // block's kWarps column tiles on kWarps / 2 warps, each sharing its activation loads, its ring
 // waits and its loop between two tiles, i.e. fewer instructions per weight byte for a loop that
 // is issue-bound (README). The sums are the same, in the same order: the same bits.
+// BPS: the resident blocks per SM the launch bound promises (see pick()); code only.
 template <int NT> constexpr int kThreadsOf = kThreads / NT;
 template <class C, int NT> struct Cursors {
   C c[NT];
@@ -263,8 +267,8 @@ template <class C, int NT> struct Cursors {
       : c{C(a, nt[J], t_begin, lane)...} {}
 };
 
-template <class D, class F, int MT, int SW, int NT = 1>
-__global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
+template <class D, class F, int MT, int SW, int NT = 1, int BPS = kBlocksPerSm>
+__global__ void __launch_bounds__(kThreadsOf<NT>, BPS)
     woq_kernel(Args a, const __grid_constant__ CUtensorMap map) {
   static_assert(SW == 0 || MT == 1, "the swapped product takes one m tile");
   static_assert(NT == 1 || std::is_base_of<CpAsyncSync, typename F::Cursor>::value,
@@ -294,7 +298,7 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
     const int64_t m0 = mb * 16 * MT;
     float acc[NT][MT][2][4] = {};
     if (active) {
-      // 32-bit tile arithmetic from here (K < 2^37); the per-tile loop is instruction-bound.
+      // 32-bit k from here (K <= kMaxK: set_shape); the per-tile loop is instruction-bound.
       // The cursors issue tiles 0, 1, ... in order; cur.c[0] also keeps the ring's sync.
       Cursors<typename F::Cursor, NT> cur(a, nt, t_begin, lane, std::make_integer_sequence<int, NT>{});
 #pragma unroll
@@ -388,19 +392,83 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, kBlocksPerSm)
 // ---- host ---------------------------------------------------------------------------------
 inline int pick_mt(int64_t M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
 
-// How to run an [M, K] x [N, K]^T product on a GPU with sm_count SMs: the number of K
-// splits and of int32 counters the call needs (0 when splits == 1).
-inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int* splits, int64_t* counters) {
+// The kernel an M-row product runs on, as launched: threads and rows of x per block, and the
+// resident blocks per SM its launch bound promises (what the compiler fitted its registers to).
+// fit(): that many, or fewer where the current device's shared memory holds fewer (e.g. the
+// 100 KB of sm_86 / sm_89), from the occupancy calculator, per device and cached.
+struct Launch {
+  void (*kernel)(Args, CUtensorMap);
+  int threads, rows, bound;
+  int (*fit)();
+};
+
+template <class D, class F, int MT, int SW, int NT, int BPS>
+int fit_blocks() {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
+  if (known && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load(std::memory_order_relaxed);
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, woq_kernel<D, F, MT, SW, NT, BPS>, kThreadsOf<NT>, 0) !=
+          cudaSuccess ||
+      n < 1) {
+    (void)cudaGetLastError();
+    n = BPS;  // the runtime cannot say: trust the bound
+  }
+  n = n < BPS ? n : BPS;
+  if (known) cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+template <class D, class F, int MT, int SW, int NT = 1, int BPS = kBlocksPerSm>
+Launch launch_of() {
+  return {woq_kernel<D, F, MT, SW, NT, BPS>, kThreadsOf<NT>, 16 * MT, BPS, fit_blocks<D, F, MT, SW, NT, BPS>};
+}
+
+// The launch for M rows (read per call: the switches). M <= 16 takes the swapped product (one
+// or two blocks of 8 rows on the mma's n8). At M <= 8, opt-in: LOWBIT_CUDA_WOQ_TILES=2, two
+// column tiles per warp, 8 blocks of 2 warps per SM (as many warps as by default, each with two
+// chains of work); else LOWBIT_CUDA_WOQ_BLOCKS=8, 8 blocks of 4 warps per SM (twice the warps
+// to hide each one's latency, in 64 registers instead of 96). kSwappedOnly: a format compiled
+// for M <= 16 only (W8A16's TMA ring).
+template <class D, class F, bool kSwappedOnly = false>
+Launch pick(int64_t M) {
+  if constexpr (kSwappedOnly) {
+    return M <= 8 ? launch_of<D, F, 1, 1>() : launch_of<D, F, 1, 2>();
+  } else {
+    if (M <= 8) {
+      if (env_is("LOWBIT_CUDA_WOQ_TILES", "2")) return launch_of<D, F, 1, 1, 2, 8>();
+      if (env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8")) return launch_of<D, F, 1, 1, 1, 8>();
+      return launch_of<D, F, 1, 1>();
+    }
+    if (M <= 16) return launch_of<D, F, 1, 2>();
+    return M <= 32 ? launch_of<D, F, 2, 0>() : launch_of<D, F, 4, 0>();
+  }
+}
+
+// How to run an [M, K] x [N, K]^T product on a GPU with sm_count SMs that keeps blocks_per_sm
+// of the kernel resident: the number of K splits and of int32 counters the call needs (0 when
+// splits == 1).
+inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int blocks_per_sm, int* splits, int64_t* counters) {
   const int64_t ntiles = cdiv(N, kTileN), ktiles = cdiv(K, kTileK);
   const int64_t mblocks = cdiv(M < 1 ? 1 : M, 16 * pick_mt(M));
   // As many splits as fit in one wave of resident blocks (a second, partial wave would idle most SMs).
-  int64_t s = int64_t(sm_count < 1 ? 1 : sm_count) * kBlocksPerSm / (cdiv(ntiles, kWarps) * mblocks);
+  int64_t s = int64_t(sm_count < 1 ? 1 : sm_count) * (blocks_per_sm < 1 ? 1 : blocks_per_sm) /
+              (cdiv(ntiles, kWarps) * mblocks);
   const int64_t most = ktiles / kMinTilesPerSplit < kMaxSplits ? ktiles / kMinTilesPerSplit : kMaxSplits;
   if (s > most) s = most;
   if (s < 1 || mblocks > kMaxGridZ) s = 1;
   s = cdiv(ktiles, cdiv(ktiles, s));  // no empty split
   *splits = int(s);
   *counters = s > 1 ? cdiv(ntiles, kWarps) * mblocks : 0;
+}
+
+// plan() for the kernel pick() gives: device >= 0 (current) counts the blocks that fit there,
+// device < 0 (host-only planning) the launch bound.
+template <class D, class F, bool kSwappedOnly = false>
+void plan_for(int64_t M, int64_t K, int64_t N, int sm_count, int device, int* splits, int64_t* counters) {
+  const Launch l = pick<D, F, kSwappedOnly>(M);
+  plan(M, K, N, sm_count, device >= 0 ? l.fit() : l.bound, splits, counters);
 }
 
 // The shape and split fields of a (x, weights, bias and y are the caller's); kOk, or
@@ -410,33 +478,18 @@ inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int 
   a.M = M, a.K = K, a.ldx = ldx, a.N = N;
   a.Np = cdiv(N, kTileN) * kTileN, a.ktiles = cdiv(K, kTileK);
   a.splits = splits, a.tiles_per_split = cdiv(a.ktiles, splits), a.partial = partial, a.counters = counters;
-  if (splits < 1 || splits > a.ktiles) return kInvalidArgument;
+  if (splits < 1 || splits > a.ktiles || K > kMaxK) return kInvalidArgument;
   if (splits > 1 && (!partial || !counters || cdiv(M, 16 * pick_mt(M)) > kMaxGridZ)) return kInvalidArgument;
   return kOk;
 }
 
-template <class D, class F, int MT, int SW = 0, int NT = 1>
-void launch_mt(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
-  const int64_t mblocks = cdiv(a.M, 16 * MT);
+template <class D, class F, bool kSwappedOnly = false>
+void launch(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
+  const Launch l = pick<D, F, kSwappedOnly>(a.M);
+  const int64_t mblocks = cdiv(a.M, l.rows);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  woq_kernel<D, F, MT, SW, NT><<<grid, kThreadsOf<NT>, 0, s>>>(a, map);
-}
-
-// A format only compiled for M <= 16 (W8A16's TMA ring): the swapped product.
-template <class D, class F>
-void launch_upto16(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
-  a.M <= 8 ? launch_mt<D, F, 1, 1>(a, s, map) : launch_mt<D, F, 1, 2>(a, s, map);
-}
-
-// M <= 16 takes the swapped product (one or two blocks of 8 rows on the mma's n8); at M <= 8
-// with LOWBIT_CUDA_WOQ_TILES=2 (read per call), two column tiles per warp.
-template <class D, class F>
-void launch(const Args& a, cudaStream_t s) {
-  if (a.M <= 8)
-    return env_is("LOWBIT_CUDA_WOQ_TILES", "2") ? launch_mt<D, F, 1, 1, 2>(a, s) : launch_mt<D, F, 1, 1>(a, s);
-  if (a.M <= 16) return launch_mt<D, F, 1, 2>(a, s);
-  return a.M <= 32 ? launch_mt<D, F, 2>(a, s) : launch_mt<D, F, 4>(a, s);
+  l.kernel<<<grid, l.threads, 0, s>>>(a, map);
 }
 
 }  // namespace lowbit::cuda::woq

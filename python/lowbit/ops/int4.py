@@ -43,6 +43,11 @@ for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
 
 
 # ---------------------------------------------------------------- validation
+# The CUDA kernels' 32-bit offsets (csrc/cuda/int4.h kW4a16MaxK): a lane's k, and the scale
+# table's index over groups x roundup(N, 16).
+CUDA_MAX_K = 2**31 - 1 - 64
+CUDA_MAX_SCALES = 2**31 - 1
+DEQUANT_MAX_N = 65535 * 16  # the dense path's dequantization grid (one block row per 16 columns); beyond, the kernel
 # The weight layout of each device (lowbit.formats.int4): qweight's dtype, the scales' last dim
 # and group axis, the expected shapes for (N, groups) and (N, K), and the packer's name.
 _LAYOUTS = {
@@ -85,6 +90,10 @@ def validate_weights(qweight, scales, mins, n, bias, k: int, op: str) -> int:
         raise ValueError(f"lowbit.{op}: scales has {groups} groups for K={k}, i.e. group size {g}: {e}") from None
     chk.shape(scales, scales_shape(n, groups), f"scales (N={n}, {groups} groups)", op)
     chk.shape(qweight, q_shape(n, k), f"qweight (packed for N={n}, K={k})", op)
+    if group_axis == 0 and (k > CUDA_MAX_K or groups * scales.shape[1] > CUDA_MAX_SCALES):
+        raise ValueError(f"lowbit.{op}: on CUDA, K must be at most {CUDA_MAX_K} and groups x roundup(N, 16) at most "
+                         f"{CUDA_MAX_SCALES} (the kernels' 32-bit offsets); got K={k}, {groups} groups x "
+                         f"{scales.shape[1]}")
     if mins is not None:
         chk.tensor(mins, "mins", op)
         if mins.dtype != scales.dtype:
@@ -158,12 +167,13 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     m = x2.shape[0]
     dev = x.device
     stream = _native.stream_of(x)
-    if m > DENSE_MIN_M:  # one dequantization, then cuBLAS (see ops/int8.py)
+    if m > DENSE_MIN_M and n <= DEQUANT_MAX_N:  # one dequantization, then cuBLAS (see ops/int8.py)
         return dense_linear(x, n, k, bias, functools.partial(mod.int4_dequantize_w4a16, qweight.data_ptr(),
                                                              scales.data_ptr(), _native.DTYPE_CODE[scales.dtype],
                                                              scales.shape[0], n, k), op)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
-    splits, count = mod.int4_w4a16_plan(m, k, n, _native.sm_count(dev))
+    splits, count = mod.int4_w4a16_plan(m, k, n, _native.DTYPE_CODE[x.dtype], _native.DTYPE_CODE[scales.dtype],
+                                        _native.sm_count(dev), dev.index)
     partial = counters = None
     if splits > 1:  # per-split fp32 sums, from torch's allocator
         partial = torch.empty((splits, m, scales.shape[1]), dtype=torch.float32, device=dev)

@@ -238,7 +238,7 @@ def _linear_cuda(op, x, qweight, scale, bias):
         sx = torch.empty((m,), dtype=torch.float32, device=dev)
         args += [qx.data_ptr(), sx.data_ptr()]
     else:  # W8A16 on tensor cores splits K when N alone does not fill the GPU (as W4A16)
-        splits, count = mod.int8_w8a16_plan(m, k, n, code, _native.sm_count(dev))
+        splits, count = mod.int8_w8a16_plan(m, k, n, code, _native.sm_count(dev), dev.index)
         partial = counters = None
         if splits > 1:
             partial = torch.empty((splits, m, (n + 15) // 16 * 16), dtype=torch.float32, device=dev)
