@@ -223,6 +223,12 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     echo
     bench_table "$OUT/gpu_attention.json"
   fi
+  if [ -s "$OUT/gpu_bench.json" ]; then  # (after the tables: in the tail a caller keeps)
+    echo
+    echo "## matmul switches against their defaults (same run)"
+    echo
+    python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("switch_md", ""))' "$OUT/gpu_bench.json" || true
+  fi
   if [ -f "$TMP/cuda_tests.log" ] && [ "${RC[cuda_tests]:-}" != 0 ]; then
     echo
     echo "## CUDA test failures (tail)"

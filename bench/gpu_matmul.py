@@ -302,6 +302,24 @@ def table(rows: list, copy_bw: float, peak: float, device: str) -> str:
     return "\n".join(out)
 
 
+def switch_table(rows: list) -> str:
+    """Each switch row (ROW_ENV) against the kernel it would replace, timed in the same run on
+    the same shape and M: default µs / switched µs (> 1: the switch is faster), and their
+    geometric mean. What decides whether an opt-in kernel becomes the default."""
+    us = {(r["N"], r["K"], r["M"], r["op"]): r["us"] for r in rows if "us" in r}
+    out = ["| switch (vs default) | env | default µs / switched µs, per N x K / M | geo-mean |", "|---|---|---|---:|"]
+    for op, env in ROW_ENV.items():
+        base = QUANT if op == QUANT_VEC else op.split(" (")[0]
+        pairs = [(f"{N}x{K}/{M}", us[(N, K, M, base)] / t) for (N, K, M, o), t in us.items()
+                 if o == op and (N, K, M, base) in us]
+        if not pairs:
+            continue
+        geo = statistics.geometric_mean([r for _, r in pairs])
+        cells = ", ".join(f"{where} {r:.2f}" for where, r in pairs)
+        out.append(f"| {op} | {' '.join(f'{k}={v}' for k, v in env)} | {cells} | {geo:.2f} |")
+    return "\n".join(out)
+
+
 def w4_weights(N: int, K: int, dequantized: bool = False) -> tuple:
     """Random asymmetric INT4 weights (groups of W4_GROUP, fp16 d and m) in the CUDA layout:
     (qweight, scales), plus the same weight dequantized in fp16 when asked."""
@@ -430,7 +448,7 @@ def main(argv=None) -> int:
 
     def result() -> dict:
         return {**header, "fp16_matmul_TFLOPs": peak, "calls_per_graph": CALLS_PER_GRAPH, "reps": args.reps,
-                "rows": rows, "table_md": table(rows, copy_bw, peak, device)}
+                "rows": rows, "table_md": table(rows, copy_bw, peak, device), "switch_md": switch_table(rows)}
 
     for i, ((N, K), Ms) in enumerate(plan.items()):
         log(f"[{i + 1}/{len(plan)}] N={N} K={K} M={Ms} ({time.time() - t0:.0f}s)")
