@@ -13,8 +13,8 @@ CUDA-core GEMV; on Hopper, W8A8 on mma.sync and on the TMA kernel everywhere), a
 opt-in ones: W8A8's TMA kernel in clusters of two (M >= 64; at M = 2048 also with the vec
 quantizer), W8A8 on tensor cores from M = 16 and its tensor-core decode (M <= 8), W8A8's
 per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec), W8A16's bulk-copy ring
-(Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp or 8 resident blocks
-per SM (M <= 8).
+(Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp or 6 or 8 resident
+blocks per SM (M <= 8).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -49,6 +49,8 @@ QUANT = "lowbit per-token quantizer (part of w8a8)"
 QUANT_VEC = "lowbit per-token quantizer, vec (opt-in)"
 W4A16_TILES2 = "lowbit w4a16 (2 column tiles per warp, opt-in)"
 W8A16_TILES2 = "lowbit w8a16 (2 column tiles per warp, opt-in)"
+W4A16_BLOCKS6 = "lowbit w4a16 (6 blocks per SM, opt-in)"
+W8A16_BLOCKS6 = "lowbit w8a16 (6 blocks per SM, opt-in)"
 W4A16_BLOCKS8 = "lowbit w4a16 (8 blocks per SM, opt-in)"
 W8A16_BLOCKS8 = "lowbit w8a16 (8 blocks per SM, opt-in)"
 # the switches each comparison row is timed under
@@ -64,6 +66,8 @@ ROW_ENV = {
     W8A16_BULK: [("LOWBIT_CUDA_WOQ_COPY", "bulk")],
     W4A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")],
     W8A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")],
+    W4A16_BLOCKS6: [("LOWBIT_CUDA_WOQ_BLOCKS", "6")],
+    W8A16_BLOCKS6: [("LOWBIT_CUDA_WOQ_BLOCKS", "6")],
     W4A16_BLOCKS8: [("LOWBIT_CUDA_WOQ_BLOCKS", "8")],
     W8A16_BLOCKS8: [("LOWBIT_CUDA_WOQ_BLOCKS", "8")],
 }
@@ -249,6 +253,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         if M <= 8:
             ops[W4A16_TILES2] = ops["lowbit w4a16"]
             ops[W8A16_TILES2] = ops["lowbit w8a16"]
+            ops[W4A16_BLOCKS6] = ops["lowbit w4a16"]
+            ops[W8A16_BLOCKS6] = ops["lowbit w8a16"]
             ops[W4A16_BLOCKS8] = ops["lowbit w4a16"]
             ops[W8A16_BLOCKS8] = ops["lowbit w8a16"]
         if M >= 256:  # W8A8's first pass over x, timed alone

@@ -151,22 +151,23 @@ def test_cuda_build_has_int4():
     assert mod.int4_w4a16_plan(1, 64, 16, bf16, f32, 132, -1) == (1, 0)  # one k tile: nothing to split
 
 
-@pytest.mark.parametrize("var", ["LOWBIT_CUDA_WOQ_BLOCKS=8", "LOWBIT_CUDA_WOQ_TILES=2"])
-def test_cuda_plan_fills_the_blocks_the_kernel_keeps_resident(var, monkeypatch):
+@pytest.mark.parametrize("var,splits", [("LOWBIT_CUDA_WOQ_BLOCKS=8", 16), ("LOWBIT_CUDA_WOQ_TILES=2", 16),
+                                        ("LOWBIT_CUDA_WOQ_BLOCKS=6", 12)])
+def test_cuda_plan_fills_the_blocks_the_kernel_keeps_resident(var, splits, monkeypatch):
     """The K split fills one wave of the resident blocks of the kernel the call will run: 4 per SM
-    by default; 8 for the M <= 8 kernel with twice the warps (LOWBIT_CUDA_WOQ_BLOCKS=8) or two
+    by default; 6 or 8 for the M <= 8 kernel with more warps (LOWBIT_CUDA_WOQ_BLOCKS), 8 with two
     column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, 8 blocks of 2 warps), read per call. At
-    4096 x 11008 on 132 SMs: 64 column blocks, so 132 * 4 / 64 -> 8 splits, or 16."""
+    4096 x 11008 on 132 SMs: 64 column blocks, so 132 * 4 / 64 -> 8 splits, or 12, or 16."""
     mod = built_cuda_module()
     f16, f32 = _native.DTYPE_CODE[torch.float16], _native.DTYPE_CODE[torch.float32]
     plans = {M: mod.int4_w4a16_plan(M, 11008, 4096, f16, f32, 132, -1) for M in (1, 16)}
     assert plans == {1: (8, 64), 16: (8, 64)}
     name, value = var.split("=")
     monkeypatch.setenv(name, value)
-    assert mod.int4_w4a16_plan(1, 11008, 4096, f16, f32, 132, -1) == (16, 64)
+    assert mod.int4_w4a16_plan(1, 11008, 4096, f16, f32, 132, -1) == (splits, 64)
     assert mod.int4_w4a16_plan(16, 11008, 4096, f16, f32, 132, -1) == plans[16]  # M > 8: the default kernel
     code = _native.DTYPE_CODE[torch.bfloat16]
-    assert mod.int8_w8a16_plan(1, 11008, 4096, code, 132, -1) == (16, 64)      # W8A16's kernel alike
+    assert mod.int8_w8a16_plan(1, 11008, 4096, code, 132, -1) == (splits, 64)  # W8A16's kernel alike
 
 
 def test_cuda_layout_checked_by_the_fake_impl():
@@ -290,6 +291,7 @@ def test_w4a16_strided_and_misaligned_x_small(gen):
 
 # The opt-in M <= 8 kernels: two column tiles per warp, and 8 resident blocks per SM.
 DECODE_SWITCHES = [pytest.param("LOWBIT_CUDA_WOQ_TILES", "2", id="tiles2"),
+                   pytest.param("LOWBIT_CUDA_WOQ_BLOCKS", "6", id="blocks6"),
                    pytest.param("LOWBIT_CUDA_WOQ_BLOCKS", "8", id="blocks8")]
 
 
@@ -305,8 +307,8 @@ def test_w4a16_opt_in_decode_kernels_agree(var, value, M, N, K, g, scale_dtype, 
     warp's second tile past the last), per-channel and fp32 scales.
     * LOWBIT_CUDA_WOQ_TILES=2: each warp takes two column tiles, sharing activation loads and
       ring waits;
-    * LOWBIT_CUDA_WOQ_BLOCKS=8: the one-tile kernel in 64 registers, 8 blocks resident per SM
-      (its plan splits K twice as finely)."""
+    * LOWBIT_CUDA_WOQ_BLOCKS=6 / 8: the one-tile kernel in 80 / 64 registers, 6 / 8 blocks
+      resident per SM (its plan splits K more finely)."""
     mod = built_cuda_module()
     codes, d, m = rand_canonical(N, K, g, False, gen, scale_dtype=scale_dtype)
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))

@@ -24,8 +24,8 @@
 // fragment shuffles. A warp takes its tiles two at a time (two activation fragments used
 // alternately: no register copies), and its cursor moves through the weights by pointer
 // increments (the loop is short: every address computation shows).
-// Opt-in for M <= 8: two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2) or twice the resident
-// warps (LOWBIT_CUDA_WOQ_BLOCKS=8); see pick().
+// Opt-in for M <= 8: two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2) or more resident
+// warps (LOWBIT_CUDA_WOQ_BLOCKS=6|8); see pick().
 //
 // The k order. The mma's k slots are mapped to real k so that each lane's 16 k of a tile
 // are contiguous: slot pair (2 tig, 2 tig + 1) of mma step j is k = 64 t + 16 tig + 4 j +
@@ -428,9 +428,10 @@ Launch launch_of() {
 // The launch for M rows (read per call: the switches). M <= 16 takes the swapped product (one
 // or two blocks of 8 rows on the mma's n8). At M <= 8, opt-in: LOWBIT_CUDA_WOQ_TILES=2, two
 // column tiles per warp, 8 blocks of 2 warps per SM (as many warps as by default, each with two
-// chains of work); else LOWBIT_CUDA_WOQ_BLOCKS=8, 8 blocks of 4 warps per SM (twice the warps
-// to hide each one's latency, in 64 registers instead of 96). kSwappedOnly: a format compiled
-// for M <= 16 only (W8A16's TMA ring).
+// chains of work); else LOWBIT_CUDA_WOQ_BLOCKS=6 or 8, 6 or 8 blocks of 4 warps per SM (1.5 or
+// 2 times the warps to hide each one's latency, in 80 or 64 registers instead of 96; shared
+// memory holds 6 of W4A16 with fp32 scales and of W8A16 on an H100). kSwappedOnly: a format
+// compiled for M <= 16 only (W8A16's TMA ring).
 template <class D, class F, bool kSwappedOnly = false>
 Launch pick(int64_t M) {
   if constexpr (kSwappedOnly) {
@@ -438,6 +439,7 @@ Launch pick(int64_t M) {
   } else {
     if (M <= 8) {
       if (env_is("LOWBIT_CUDA_WOQ_TILES", "2")) return launch_of<D, F, 1, 1, 2, 8>();
+      if (env_is("LOWBIT_CUDA_WOQ_BLOCKS", "6")) return launch_of<D, F, 1, 1, 1, 6>();
       if (env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8")) return launch_of<D, F, 1, 1, 1, 8>();
       return launch_of<D, F, 1, 1>();
     }
