@@ -137,6 +137,10 @@ def test_cuda_build_has_int4():
     assert call(x_dtype=bf16) == ok
     assert call(scales_dtype=bf16) == bad                # scales are fp16 or fp32
     assert call(groups=3) == bad                         # groups must divide K
+    assert call(groups=8, M=2, x=16, qweight=16, scales=16, y=16) == bad  # groups of 8: a lane's 16 k span two
+    assert call(M=2, x=16, qweight=8, scales=16, y=16) == bad            # qweight not 16-byte aligned
+    assert call(M=2, x=16, qweight=16, scales=18, y=16) == bad           # scales: whole (d, m) pairs
+    assert call(M=2, x=16, qweight=16, scales=20, scales_dtype=f32, y=16) == bad
     assert call(N=0) == bad
     assert call(ldy=8) == bad                            # ldy < N
     assert call(ldx=32) == bad                           # ldx < K
@@ -351,6 +355,15 @@ def test_w4a16_bad_input_small(gen):
         w4a16(x.cpu(), q, table, None, 32)
     with pytest.raises(ValueError, match="scales"):
         w4a16(x, q, table[:, :16], None, 32)
+    # views that start mid-way: the kernels copy 16-byte words and whole (d, m) pairs
+    flat_q = torch.empty(q.numel() + 1, dtype=torch.int32, device="cuda")
+    flat_q[1:] = q.flatten()
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        w4a16(x, flat_q[1:].view(q.shape), table, None, 32)
+    flat_t = torch.empty(table.numel() + 1, dtype=table.dtype, device="cuda")
+    flat_t[1:] = table.flatten()
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        w4a16(x, q, flat_t[1:].view(table.shape), None, 32)
 
 
 @gpu

@@ -25,6 +25,10 @@ inline int check_w4a16_args(const void* x, int x_dtype, int64_t M, int64_t K, in
                             int bias_dtype, const void* y, int64_t ldy, int splits) {
   if (M < 0 || K < 1 || N < 1 || ldx < K || ldy < N || groups < 1 || K % groups != 0) return kInvalidArgument;
   if (K > kW4a16MaxK) return kInvalidArgument;
+  if (groups > 1 && K / groups < 16) return kInvalidArgument;  // a lane's 16 consecutive k share a group
+  const uintptr_t pair_bytes = scales_dtype == kF16 ? 4 : 8;  // the ring copies whole (d, m) pairs
+  if (reinterpret_cast<uintptr_t>(qweight) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % pair_bytes != 0)
+    return kInvalidArgument;
   if ((x_dtype != kF16 && x_dtype != kBF16) || (scales_dtype != kF16 && scales_dtype != kF32)) return kInvalidArgument;
   if (bias && !valid_dtype_code(bias_dtype)) return kInvalidArgument;
   if (splits < 1) return kInvalidArgument;

@@ -1391,9 +1391,12 @@ void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count,
                      int64_t* counters) {
   *splits = 1, *counters = 0;
   if (!w8a16_tensor_cores(x_dtype, K)) return;
-  // (The bulk-copy ring, opt-in, keeps the default plan: the same launch bound.)
-  x_dtype == kF16 ? woq::plan_for<F16, Int8W>(M, K, N, sm_count, device, splits, counters)
-                  : woq::plan_for<BF16, Int8W>(M, K, N, sm_count, device, splits, counters);
+  if (M <= 16 && device >= 0 && w8a16_bulk_ok())  // the bulk-copy ring's launch (int8_linear_w8a16)
+    x_dtype == kF16 ? woq::plan_for<F16, Int8WBulk, true>(M, K, N, sm_count, device, splits, counters)
+                    : woq::plan_for<BF16, Int8WBulk, true>(M, K, N, sm_count, device, splits, counters);
+  else
+    x_dtype == kF16 ? woq::plan_for<F16, Int8W>(M, K, N, sm_count, device, splits, counters)
+                    : woq::plan_for<BF16, Int8W>(M, K, N, sm_count, device, splits, counters);
 }
 
 int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,

@@ -42,9 +42,10 @@ __device__ __forceinline__ void cp_async4_zfill(void* dst, const void* src, bool
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(pred ? 4 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// (The memory clobber: shared-memory reads in plain C++ that follow must not be moved above it.)
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // p (or v), as a value the compiler cannot see through: it stays in a register instead of

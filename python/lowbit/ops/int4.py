@@ -162,6 +162,13 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"lowbit.{op}: on CUDA x must be float16 or bfloat16 (the tensor-core kernel), got {x.dtype}; "
                         "cast it (x.half() / x.bfloat16())")
+    # the kernels copy qweight 16 bytes and scales one (d, m) pair at a time: views that start
+    # mid-way (a slice of a bigger buffer) must be copied first
+    pair = 2 * scales.element_size()
+    if qweight.data_ptr() % 16 or scales.data_ptr() % pair:
+        raise ValueError(f"lowbit.{op}: on CUDA qweight must be 16-byte aligned and scales {pair}-byte aligned (got "
+                         f"addresses ending {qweight.data_ptr() % 16:#x} and {scales.data_ptr() % pair:#x}); pass "
+                         ".clone()s of the views")
     mod = _native.cuda_module()
     x2 = chk.rows(x)
     m = x2.shape[0]
