@@ -1246,15 +1246,17 @@ struct ClusterLaunch {
   }
 };
 
-// How many clusters of `kernel` fit on the current device at once (an SM may not pair with
-// another of its GPC: not always sms / CL); sms / CL if the runtime cannot say. Per device, cached.
-template <int CL, class Kernel>
-int resident_clusters(Kernel kernel, int smem, int sms) {
+// How many clusters of w8a8_tma_kernel<D, BN, CL> fit on the current device at once (an SM may
+// not pair with another of its GPC: not always sms / CL); sms / CL if the runtime cannot say.
+// Per variant and device, cached.
+template <class D, int BN, int CL>
+int resident_clusters(int sms) {
   static std::atomic<int> cache[64];
+  const auto kernel = w8a8_tma_kernel<D, BN, CL>;
   int dev = 0;
   const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
   if (known && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load(std::memory_order_relaxed);
-  ClusterLaunch<CL> launch(unsigned(sms / CL * CL), smem, nullptr);
+  ClusterLaunch<CL> launch(unsigned(sms / CL * CL), wgmma_ws::kSmemBytes<BN>, nullptr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) != cudaSuccess || n < 1) {
     (void)cudaGetLastError();
@@ -1285,7 +1287,7 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
     kernel<<<grid, wgmma_ws::kThreads, kSmemBytes<BN>, s>>>(map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
     return kOk;
   } else {
-    const int64_t fit = resident_clusters<CL>(kernel, kSmemBytes<BN>, sms);
+    const int64_t fit = resident_clusters<D, BN, CL>(sms);
     ClusterLaunch<CL> launch(unsigned((groups < fit ? groups : fit) * CL), kSmemBytes<BN>, s);
     const cudaError_t e =
         cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
