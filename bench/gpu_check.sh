@@ -6,7 +6,8 @@
 # Builds lowbit for this GPU only (LOWBIT_CUDA_ARCHS, default 90a = H100/H200), runs
 # the CUDA tests, the GPU benchmarks (each after a probe that its newest kernel agrees with
 # the one it replaced; a failed probe runs that bench on the old kernel), a
-# compute-sanitizer memcheck of the small CUDA tests (CHECK_MEMCHECK_K: another -k) and,
+# compute-sanitizer memcheck of the small CUDA tests (CHECK_MEMCHECK_K: another -k) and a
+# synccheck of the small W8A8 TMA / cluster tests (unless CHECK_SYNCCHECK=0) and,
 # time permitting, the tuning sweeps of dev/gpu_sweep.py (unless CHECK_SWEEP=0;
 # CHECK_SWEEP_PARTS picks the parts) and the CPU tests (unless CHECK_CPU_TESTS=0). Every step
 # has its own timeout and the whole script stops starting steps once its budget
@@ -16,7 +17,8 @@
 #   build.log (nvidia-smi, build, lowbit.info)  tests.log (CUDA tests, memcheck, CPU tests)
 #   bench.log (probes and benches)  gpu_bench.json  gpu_attention.json  profile.txt  sweep.txt
 #   summary.md
-# and prints summary.md last, its status lines at the very end. Exit status: 0 if the build, the tests and memcheck passed.
+# and prints summary.md last, its status lines at the very end. Exit status: 0 if the build, the tests,
+# memcheck and synccheck passed.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -116,6 +118,15 @@ if [ "${RC[build]}" = 0 ]; then
     SECS[memcheck]=0
   fi
   MEMCHECK=$( (grep -E 'ERROR SUMMARY' "$TMP/memcheck.log" || true) | tail -n 1)
+  # 6a. synccheck (barrier misuse: named barriers, divergent bar.sync) of the small tests of the
+  # warp-specialized W8A8 kernels, alone and in clusters (CHECK_SYNCCHECK=0 skips it)
+  if [ -n "$SANITIZER" ] && [ "${CHECK_SYNCCHECK:-1}" != 0 ]; then
+    step synccheck 60 "$TMP/synccheck.log" "$SANITIZER" --tool synccheck --error-exitcode 1 \
+      python3 -m pytest -q -x -k "small and (tma or cluster)" tests/test_int8_cuda.py
+    SYNCCHECK=$( (grep -E 'ERROR SUMMARY' "$TMP/synccheck.log" || true) | tail -n 1)
+  else
+    RC[synccheck]=skipped
+  fi
 
   # 6b. a profile (stall reasons, instruction mix), when Nsight Compute is here: of the W4A16
   # kernel, or with CHECK_PROFILE=w8a8 of W8A8's TMA kernel at M = 2048 on 4096 x 4096
@@ -165,6 +176,9 @@ if [ "${RC[build]}" = 0 ]; then
     echo
     echo "===== memcheck"
     cat "$TMP/memcheck.log" 2>/dev/null || true
+    echo
+    echo "===== synccheck"
+    cat "$TMP/synccheck.log" 2>/dev/null || true
   } >"$OUT/tests.log"
 fi
 
@@ -194,6 +208,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
   echo "- build (LOWBIT_CUDA_ARCHS=$ARCHS): $(status build), ${SECS[build]:-0}s"
   echo "- CUDA tests: $(status cuda_tests): ${CUDA_TESTS:-no summary} (${SECS[cuda_tests]:-0}s)"
   echo "- memcheck (-k small): $(status memcheck): ${MEMCHECK:-no summary} (${SECS[memcheck]:-0}s)"
+  echo "- synccheck (W8A8 TMA / cluster, small): $(status synccheck): ${SYNCCHECK:-no summary} (${SECS[synccheck]:-0}s)"
   echo "- CPU tests: $(status cpu_tests): ${CPU_TESTS:-no summary} (${SECS[cpu_tests]:-0}s)"
   echo "- probe W8A16 tensor cores = CUDA cores, W8A8 default = mma.sync: $(status probe_matmul)${MM_ENV:+ (bench ran with ${MM_ENV[*]})}"
   echo "- benchmark (matmul): $(status bench) (${SECS[bench]:-0}s)"
@@ -242,7 +257,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
 cat "$TMP/head.md" "$TMP/body.md" >"$OUT/summary.md"
 # printed with the status lines last: a caller that keeps only the tail of the output sees them
 cat "$TMP/body.md" "$TMP/head.md"
-for s in build cuda_tests memcheck; do
+for s in build cuda_tests memcheck synccheck; do
   case "${RC[$s]:-}" in
     0 | missing | skipped) ;;
     *) exit 1 ;;
