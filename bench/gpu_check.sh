@@ -133,12 +133,12 @@ if [ "${RC[build]}" = 0 ]; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)
   if [ -n "$NCU" ] && [ "${CHECK_PROFILE:-1}" != 0 ]; then
     # ncu matches the kernel's base name, not its template arguments: W4A16's is woq_kernel<...,
-    # Int4<...>>, its 3rd and 4th launches M = 1 and M = 16; W8A8's two launches are the TMA
-    # kernel alone and in clusters of two (see --profile)
+    # Int4<...>>, its 3rd to 5th launches M = 1, M = 16 and M = 1 on 8 blocks per SM; W8A8's two
+    # launches are the TMA kernel alone and in clusters of two (see --profile)
     if [ "${CHECK_PROFILE:-1}" = w8a8 ]; then
       PROFILED=(--kernel-name regex:w8a8_tma_kernel --launch-count 2)
     else
-      PROFILED=(--kernel-name regex:woq_kernel --launch-skip 2 --launch-count 2)
+      PROFILED=(--kernel-name regex:woq_kernel --launch-skip 2 --launch-count 3)
     fi
     step profile 90 "$OUT/profile.txt" "$NCU" "${PROFILED[@]}" \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section InstructionStats \
@@ -237,6 +237,14 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     echo "## attention benchmark"
     echo
     bench_table "$OUT/gpu_attention.json"
+  fi
+  if [ "${RC[profile]:-}" = 0 ] && [ -s "$OUT/profile.txt" ]; then  # what the next tuning decision needs
+    echo
+    echo "## profile digest (all of it in profile.txt)"
+    echo '```'
+    grep -E '\(([0-9]+, ){2}[0-9]+\)x\(|Duration|Throughput|Issued Warp Per Scheduler|No Eligible|Active Warps Per|Eligible Warps Per|Warp Cycles Per Issued|Occupancy|Registers Per Thread|stall|Stall' \
+      "$OUT/profile.txt" | cut -c1-180 | head -n 60 || true
+    echo '```'
   fi
   if [ -s "$OUT/gpu_bench.json" ]; then  # (after the tables: in the tail a caller keeps)
     echo

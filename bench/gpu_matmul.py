@@ -340,15 +340,17 @@ def w4_weights(N: int, K: int, dequantized: bool = False) -> tuple:
 
 
 def profile_w4a16() -> int:
-    """A few W4A16 calls for a profiler: 4096x11008 (N x K), group 128, M = 1 then 16."""
+    """A few W4A16 calls for a profiler: 4096x11008 (N x K), group 128: M = 1 three times (the
+    profiler skips two), M = 16, and M = 1 with 8 resident blocks per SM (LOWBIT_CUDA_WOQ_BLOCKS=8)."""
     from lowbit.ops import int4 as int4_ops
 
     N, K = 4096, 11008
     q, table = w4_weights(N, K)
-    for M in (1, 16):
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        for _ in range(3):
-            int4_ops.int4_linear_w4a16(x, q, table, None, N)
+    x1, x16 = (torch.randn(M, K, device="cuda", dtype=torch.float16) for M in (1, 16))
+    for x in (x1, x1, x1, x16):
+        int4_ops.int4_linear_w4a16(x, q, table, None, N)
+    with env_var("LOWBIT_CUDA_WOQ_BLOCKS", "8"):
+        int4_ops.int4_linear_w4a16(x1, q, table, None, N)
     torch.cuda.synchronize()
     return 0
 
@@ -424,7 +426,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15, help="timed graph replays per op (default 15)")
     ap.add_argument("--quick", action="store_true", help="one shape, M=1 only (smoke test)")
     ap.add_argument("--profile", nargs="?", const="w4a16", choices=["w4a16", "w8a8"],
-                    help="only a few calls for ncu, no timing: W4A16 on 4096x11008 at M=1 and 16 (default), "
+                    help="only a few calls for ncu, no timing: W4A16 on 4096x11008 at M=1 and 16, and M=1 on 8 "
+                         "blocks per SM (default), "
                          "or W8A8 at M=2048 on 4096x4096 (TMA kernel alone, then in clusters)")
     ap.add_argument("--probe", action="store_true",
                     help="only compare the newest kernels with the ones they replaced (see probe())")
