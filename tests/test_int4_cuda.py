@@ -155,21 +155,24 @@ def test_cuda_build_has_int4():
     assert mod.int4_w4a16_plan(1, 64, 16, bf16, f32, 132, -1) == (1, 0)  # one k tile: nothing to split
 
 
-@pytest.mark.parametrize("var,splits", [("LOWBIT_CUDA_WOQ_BLOCKS=8", 16), ("LOWBIT_CUDA_WOQ_TILES=2", 16),
-                                        ("LOWBIT_CUDA_WOQ_BLOCKS=6", 12)])
-def test_cuda_plan_fills_the_blocks_the_kernel_keeps_resident(var, splits, monkeypatch):
+@pytest.mark.parametrize("var,splits,splits16", [("LOWBIT_CUDA_WOQ_BLOCKS=8", 16, 10),
+                                                 ("LOWBIT_CUDA_WOQ_TILES=2", 16, 8),
+                                                 ("LOWBIT_CUDA_WOQ_BLOCKS=6", 12, 10)])
+def test_cuda_plan_fills_the_blocks_the_kernel_keeps_resident(var, splits, splits16, monkeypatch):
     """The K split fills one wave of the resident blocks of the kernel the call will run: 4 per SM
-    by default; 6 or 8 for the M <= 8 kernel with more warps (LOWBIT_CUDA_WOQ_BLOCKS), 8 with two
-    column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, 8 blocks of 2 warps), read per call. At
-    4096 x 11008 on 132 SMs: 64 column blocks, so 132 * 4 / 64 -> 8 splits, or 12, or 16."""
+    by default; 6 or 8 for the M <= 8 kernel with more warps (LOWBIT_CUDA_WOQ_BLOCKS; then M =
+    9-16 on 5), 8 with two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, 8 blocks of 2 warps;
+    M > 8 as by default), read per call. At 4096 x 11008 on 132 SMs: 64 column blocks, so
+    132 * 4 / 64 -> 8 splits, or 10, 12, 16."""
     mod = built_cuda_module()
     f16, f32 = _native.DTYPE_CODE[torch.float16], _native.DTYPE_CODE[torch.float32]
-    plans = {M: mod.int4_w4a16_plan(M, 11008, 4096, f16, f32, 132, -1) for M in (1, 16)}
-    assert plans == {1: (8, 64), 16: (8, 64)}
+    plans = {M: mod.int4_w4a16_plan(M, 11008, 4096, f16, f32, 132, -1) for M in (1, 16, 17)}
+    assert plans[1] == plans[16] == (8, 64)
     name, value = var.split("=")
     monkeypatch.setenv(name, value)
     assert mod.int4_w4a16_plan(1, 11008, 4096, f16, f32, 132, -1) == (splits, 64)
-    assert mod.int4_w4a16_plan(16, 11008, 4096, f16, f32, 132, -1) == plans[16]  # M > 8: the default kernel
+    assert mod.int4_w4a16_plan(16, 11008, 4096, f16, f32, 132, -1) == (splits16, 64)
+    assert mod.int4_w4a16_plan(17, 11008, 4096, f16, f32, 132, -1) == plans[17]  # M > 16: the default kernel
     code = _native.DTYPE_CODE[torch.bfloat16]
     assert mod.int8_w8a16_plan(1, 11008, 4096, code, 132, -1) == (splits, 64)  # W8A16's kernel alike
 
@@ -302,7 +305,8 @@ DECODE_SWITCHES = [pytest.param("LOWBIT_CUDA_WOQ_TILES", "2", id="tiles2"),
 @gpu
 @pytest.mark.parametrize("var,value", DECODE_SWITCHES)
 @pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (8, 4096, 11008, 32), (5, 40, 100, 100),
-                                     (3, 48, 2048, 64), (1, 11008, 4096, 4096), (2, 24, 192, 192)])
+                                     (3, 48, 2048, 64), (1, 11008, 4096, 4096), (2, 24, 192, 192),
+                                     (16, 4096, 4096, 128), (11, 40, 100, 100)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["s16", "s32"])
 def test_w4a16_opt_in_decode_kernels_agree(var, value, M, N, K, g, scale_dtype, gen, monkeypatch):
     """The opt-in M <= 8 kernels give the default kernel's bits at its K split (the same sums in
@@ -312,7 +316,8 @@ def test_w4a16_opt_in_decode_kernels_agree(var, value, M, N, K, g, scale_dtype, 
     * LOWBIT_CUDA_WOQ_TILES=2: each warp takes two column tiles, sharing activation loads and
       ring waits;
     * LOWBIT_CUDA_WOQ_BLOCKS=6 / 8: the one-tile kernel in 80 / 64 registers, 6 / 8 blocks
-      resident per SM (its plan splits K more finely)."""
+      resident per SM, and M = 9-16 on 5 (their plans split K more finely).
+    (M = 11, 16 with two tiles per warp: the default kernel, as it should be.)"""
     mod = built_cuda_module()
     codes, d, m = rand_canonical(N, K, g, False, gen, scale_dtype=scale_dtype)
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))

@@ -614,9 +614,9 @@ _TC_SHAPES = W8A16_TC_SMALL + W8A16_TC
 @gpu
 @pytest.mark.parametrize("var,value,M,N,K",
                          [("LOWBIT_CUDA_WOQ_COPY", "bulk") + c for c in _TC_SHAPES if c[0] <= 16]
-                         + [(v, n) + c for v, n in (("LOWBIT_CUDA_WOQ_TILES", "2"), ("LOWBIT_CUDA_WOQ_BLOCKS", "6"),
-                                                    ("LOWBIT_CUDA_WOQ_BLOCKS", "8"))
-                            for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 8])
+                         + [("LOWBIT_CUDA_WOQ_TILES", "2") + c for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 8]
+                         + [("LOWBIT_CUDA_WOQ_BLOCKS", n) + c for n in ("6", "8")
+                            for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 16])
 def test_w8a16_opt_in_kernels_agree(var, value, M, N, K, cgen, monkeypatch):
     """The opt-in tensor-core variants give the same bits as the default kernel at its K split
     (the same sums in the same order) on the tensor-core shapes they take: K splits, N past a
@@ -626,8 +626,8 @@ def test_w8a16_opt_in_kernels_agree(var, value, M, N, K, cgen, monkeypatch):
       one TMA box onto an mbarrier, zeros past N and K (elsewhere both calls take cp.async);
     * LOWBIT_CUDA_WOQ_TILES=2 (M <= 8): two column tiles per warp; odd counts of 16-row tiles
       (N = 37, 48) put a warp's second tile past the last;
-    * LOWBIT_CUDA_WOQ_BLOCKS=6 / 8 (M <= 8): the one-tile kernel in 80 / 64 registers, 6 / 8
-      blocks per SM.
+    * LOWBIT_CUDA_WOQ_BLOCKS=6 / 8 (M <= 16): the M <= 8 kernel in 80 / 64 registers, 6 / 8
+      blocks per SM; M = 9-16 on 5 blocks.
     (The last two plan for more resident blocks per SM: a finer K split than the default's.)"""
     mod = built_cuda_module()
     dtype = torch.bfloat16 if (M + N) % 2 else torch.float16

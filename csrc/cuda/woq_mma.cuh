@@ -430,8 +430,9 @@ Launch launch_of() {
 // column tiles per warp, 8 blocks of 2 warps per SM (as many warps as by default, each with two
 // chains of work); else LOWBIT_CUDA_WOQ_BLOCKS=6 or 8, 6 or 8 blocks of 4 warps per SM (1.5 or
 // 2 times the warps to hide each one's latency, in 80 or 64 registers instead of 96; shared
-// memory holds 6 of W4A16 with fp32 scales and of W8A16 on an H100). kSwappedOnly: a format
-// compiled for M <= 16 only (W8A16's TMA ring).
+// memory holds 6 of W4A16 with fp32 scales and of W8A16 on an H100), and with either the
+// M = 9-16 kernel for 5 blocks (its ~95 registers fit 5 without spilling, not 6). kSwappedOnly:
+// a format compiled for M <= 16 only (W8A16's TMA ring).
 template <class D, class F, bool kSwappedOnly = false>
 Launch pick(int64_t M) {
   if constexpr (kSwappedOnly) {
@@ -443,7 +444,10 @@ Launch pick(int64_t M) {
       if (env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8")) return launch_of<D, F, 1, 1, 1, 8>();
       return launch_of<D, F, 1, 1>();
     }
-    if (M <= 16) return launch_of<D, F, 1, 2>();
+    if (M <= 16) {
+      const bool more = env_is("LOWBIT_CUDA_WOQ_BLOCKS", "6") || env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8");
+      return more ? launch_of<D, F, 1, 2, 1, 5>() : launch_of<D, F, 1, 2>();
+    }
     return M <= 32 ? launch_of<D, F, 2, 0>() : launch_of<D, F, 4, 0>();
   }
 }
