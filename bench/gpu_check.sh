@@ -122,7 +122,7 @@ if [ "${RC[build]}" = 0 ]; then
   # warp-specialized W8A8 kernels, alone and in clusters (CHECK_SYNCCHECK=0 skips it)
   if [ -n "$SANITIZER" ] && [ "${CHECK_SYNCCHECK:-1}" != 0 ]; then
     step synccheck 90 "$TMP/synccheck.log" "$SANITIZER" --tool synccheck --error-exitcode 1 \
-      python3 -m pytest -q -x -k "small and (tma or cluster)" tests/test_int8_cuda.py
+      python3 -m pytest -q -x -k "small and (tensor_core_kernels_agree or cluster)" tests/test_int8_cuda.py
     SYNCCHECK=$( (grep -E 'ERROR SUMMARY' "$TMP/synccheck.log" || true) | tail -n 1)
   else
     RC[synccheck]=skipped
