@@ -54,6 +54,21 @@ bool cached_per_device(std::atomic<uint64_t>& known, std::atomic<uint64_t>& ok, 
   return yes;
 }
 
+// A count (> 0) about the current device, worked out once by count() and cached in cache[d]
+// for device d (0..63; others count every call).
+template <class Count>
+int cached_count_per_device(std::atomic<int> (&cache)[64], Count count) {
+  int dev = 0;
+  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
+  if (known) {
+    const int n = cache[dev].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+  }
+  const int n = count();
+  if (known) cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
 // Whether this build's code for an sm_90 device is sm_90a's, the only one with wgmma (and the
 // only one lowbit compiles its TMA and mbarrier code for): LOWBIT_CUDA_ARCHS (CMake's list,
 // ',' for ';') names 90a and no plain 90 the driver could pick instead.

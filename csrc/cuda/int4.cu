@@ -235,33 +235,29 @@ __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const wo
   }
 }
 
-// The packed weights' fields of `a` (a.K and a.Np set): qweight 16-byte aligned, the (d, m)
-// pairs aligned to their size (the ring's 4- or 8-byte copies), groups of a power of two >= 16
-// (a lane's 16 k share one group; the ops allow 32, 64, 128) or K (g_shift = log2 of the group
-// size), scale offsets within 32 bits.
-int set_weights(woq::Args& a, const uint32_t* qweight, const void* scales, int scales_dtype, int64_t groups) {
-  const uintptr_t pair_bytes = scales_dtype == kF16 ? 4 : 8;
-  if ((reinterpret_cast<uintptr_t>(qweight) & 15u) != 0 || (reinterpret_cast<uintptr_t>(scales) % pair_bytes) != 0 ||
-      groups < 1 || a.K % groups != 0)
-    return kInvalidArgument;
+// The packed weights' fields of `a` (a.K set; weights that passed check_w4a16_weights): g_shift =
+// log2 of the group size when groups > 1.
+void set_weights(woq::Args& a, const uint32_t* qweight, const void* scales, int64_t groups) {
   a.qweight = qweight, a.scales = scales, a.groups = groups, a.g_shift = 0;
   while (groups > 1 && (int64_t(1) << a.g_shift) < a.K / groups) ++a.g_shift;
-  if (groups > 1 && ((int64_t(1) << a.g_shift) != a.K / groups || a.K / groups < 16)) return kInvalidArgument;
-  if (groups * a.Np >= (int64_t(1) << 31)) return kInvalidArgument;  // the cursor's 32-bit scale offsets
-  return kOk;
+}
+
+// fn(TypeTag<D>{}, TypeTag<Int4<S>>{}) for x's dtype D and the scales' storage S (fp16 / fp32).
+template <class Fn>
+void with_w4a16_types(int x_dtype, int scales_dtype, Fn&& fn) {
+  auto with_scales = [&](auto d) {
+    scales_dtype == kF16 ? fn(d, TypeTag<Int4<uint16_t>>{}) : fn(d, TypeTag<Int4<float>>{});
+  };
+  x_dtype == kF16 ? with_scales(TypeTag<F16>{}) : with_scales(TypeTag<BF16>{});
 }
 
 }  // namespace
 
 void int4_w4a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int scales_dtype, int sm_count, int device,
                      int* splits, int64_t* counters) {
-  if (x_dtype == kF16) {
-    scales_dtype == kF16 ? woq::plan_for<F16, Int4<uint16_t>>(M, K, N, sm_count, device, splits, counters)
-                         : woq::plan_for<F16, Int4<float>>(M, K, N, sm_count, device, splits, counters);
-  } else {
-    scales_dtype == kF16 ? woq::plan_for<BF16, Int4<uint16_t>>(M, K, N, sm_count, device, splits, counters)
-                         : woq::plan_for<BF16, Int4<float>>(M, K, N, sm_count, device, splits, counters);
-  }
+  with_w4a16_types(x_dtype, scales_dtype, [&](auto d, auto f) {
+    woq::plan_for<typename decltype(d)::type, typename decltype(f)::type>(M, K, N, sm_count, device, splits, counters);
+  });
 }
 
 int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const uint32_t* qweight,
@@ -275,25 +271,23 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
   if (woq::set_shape(a, M, K, ldx, N, splits, partial, counters) != kOk) return kInvalidArgument;
   a.x = x;
   a.xvec = (reinterpret_cast<uintptr_t>(x) & 15u) == 0 && (ldx * 2) % 16 == 0;
-  if (set_weights(a, qweight, scales, scales_dtype, groups) != kOk) return kInvalidArgument;
+  set_weights(a, qweight, scales, groups);
   a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
   (void)cudaGetLastError();  // report only what our launch does
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (x_dtype == kF16) {
-    scales_dtype == kF16 ? woq::launch<F16, Int4<uint16_t>>(a, s) : woq::launch<F16, Int4<float>>(a, s);
-  } else {
-    scales_dtype == kF16 ? woq::launch<BF16, Int4<uint16_t>>(a, s) : woq::launch<BF16, Int4<float>>(a, s);
-  }
+  with_w4a16_types(x_dtype, scales_dtype, [&](auto d, auto f) {
+    woq::launch<typename decltype(d)::type, typename decltype(f)::type>(a, s);
+  });
   return launch_status("int4_linear_w4a16");
 }
 
 int int4_dequantize_w4a16(const uint32_t* qweight, const void* scales, int scales_dtype, int64_t groups, int64_t N,
                           int64_t K, void* w, int w_dtype, void* stream) {
-  if (N < 1 || K < 1 || !qweight || !scales || !w) return kInvalidArgument;
-  if ((w_dtype != kF16 && w_dtype != kBF16) || (scales_dtype != kF16 && scales_dtype != kF32)) return kInvalidArgument;
+  if (check_w4a16_weights(K, N, qweight, scales, scales_dtype, groups) != kOk) return kInvalidArgument;
+  if (!qweight || !scales || !w || (w_dtype != kF16 && w_dtype != kBF16)) return kInvalidArgument;
   woq::Args a{};
   a.N = N, a.K = K, a.Np = woq::cdiv(N, woq::kTileN) * woq::kTileN, a.ktiles = woq::cdiv(K, kTileK);
-  if (set_weights(a, qweight, scales, scales_dtype, groups) != kOk) return kInvalidArgument;
+  set_weights(a, qweight, scales, groups);
   if (a.Np / woq::kTileN > 65535 || reinterpret_cast<uintptr_t>(w) % 16 != 0) return kInvalidArgument;
   (void)cudaGetLastError();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -20,16 +20,28 @@ namespace lowbit::cuda {
 // scale table's index); lowbit.ops.int4 raises on anything larger before calling.
 constexpr int64_t kW4a16MaxK = 2147483647 - 64;
 
+// Packed weights for K inputs and N outputs the kernels can take: groups of a power of two
+// >= 16 (a lane's 16 consecutive k share one group; the ops allow 32, 64, 128) or K, fp16 or
+// fp32 (d, m) pairs, qweight 16-byte and scales pair aligned (the ring copies whole words and
+// pairs), offsets within 32 bits. (Pointers are only checked for alignment: null passes.)
+inline int check_w4a16_weights(int64_t K, int64_t N, const void* qweight, const void* scales, int scales_dtype,
+                               int64_t groups) {
+  if (K < 1 || K > kW4a16MaxK || N < 1 || groups < 1 || K % groups != 0) return kInvalidArgument;
+  const int64_t g = K / groups;
+  if (groups > 1 && (g < 16 || (g & (g - 1)) != 0)) return kInvalidArgument;
+  if (scales_dtype != kF16 && scales_dtype != kF32) return kInvalidArgument;
+  const uintptr_t pair_bytes = scales_dtype == kF16 ? 4 : 8;
+  if (reinterpret_cast<uintptr_t>(qweight) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % pair_bytes != 0)
+    return kInvalidArgument;
+  if (groups * ((N + 15) / 16 * 16) >= (int64_t(1) << 31)) return kInvalidArgument;
+  return kOk;
+}
+
 inline int check_w4a16_args(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void* qweight,
                             const void* scales, int scales_dtype, int64_t groups, int64_t N, const void* bias,
                             int bias_dtype, const void* y, int64_t ldy, int splits) {
-  if (M < 0 || K < 1 || N < 1 || ldx < K || ldy < N || groups < 1 || K % groups != 0) return kInvalidArgument;
-  if (K > kW4a16MaxK) return kInvalidArgument;
-  if (groups > 1 && K / groups < 16) return kInvalidArgument;  // a lane's 16 consecutive k share a group
-  const uintptr_t pair_bytes = scales_dtype == kF16 ? 4 : 8;  // the ring copies whole (d, m) pairs
-  if (reinterpret_cast<uintptr_t>(qweight) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % pair_bytes != 0)
-    return kInvalidArgument;
-  if ((x_dtype != kF16 && x_dtype != kBF16) || (scales_dtype != kF16 && scales_dtype != kF32)) return kInvalidArgument;
+  if (int st = check_w4a16_weights(K, N, qweight, scales, scales_dtype, groups)) return st;
+  if (M < 0 || ldx < K || ldy < N || (x_dtype != kF16 && x_dtype != kBF16)) return kInvalidArgument;
   if (bias && !valid_dtype_code(bias_dtype)) return kInvalidArgument;
   if (splits < 1) return kInvalidArgument;
   if (M > 0 && (!x || !qweight || !scales || !y)) return kInvalidArgument;

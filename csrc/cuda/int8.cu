@@ -1252,18 +1252,15 @@ struct ClusterLaunch {
 template <class D, int BN, int CL>
 int resident_clusters(int sms) {
   static std::atomic<int> cache[64];
-  const auto kernel = w8a8_tma_kernel<D, BN, CL>;
-  int dev = 0;
-  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
-  if (known && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load(std::memory_order_relaxed);
-  ClusterLaunch<CL> launch(unsigned(sms / CL * CL), wgmma_ws::kSmemBytes<BN>, nullptr);
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();
-    n = sms / CL > 0 ? sms / CL : 1;
-  }
-  if (known) cache[dev].store(n, std::memory_order_relaxed);
-  return n;
+  return cached_count_per_device(cache, [sms] {
+    ClusterLaunch<CL> launch(unsigned(sms / CL * CL), wgmma_ws::kSmemBytes<BN>, nullptr);
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, w8a8_tma_kernel<D, BN, CL>, &launch.cfg) != cudaSuccess || n < 1) {
+      (void)cudaGetLastError();
+      return sms / CL > 0 ? sms / CL : 1;
+    }
+    return n;
+  });
 }
 
 // w8a8_tma_kernel on a persistent grid (one CTA per SM, at most one per tile; with CL > 1 as
@@ -1393,12 +1390,13 @@ void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count,
                      int64_t* counters) {
   *splits = 1, *counters = 0;
   if (!w8a16_tensor_cores(x_dtype, K)) return;
-  if (M <= 16 && device >= 0 && w8a16_bulk_ok())  // the bulk-copy ring's launch (int8_linear_w8a16)
-    x_dtype == kF16 ? woq::plan_for<F16, Int8WBulk, true>(M, K, N, sm_count, device, splits, counters)
-                    : woq::plan_for<BF16, Int8WBulk, true>(M, K, N, sm_count, device, splits, counters);
-  else
-    x_dtype == kF16 ? woq::plan_for<F16, Int8W>(M, K, N, sm_count, device, splits, counters)
-                    : woq::plan_for<BF16, Int8W>(M, K, N, sm_count, device, splits, counters);
+  const bool bulk = M <= 16 && device >= 0 && w8a16_bulk_ok();  // the bulk-copy ring's launch (int8_linear_w8a16)
+  auto plan = [&](auto d) {
+    using D = typename decltype(d)::type;
+    bulk ? woq::plan_for<D, Int8WBulk, true>(M, K, N, sm_count, device, splits, counters)
+         : woq::plan_for<D, Int8W>(M, K, N, sm_count, device, splits, counters);
+  };
+  x_dtype == kF16 ? plan(TypeTag<F16>{}) : plan(TypeTag<BF16>{});
 }
 
 int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight,

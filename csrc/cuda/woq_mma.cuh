@@ -405,19 +405,16 @@ struct Launch {
 template <class D, class F, int MT, int SW, int NT, int BPS>
 int fit_blocks() {
   static std::atomic<int> cache[64];
-  int dev = 0;
-  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
-  if (known && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load(std::memory_order_relaxed);
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, woq_kernel<D, F, MT, SW, NT, BPS>, kThreadsOf<NT>, 0) !=
-          cudaSuccess ||
-      n < 1) {
-    (void)cudaGetLastError();
-    n = BPS;  // the runtime cannot say: trust the bound
-  }
-  n = n < BPS ? n : BPS;
-  if (known) cache[dev].store(n, std::memory_order_relaxed);
-  return n;
+  return cached_count_per_device(cache, [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, woq_kernel<D, F, MT, SW, NT, BPS>, kThreadsOf<NT>, 0) !=
+            cudaSuccess ||
+        n < 1) {
+      (void)cudaGetLastError();
+      return BPS;  // the runtime cannot say: trust the bound
+    }
+    return n < BPS ? n : BPS;
+  });
 }
 
 template <class D, class F, int MT, int SW, int NT = 1, int BPS = kBlocksPerSm>
@@ -438,17 +435,14 @@ Launch pick(int64_t M) {
   if constexpr (kSwappedOnly) {
     return M <= 8 ? launch_of<D, F, 1, 1>() : launch_of<D, F, 1, 2>();
   } else {
-    if (M <= 8) {
-      if (env_is("LOWBIT_CUDA_WOQ_TILES", "2")) return launch_of<D, F, 1, 1, 2, 8>();
-      if (env_is("LOWBIT_CUDA_WOQ_BLOCKS", "6")) return launch_of<D, F, 1, 1, 1, 6>();
-      if (env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8")) return launch_of<D, F, 1, 1, 1, 8>();
-      return launch_of<D, F, 1, 1>();
-    }
-    if (M <= 16) {
-      const bool more = env_is("LOWBIT_CUDA_WOQ_BLOCKS", "6") || env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8");
-      return more ? launch_of<D, F, 1, 2, 1, 5>() : launch_of<D, F, 1, 2>();
-    }
-    return M <= 32 ? launch_of<D, F, 2, 0>() : launch_of<D, F, 4, 0>();
+    const int mt = pick_mt(M);
+    if (mt == 2) return launch_of<D, F, 2, 0>();
+    if (mt == 4) return launch_of<D, F, 4, 0>();
+    const bool blocks6 = env_is("LOWBIT_CUDA_WOQ_BLOCKS", "6"), blocks8 = env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8");
+    if (M > 8) return blocks6 || blocks8 ? launch_of<D, F, 1, 2, 1, 5>() : launch_of<D, F, 1, 2>();
+    if (env_is("LOWBIT_CUDA_WOQ_TILES", "2")) return launch_of<D, F, 1, 1, 2, 8>();
+    if (blocks6) return launch_of<D, F, 1, 1, 1, 6>();
+    return blocks8 ? launch_of<D, F, 1, 1, 1, 8>() : launch_of<D, F, 1, 1>();
   }
 }
 

@@ -104,6 +104,12 @@ LOWBIT_HD void store_f32(void* p, int code, int64_t i, float v) {
   }
 }
 
+// A type as a value, for generic lambdas that dispatch on it (typename decltype(t)::type).
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
 // LOWBIT_DISPATCH_DTYPE(code, D, ...): runs the statements with D bound to F32,
 // F16 or BF16 (so kernels stay templates and launchers stay short); an unknown
 // code returns kInvalidArgument from the enclosing function.
