@@ -118,11 +118,12 @@ if [ "${RC[build]}" = 0 ]; then
     SECS[memcheck]=0
   fi
   MEMCHECK=$( (grep -E 'ERROR SUMMARY' "$TMP/memcheck.log" || true) | tail -n 1)
-  # 6a. synccheck (barrier misuse: named barriers, divergent bar.sync) of the small tests of the
-  # warp-specialized W8A8 kernels, alone and in clusters (CHECK_SYNCCHECK=0 skips it)
+  # 6a. synccheck (barrier misuse: named barriers, divergent bar.sync) of the small fp16 tests of
+  # the warp-specialized W8A8 kernels, alone and in clusters of 2 and 4 (14 tests; the dtypes
+  # differ only in the epilogue's conversions; CHECK_SYNCCHECK=0 skips it)
   if [ -n "$SANITIZER" ] && [ "${CHECK_SYNCCHECK:-1}" != 0 ]; then
     step synccheck 90 "$TMP/synccheck.log" "$SANITIZER" --tool synccheck --error-exitcode 1 \
-      python3 -m pytest -q -x -k "small and (tensor_core_kernels_agree or cluster)" tests/test_int8_cuda.py
+      python3 -m pytest -q -x -k "small and fp16 and (tensor_core_kernels_agree or cluster)" tests/test_int8_cuda.py
     SYNCCHECK=$( (grep -E 'ERROR SUMMARY' "$TMP/synccheck.log" || true) | tail -n 1)
   else
     RC[synccheck]=skipped
@@ -134,9 +135,9 @@ if [ "${RC[build]}" = 0 ]; then
   if [ -n "$NCU" ] && [ "${CHECK_PROFILE:-1}" != 0 ]; then
     # ncu matches the kernel's base name, not its template arguments: W4A16's is woq_kernel<...,
     # Int4<...>>, its 3rd to 5th launches M = 1, M = 16 and M = 1 on 8 blocks per SM; W8A8's two
-    # launches are the TMA kernel alone and in clusters of two (see --profile)
+    # launches are the TMA kernel alone and in clusters of two and four (see --profile)
     if [ "${CHECK_PROFILE:-1}" = w8a8 ]; then
-      PROFILED=(--kernel-name regex:w8a8_tma_kernel --launch-count 2)
+      PROFILED=(--kernel-name regex:w8a8_tma_kernel --launch-count 3)
     else
       PROFILED=(--kernel-name regex:woq_kernel --launch-skip 2 --launch-count 3)
     fi
@@ -243,7 +244,7 @@ status() {  # status NAME: "ok", "FAILED (exit N)", "TIMED OUT", ...
     echo "## profile digest (all of it in profile.txt)"
     echo '```'
     grep -E '\(([0-9]+, ){2}[0-9]+\)x\(|Duration|Throughput|Issued Warp Per Scheduler|No Eligible|Active Warps Per|Eligible Warps Per|Warp Cycles Per Issued|Occupancy|Registers Per Thread|stall|Stall' \
-      "$OUT/profile.txt" | cut -c1-180 | head -n 60 || true
+      "$OUT/profile.txt" | cut -c1-180 | head -n 75 || true
     echo '```'
   fi
   if [ -s "$OUT/gpu_bench.json" ]; then  # (after the tables: in the tail a caller keeps)

@@ -10,8 +10,8 @@ W8A8 (fp16 activations), torch fp16 F.linear and, for M >= 16 where its shape ru
 torch._int_mm (the bare int8 GEMM, without activation quantization or scaling). Also, for
 comparison, each under its switch (ROW_ENV): the kernels the newest replaced (W8A16's
 CUDA-core GEMV; on Hopper, W8A8 on mma.sync and on the TMA kernel everywhere), and the
-opt-in ones: W8A8's TMA kernel in clusters of two (M >= 64; at M = 2048 also with the vec
-quantizer), W8A8 on tensor cores from M = 16 and its tensor-core decode (M <= 8), W8A8's
+opt-in ones: W8A8's TMA kernel in clusters of two and of four (M >= 64; at M = 2048 also
+with the vec quantizer), W8A8 on tensor cores from M = 16 and its tensor-core decode (M <= 8), W8A8's
 per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec), W8A16's bulk-copy ring
 (Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp or 6 or 8 resident
 blocks per SM (M <= 8; 8 also at M = 16, where it means 5).
@@ -42,6 +42,8 @@ W8A8_MMA = "lowbit w8a8 (mma.sync)"
 W8A8_TMA = "lowbit w8a8 (TMA everywhere)"
 W8A8_CLUSTER = "lowbit w8a8 (TMA, clusters of 2, opt-in)"
 W8A8_CLUSTER_VEC = "lowbit w8a8 (TMA, clusters of 2, vec quantizer, opt-in)"
+W8A8_CLUSTER4 = "lowbit w8a8 (TMA, clusters of 4, opt-in)"
+W8A8_CLUSTER4_VEC = "lowbit w8a8 (TMA, clusters of 4, vec quantizer, opt-in)"
 W8A8_TC16 = "lowbit w8a8 (tensor cores from M = 16, opt-in)"
 W8A8_DECODE = "lowbit w8a8 (tensor-core decode, opt-in)"
 W8A16_BULK = "lowbit w8a16 (bulk copies, opt-in)"
@@ -60,6 +62,8 @@ ROW_ENV = {
     W8A8_TMA: [("LOWBIT_CUDA_W8A8", "tma")],
     W8A8_CLUSTER: [("LOWBIT_CUDA_W8A8", "cluster")],
     W8A8_CLUSTER_VEC: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec")],
+    W8A8_CLUSTER4: [("LOWBIT_CUDA_W8A8", "cluster4")],
+    W8A8_CLUSTER4_VEC: [("LOWBIT_CUDA_W8A8", "cluster4"), ("LOWBIT_CUDA_QUANT", "vec")],
     W8A8_TC16: [("LOWBIT_CUDA_W8A8_MIN_M", "16")],
     W8A8_DECODE: [("LOWBIT_CUDA_W8A8_DECODE", "mma")],
     QUANT_VEC: [("LOWBIT_CUDA_QUANT", "vec")],
@@ -234,7 +238,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         # the kernels the newest ones replaced, for comparison: W8A16's CUDA-core GEMV (M <= 128;
         # larger M takes the dequantize + cuBLAS path either way), and on Hopper W8A8 (M >= 64) on
         # mma.sync and on the TMA kernel for every shape (the default picks one by shape), the
-        # latter also in clusters of two (and at M = 2048 with the vec quantizer: the target row)
+        # latter also in clusters of two and four (and at M = 2048 with the vec quantizer: the
+        # target row)
         if M <= int8_ops.DENSE_MIN_M:
             ops[W8A16_SIMT] = ops["lowbit w8a16"]
         hopper = torch.cuda.get_device_capability()[0] == 9
@@ -242,8 +247,10 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             ops[W8A8_MMA] = ops["lowbit w8a8"]
             ops[W8A8_TMA] = ops["lowbit w8a8"]
             ops[W8A8_CLUSTER] = ops["lowbit w8a8"]
+            ops[W8A8_CLUSTER4] = ops["lowbit w8a8"]
         if M >= 2048 and hopper:
             ops[W8A8_CLUSTER_VEC] = ops["lowbit w8a8"]
+            ops[W8A8_CLUSTER4_VEC] = ops["lowbit w8a8"]
         if 16 <= M < 64:
             ops[W8A8_TC16] = ops["lowbit w8a8"]
         if M <= 8:
@@ -358,13 +365,13 @@ def profile_w4a16() -> int:
 
 def profile_w8a8() -> int:
     """W8A8 at M = 2048 on 4096 x 4096 for a profiler: one call on the TMA kernel alone, one in
-    clusters of two."""
+    clusters of two, one in clusters of four."""
     from lowbit import ref
     from lowbit.ops import int8 as int8_ops
 
     q, s = ref.int8.quantize_weight_per_channel(torch.randn(4096, 4096, device="cuda") * 0.02)
     x = torch.randn(2048, 4096, device="cuda", dtype=torch.float16)
-    for kernel in ("tma", "cluster"):
+    for kernel in ("tma", "cluster", "cluster4"):
         with env_var("LOWBIT_CUDA_W8A8", kernel):
             int8_ops.int8_linear_w8a8(x, q, s)
     torch.cuda.synchronize()
@@ -429,7 +436,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", nargs="?", const="w4a16", choices=["w4a16", "w8a8"],
                     help="only a few calls for ncu, no timing: W4A16 on 4096x11008 at M=1 and 16, and M=1 on 8 "
                          "blocks per SM (default), "
-                         "or W8A8 at M=2048 on 4096x4096 (TMA kernel alone, then in clusters)")
+                         "or W8A8 at M=2048 on 4096x4096 (TMA kernel alone, then in clusters of 2 and 4)")
     ap.add_argument("--probe", action="store_true",
                     help="only compare the newest kernels with the ones they replaced (see probe())")
     args = ap.parse_args(argv)

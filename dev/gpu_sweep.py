@@ -20,7 +20,8 @@ woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
 w8a8:   W8A8 by default (the TMA kernel or mma.sync, by shape), on mma.sync, on the TMA kernel,
-        on the TMA kernel in clusters of two (LOWBIT_CUDA_W8A8=cluster), by default again, and its quantizer alone (both kernels; and W8A8 by default with
+        on the TMA kernel in clusters of two and of four (LOWBIT_CUDA_W8A8=cluster / cluster4), by
+        default again, and its quantizer alone (both kernels; and W8A8 by default with
         LOWBIT_CUDA_QUANT=vec), at M in {512, 1024, 2048, 4096}.
 """
 from __future__ import annotations
@@ -242,7 +243,7 @@ def w8a8() -> None:
             line = (f"w8a8 {N}x{K} M={M}: fp16 {base:.1f} us, quantizer alone {quant:.1f} us (vec {quant_vec:.1f} us), "
                     f"default with the vec quantizer {with_vec:.1f} us ({base / with_vec:.2f}x)")
             # the default again last: a shape's first timing can run a few % slow (H200: up to 7%)
-            kernels = ("default", "mma", "tma", "cluster", "default")
+            kernels = ("default", "mma", "tma", "cluster", "cluster4", "default")
             for n, kernel in enumerate(kernels):
                 with env_var("LOWBIT_CUDA_W8A8", kernel) if kernel != "default" else contextlib.nullcontext():
                     us = time_per_call(lambda i: (lambda: int8_ops.int8_linear_w8a8(x, q, s)), 1, REPS)

@@ -104,9 +104,9 @@ def cmd_regs(a) -> None:
         m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m:
             spill = m.groups()
-        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        m = re.search(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?", line)  # no smem: dynamic only
         if m and name and a.match in name:
-            print(f"{m.group(1):>4} regs  spills {spill[0]}/{spill[1]} B  smem {m.group(2):>6} B  {name}")
+            print(f"{m.group(1):>4} regs  spills {spill[0]}/{spill[1]} B  smem {m.group(2) or 0:>6} B  {name}")
             name = None
 
 

@@ -471,7 +471,7 @@ def test_w8a8_vec_quantizer_agrees_small(M, N, K, cgen, monkeypatch):
 # 9 k tiles each; the default there is mma.sync); 128 x 256 tiles, 528 of them (4 per CTA, a
 # 4-stage ring), and a long K (the TMA kernel by default). "small" ids: the memcheck subset.
 @gpu
-@pytest.mark.parametrize("kernel", ["default", "tma", "cluster"])
+@pytest.mark.parametrize("kernel", ["default", "tma", "cluster", "cluster4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
 @pytest.mark.parametrize("M,N,K", [pytest.param(*c, id="small-{}x{}x{}".format(*c))
                                    for c in [(64, 8, 16), (200, 129, 4112), (257, 4096, 48)]]
@@ -479,11 +479,11 @@ def test_w8a8_vec_quantizer_agrees_small(M, N, K, cgen, monkeypatch):
 def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatch):
     """On sm_90a, W8A8's tensor-core path is the persistent TMA + wgmma kernel where it is the
     faster one (outputs up to 4M elements, or K >= 8192; LOWBIT_CUDA_W8A8=tma: everywhere), else
-    mma.sync (LOWBIT_CUDA_W8A8=mma: everywhere); LOWBIT_CUDA_W8A8=cluster runs the TMA kernel
-    everywhere with clusters of two CTAs sharing the weight copies (odd row-tile counts leave
-    one CTA a tile past M). All sum the same int32 products and share the epilogue: equal bit
-    for bit (on other GPUs every call takes mma.sync, and this checks only that the switches
-    are harmless)."""
+    mma.sync (LOWBIT_CUDA_W8A8=mma: everywhere); LOWBIT_CUDA_W8A8=cluster / cluster4 run the TMA
+    kernel everywhere with clusters of two / four CTAs sharing the weight copies (row-tile counts
+    that are not a multiple leave CTAs a tile past M: 1, 2, 3, 9 and 33 row tiles here). All
+    sum the same int32 products and share the epilogue: equal bit for bit (on other GPUs every
+    call takes mma.sync, and this checks only that the switches are harmless)."""
     x = randn((M, K), cgen, dtype)
     qw, s = rand_weight(N, K, cgen)
     b = randn((N,), cgen, dtype)
@@ -524,7 +524,7 @@ def test_w8a8_tensor_cores_from_m16_agree_small(kernel, M, N, K, cgen, monkeypat
 
 
 @gpu
-@pytest.mark.parametrize("kernel", ["default", "tma", "cluster", "mma"])
+@pytest.mark.parametrize("kernel", ["default", "tma", "cluster", "cluster4", "mma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 def test_w8a8_tensor_core_strided_y_small(kernel, dtype, cgen, monkeypatch):
     """The tensor-core epilogue into a y with padded rows (direct calls, poisoned): an even row

@@ -954,14 +954,16 @@ __device__ __forceinline__ void store_wgmma_tile(const int (&acc)[BN / 2], int64
 //     next stage's batch). The producer runs ahead across tiles, so the next tile's first
 //     stages load while the consumers store this one. dev/lane_models/w8a8_tma_ring.py models
 //     this protocol under random schedules of the copies and mma batches.
-//   * CL = 2 (LOWBIT_CUDA_W8A8=cluster, opt-in until a GPU has timed it): clusters of two
-//     CTAs take tiles (2 p, n) and (2 p + 1, n) together, and each CTA's producer copies half
-//     of the shared weight box (BN / 2 rows) into both CTAs' stage at once (TMA multicast):
-//     48 -> 32 KB read from L2 per stage and CTA. Why: the H200 sweep's K loop ran at ~0.9 us
-//     per 128 x 256 x 128 stage, ~55% of the int8 peak, while its copies drew ~7 TB/s from L2
-//     over the 132 SMs, about what Hopper's L2 delivers. A stage is then written by both
-//     producers, so each consumer releases it on the "empty" barrier of both CTAs (remote
-//     arrivals: 2 x 2 per use), and a CTA exits only after its peer (cluster barrier).
+//   * CL = 2 or 4 (LOWBIT_CUDA_W8A8=cluster / cluster4, opt-in until a GPU has timed them):
+//     clusters of CL CTAs take the CL tiles (CL p + rank, n) stacked along M together, and
+//     each CTA's producer copies its 1 / CL of the shared weight box (BN / CL rows) into every
+//     CTA's stage at once (TMA multicast): 48 -> 32 (CL = 2) or 24 KB (CL = 4) read from L2
+//     per stage and CTA. Why: the H200 sweep's K loop ran at ~0.9 us per 128 x 256 x 128
+//     stage, ~55% of the int8 peak, while its copies drew ~7 TB/s from L2 over the 132 SMs,
+//     about what Hopper's L2 delivers; at the int8 peak (~0.56 us a stage) 32 KB a stage would
+//     still draw ~7.5 TB/s, 24 KB ~5.6. A stage is then written by all CL producers, so each
+//     consumer releases it on the "empty" barrier of every CTA of the cluster (remote
+//     arrivals: 2 x CL per use), and a CTA exits only after its peers (cluster barrier).
 // Its weak spot: both consumer warpgroups store a tile together, so the tensor cores idle
 // during each epilogue; where tiles are many and K short, mma.sync's two CTAs per SM
 // (one computing while the other stores) won before the epilogue was made cheap (see
@@ -987,6 +989,8 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
   using namespace wgmma_ws;
   constexpr int kStage = wgmma_ws::kStage<BN>, kStages = wgmma_ws::kStages<BN>;
   constexpr int kRowsW = BN / CL;  // weight rows each CTA of a cluster copies per stage
+  static_assert(CL == 1 || CL == 2 || CL == 4, "clusters of 1, 2 or 4 CTAs");
+  static_assert(kRowsW * kBK % 1024 == 0, "each CTA's piece of the weight box starts a swizzle atom");
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStage);
@@ -1001,7 +1005,7 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
   const int ktiles = int((K + kBK - 1) / kBK);
   auto tile_of = [&](int64_t group, int64_t& m0, int64_t& n0) {
     grouped_tile(group, groups_m, tiles_n, m0, n0);
-    m0 = m0 * CL + rank;  // past tiles_m for the second CTA of a last, odd group: all rows
+    m0 = m0 * CL + rank;  // past tiles_m for the last CTAs of a last, partial group: all rows
   };                      // zero-filled, nothing stored
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
@@ -1295,20 +1299,22 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
   }
 }
 
-// The TMA kernel's variants: tiles 128 x 256 (wide) or 128 x 128, clusters of 2 or none.
+// The TMA kernel's variants: tiles 128 x 256 (wide) or 128 x 128, clusters of cl = 1, 2 or 4.
 template <class D>
 struct W8A8Tma {
   int (*prepare)();
   int (*launch)(const int8_t*, const float*, int64_t, int64_t, const int8_t*, const float*, int64_t, const void*, int,
                 void*, int64_t, int, cudaStream_t);
 };
+template <class D, int BN>
+W8A8Tma<D> w8a8_tma_variant_bn(int cl) {
+  if (cl == 4) return {prepare_w8a8_tma<D, BN, 4>, launch_w8a8_tma<D, BN, 4>};
+  if (cl == 2) return {prepare_w8a8_tma<D, BN, 2>, launch_w8a8_tma<D, BN, 2>};
+  return {prepare_w8a8_tma<D, BN, 1>, launch_w8a8_tma<D, BN, 1>};
+}
 template <class D>
-W8A8Tma<D> w8a8_tma_variant(bool wide, bool cluster) {
-  if (wide)
-    return cluster ? W8A8Tma<D>{prepare_w8a8_tma<D, 256, 2>, launch_w8a8_tma<D, 256, 2>}
-                   : W8A8Tma<D>{prepare_w8a8_tma<D, 256, 1>, launch_w8a8_tma<D, 256, 1>};
-  return cluster ? W8A8Tma<D>{prepare_w8a8_tma<D, 128, 2>, launch_w8a8_tma<D, 128, 2>}
-                 : W8A8Tma<D>{prepare_w8a8_tma<D, 128, 1>, launch_w8a8_tma<D, 128, 1>};
+W8A8Tma<D> w8a8_tma_variant(bool wide, int cl) {
+  return wide ? w8a8_tma_variant_bn<D, 256>(cl) : w8a8_tma_variant_bn<D, 128>(cl);
 }
 
 // w8a8_mma_kernel: a CTA per tile of y, grid-striding past kMaxGridX tiles.
@@ -1465,17 +1471,17 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
   // that idles its tensor cores is amortized over >= 64 k tiles: 1.08-1.27x at M >= 1024). It
   // loses (0.75-0.95x) on many tiles of short K, e.g. M = 2048 on 4096 x 4096, where
   // mma.sync's two CTAs per SM overlap one's epilogue with the other's MMAs.
-  // LOWBIT_CUDA_W8A8=tma takes it wherever a tensor-core kernel runs, =cluster the same with
-  // clusters of two CTAs sharing the weight copies, =mma never. Its tensor maps take M, N <
-  // 2^31 rows. 256-wide tiles when those still give every SM one.
-  const bool cluster = env_is("LOWBIT_CUDA_W8A8", "cluster");
+  // LOWBIT_CUDA_W8A8=tma takes it wherever a tensor-core kernel runs, =cluster / =cluster4
+  // the same with clusters of two / four CTAs sharing the weight copies, =mma never. Its
+  // tensor maps take M, N < 2^31 rows. 256-wide tiles when those still give every SM one.
+  const int cl = env_is("LOWBIT_CUDA_W8A8", "cluster4") ? 4 : env_is("LOWBIT_CUDA_W8A8", "cluster") ? 2 : 1;
   const bool tma = mma && M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && w8a8_tma_ok() &&
-                   (M * N <= (int64_t(4) << 20) || K >= 8192 || env_is("LOWBIT_CUDA_W8A8", "tma") || cluster);
+                   (M * N <= (int64_t(4) << 20) || K >= 8192 || env_is("LOWBIT_CUDA_W8A8", "tma") || cl > 1);
   const int sms = tma ? sm_count() : 1;
   const bool wide = tma && ((M + wgmma_ws::kBM - 1) / wgmma_ws::kBM) * ((N + 255) / 256) >= sms;
   int st = kOk;
   LOWBIT_DISPATCH_DTYPE(x_dtype, D, {
-    const W8A8Tma<D> variant = w8a8_tma_variant<D>(wide, cluster);
+    const W8A8Tma<D> variant = w8a8_tma_variant<D>(wide, cl);
     if (mma) st = tma ? variant.prepare() : prepare_w8a8_mma<D>();
     if (st == kOk) {
       launch_quantize<D>(x, M, K, ldx, qx, sx, s);

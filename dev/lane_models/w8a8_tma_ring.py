@@ -16,15 +16,15 @@ semantics follow the PTX ISA: a phase completes when its pending arrivals and it
 count both reach zero; try_wait.parity(P) succeeds when the barrier's current phase parity
 differs from P (so a waiter two phases behind would alias: the protocol must never allow it).
 
-Clusters of two CTAs (CL = 2, LOWBIT_CUDA_W8A8=cluster): each CTA's producer copies its own
-A and one half of the shared B box, the half landing in both CTAs' stage (multicast) and
-counted on each CTA's full barrier, which expects all three pieces; consumers release a stage
-on the empty barrier of both CTAs (count 2 x 2). A complete_tx may reach a barrier before its
+Clusters of CL = 2 or 4 CTAs (LOWBIT_CUDA_W8A8=cluster / cluster4): each CTA's producer copies
+its own A and one CL-th of the shared B box, the piece landing in every CTA's stage (multicast)
+and counted on each CTA's full barrier, which expects all 1 + CL pieces; consumers release a
+stage on the empty barrier of every CTA (count 2 x CL). A complete_tx may reach a barrier before its
 own producer's expect_tx (the transaction count goes negative; the pending arrival holds the
 phase), as the PTX ISA allows.
 
 Checks, over many random interleavings and ring / tile / k-tile counts, for one CTA and for
-clusters of two: no deadlock; every wgmma read sees the stage holding every piece of the
+clusters of two and four: no deadlock; every wgmma read sees the stage holding every piece of the
 (tile, k tile) it multiplies; no TMA write lands in a stage that a wgmma batch has yet to
 read. Mutations of the protocol (wrong producer parity, releasing the current stage instead
 of the previous one, no wait before the release, one arrival too few on the empty barrier;
@@ -76,7 +76,7 @@ class Fail(Exception):
 
 def run(stages: int, tiles: int, ktiles: int, rng: random.Random, mut: str = "", cl: int = 1) -> None:
     """A cluster of `cl` CTAs (1: the plain kernel) under a random schedule; raises Fail on a
-    violated check. Each stage holds A (the CTA's own) and cl pieces of B; with cl = 2 the
+    violated check. Each stage holds A (the CTA's own) and cl pieces of B; with cl > 1 the
     producer of CTA c copies piece c into the stage of every CTA (multicast)."""
     pieces = 1 + cl
     empty_count = (1 if mut == "one_arrival" else 2) * (1 if mut == "local_release_count" else cl)
@@ -183,16 +183,16 @@ def main() -> int:
     ok = True
     # the kernel's rings (4 stages at BN = 256, 6 at 128) and a few others; tiles per CTA from
     # 1 to 5, k tiles per tile from 1 (K <= 128) to more than the ring; single CTAs and
-    # clusters of two (LOWBIT_CUDA_W8A8=cluster)
-    for cl in (1, 2):
+    # clusters of two and four (LOWBIT_CUDA_W8A8=cluster / cluster4)
+    for cl in (1, 2, 4):
         for stages in (2, 4, 6):
             for tiles, ktiles in ((1, 1), (1, 9), (3, 1), (4, 9), (5, 4), (2, 32)):
-                err = check(stages, tiles, ktiles, seeds=300 if cl == 1 else 150, cl=cl)
+                err = check(stages, tiles, ktiles, seeds={1: 300, 2: 150, 4: 60}[cl], cl=cl)
                 ok &= not err
                 print(f"cl={cl} stages={stages} tiles={tiles} ktiles={ktiles}: {'ok' if not err else 'FAIL ' + err}")
     mutations = [(m, 1) for m in ("producer_parity", "release_current", "no_wait", "one_arrival")]
-    mutations += [(m, 2) for m in ("producer_parity", "release_current", "no_wait", "local_release",
-                                   "local_release_count", "expect_own_bytes")]
+    mutations += [(m, cl) for cl in (2, 4) for m in ("producer_parity", "release_current", "no_wait",
+                                                     "local_release", "local_release_count", "expect_own_bytes")]
     for mut, cl in mutations:
         err = check(4, 3, 9, seeds=60, mut=mut, cl=cl)
         ok &= bool(err)
