@@ -11,10 +11,11 @@ torch._int_mm (the bare int8 GEMM, without activation quantization or scaling). 
 comparison, each under its switch (ROW_ENV): the kernels the newest replaced (W8A16's
 CUDA-core GEMV; on Hopper, W8A8 on mma.sync and on the TMA kernel everywhere), and the
 opt-in ones: W8A8's TMA kernel in clusters of two and of four (M >= 64; at M = 2048 also
-with the vec quantizer), W8A8 on tensor cores from M = 16 and its tensor-core decode (M <= 8), W8A8's
+with the vec quantizer), W8A8 with its product kernel overlapping the quantizer (M <= 16 and
+2048), W8A8 on tensor cores from M = 16 and its tensor-core decode (M <= 8), W8A8's
 per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec), W8A16's bulk-copy ring
-(Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp or 6 or 8 resident
-blocks per SM (M <= 8; 8 also at M = 16, where it means 5).
+(Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp (M <= 16) or 6 or 8
+resident blocks per SM (M <= 8; 8 also at M = 16, where it means 5).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -44,6 +45,7 @@ W8A8_CLUSTER = "lowbit w8a8 (TMA, clusters of 2, opt-in)"
 W8A8_CLUSTER_VEC = "lowbit w8a8 (TMA, clusters of 2, vec quantizer, opt-in)"
 W8A8_CLUSTER4 = "lowbit w8a8 (TMA, clusters of 4, opt-in)"
 W8A8_CLUSTER4_VEC = "lowbit w8a8 (TMA, clusters of 4, vec quantizer, opt-in)"
+W8A8_PDL = "lowbit w8a8 (product overlaps the quantizer, opt-in)"
 W8A8_TC16 = "lowbit w8a8 (tensor cores from M = 16, opt-in)"
 W8A8_DECODE = "lowbit w8a8 (tensor-core decode, opt-in)"
 W8A16_BULK = "lowbit w8a16 (bulk copies, opt-in)"
@@ -64,6 +66,7 @@ ROW_ENV = {
     W8A8_CLUSTER_VEC: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec")],
     W8A8_CLUSTER4: [("LOWBIT_CUDA_W8A8", "cluster4")],
     W8A8_CLUSTER4_VEC: [("LOWBIT_CUDA_W8A8", "cluster4"), ("LOWBIT_CUDA_QUANT", "vec")],
+    W8A8_PDL: [("LOWBIT_CUDA_W8A8_PDL", "1")],
     W8A8_TC16: [("LOWBIT_CUDA_W8A8_MIN_M", "16")],
     W8A8_DECODE: [("LOWBIT_CUDA_W8A8_DECODE", "mma")],
     QUANT_VEC: [("LOWBIT_CUDA_QUANT", "vec")],
@@ -253,13 +256,16 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             ops[W8A8_CLUSTER4_VEC] = ops["lowbit w8a8"]
         if 16 <= M < 64:
             ops[W8A8_TC16] = ops["lowbit w8a8"]
+        if M <= 16 or M >= 2048:  # (decode, where a launch gap weighs most, and the target row)
+            ops[W8A8_PDL] = ops["lowbit w8a8"]
         if M <= 8:
             ops[W8A8_DECODE] = ops["lowbit w8a8"]
         if M <= 16 and hopper:
             ops[W8A16_BULK] = ops["lowbit w8a16"]
-        if M <= 8:
+        if M <= 16:
             ops[W4A16_TILES2] = ops["lowbit w4a16"]
             ops[W8A16_TILES2] = ops["lowbit w8a16"]
+        if M <= 8:
             ops[W4A16_BLOCKS6] = ops["lowbit w4a16"]
             ops[W8A16_BLOCKS6] = ops["lowbit w8a16"]
         if M <= 16:  # (M = 9-16: 5 blocks per SM under either value)

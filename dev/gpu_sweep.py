@@ -14,8 +14,8 @@ decode: paged decode (Hq 32, Hkv 8, D 128, block 16) at batch x tokens in {8, 64
 layout: the same decode bytes as 8 interleaved kv heads or as 1 (does the paged layout cost?).
 woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16 on 128 x 128), then
         W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
-        plan's splits with two column tiles per warp (M = 1, LOWBIT_CUDA_WOQ_TILES=2), with 6 or
-        8 resident blocks per SM (M = 1, LOWBIT_CUDA_WOQ_BLOCKS=6|8) and on W8A16's bulk-copy ring
+        plan's splits with two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2), with 6 or
+        8 resident blocks per SM (M = 1; 6 means 5 at M = 16; LOWBIT_CUDA_WOQ_BLOCKS=6|8) and on W8A16's bulk-copy ring
         (LOWBIT_CUDA_WOQ_COPY=bulk).
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
@@ -169,11 +169,12 @@ def woq() -> None:
                         setattr(MOD, plan, orig)
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
-                # the plan's splits with two column tiles per warp or 8 resident blocks per SM (M <= 8),
-                # on W8A16's bulk-copy ring
-                configs = ([("LOWBIT_CUDA_WOQ_TILES", "2", "two tiles per warp"),
-                            ("LOWBIT_CUDA_WOQ_BLOCKS", "6", "6 blocks per SM"),
-                            ("LOWBIT_CUDA_WOQ_BLOCKS", "8", "8 blocks per SM")] if M <= 8 else [])
+                # the plan's splits with two column tiles per warp, 6 or 8 resident blocks per SM
+                # (M <= 8; 5 at M = 9-16), on W8A16's bulk-copy ring
+                configs = [("LOWBIT_CUDA_WOQ_TILES", "2", "two tiles per warp"),
+                           ("LOWBIT_CUDA_WOQ_BLOCKS", "6", "6 blocks per SM" if M <= 8 else "5 blocks per SM")]
+                if M <= 8:
+                    configs.append(("LOWBIT_CUDA_WOQ_BLOCKS", "8", "8 blocks per SM"))
                 if name == "w8a16":
                     configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
                 for var, value, what in configs:

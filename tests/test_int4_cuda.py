@@ -156,13 +156,13 @@ def test_cuda_build_has_int4():
 
 
 @pytest.mark.parametrize("var,splits,splits16", [("LOWBIT_CUDA_WOQ_BLOCKS=8", 16, 10),
-                                                 ("LOWBIT_CUDA_WOQ_TILES=2", 16, 8),
+                                                 ("LOWBIT_CUDA_WOQ_TILES=2", 16, 16),
                                                  ("LOWBIT_CUDA_WOQ_BLOCKS=6", 12, 10)])
 def test_cuda_plan_fills_the_blocks_the_kernel_keeps_resident(var, splits, splits16, monkeypatch):
     """The K split fills one wave of the resident blocks of the kernel the call will run: 4 per SM
     by default; 6 or 8 for the M <= 8 kernel with more warps (LOWBIT_CUDA_WOQ_BLOCKS; then M =
-    9-16 on 5), 8 with two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, 8 blocks of 2 warps;
-    M > 8 as by default), read per call. At 4096 x 11008 on 132 SMs: 64 column blocks, so
+    9-16 on 5), 8 with two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2, 8 blocks of 2 warps,
+    M <= 16), read per call. At 4096 x 11008 on 132 SMs: 64 column blocks, so
     132 * 4 / 64 -> 8 splits, or 10, 12, 16."""
     mod = built_cuda_module()
     f16, f32 = _native.DTYPE_CODE[torch.float16], _native.DTYPE_CODE[torch.float32]
@@ -296,7 +296,8 @@ def test_w4a16_strided_and_misaligned_x_small(gen):
     check(torch.float16, 2, 16, 128, 32, True, gen, x=flat[1:].view(2, 128))
 
 
-# The opt-in M <= 8 kernels: two column tiles per warp, and 8 resident blocks per SM.
+# The opt-in decode kernels: two column tiles per warp (M <= 16), and 6 or 8 resident blocks per SM
+# (M <= 8; 5 at M = 9-16).
 DECODE_SWITCHES = [pytest.param("LOWBIT_CUDA_WOQ_TILES", "2", id="tiles2"),
                    pytest.param("LOWBIT_CUDA_WOQ_BLOCKS", "6", id="blocks6"),
                    pytest.param("LOWBIT_CUDA_WOQ_BLOCKS", "8", id="blocks8")]
@@ -309,15 +310,14 @@ DECODE_SWITCHES = [pytest.param("LOWBIT_CUDA_WOQ_TILES", "2", id="tiles2"),
                                      (16, 4096, 4096, 128), (11, 40, 100, 100)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["s16", "s32"])
 def test_w4a16_opt_in_decode_kernels_agree(var, value, M, N, K, g, scale_dtype, gen, monkeypatch):
-    """The opt-in M <= 8 kernels give the default kernel's bits at its K split (the same sums in
+    """The opt-in decode kernels give the default kernel's bits at its K split (the same sums in
     the same order), and their own plan's results match the reference (check()): K splits,
     groups of 32, ragged K, odd counts of 16-column tiles (N = 40, 48: with two tiles per warp, a
     warp's second tile past the last), per-channel and fp32 scales.
     * LOWBIT_CUDA_WOQ_TILES=2: each warp takes two column tiles, sharing activation loads and
-      ring waits;
+      ring waits (M = 11, 16: with two blocks of 8 rows of x);
     * LOWBIT_CUDA_WOQ_BLOCKS=6 / 8: the one-tile kernel in 80 / 64 registers, 6 / 8 blocks
-      resident per SM, and M = 9-16 on 5 (their plans split K more finely).
-    (M = 11, 16 with two tiles per warp: the default kernel, as it should be.)"""
+      resident per SM, and M = 9-16 on 5 (their plans split K more finely)."""
     mod = built_cuda_module()
     codes, d, m = rand_canonical(N, K, g, False, gen, scale_dtype=scale_dtype)
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))

@@ -177,6 +177,7 @@ template <class D>
 __global__ void quantize_per_token_kernel(
     const typename D::T* __restrict__ x, int64_t M, int64_t K, int64_t ldx, int8_t* __restrict__ q,
     float* __restrict__ scale) {
+  launch_dependents();  // W8A8's product kernel may start (it waits for this grid: see ProductLaunch)
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const typename D::T* xr = x + row * ldx;
     float amax = 0.0f;
@@ -262,6 +263,7 @@ __global__ void __launch_bounds__(kQuantVecMaxThreads) quantize_per_token_vec_ke
   constexpr int kVec = QuantChunk<D>::kVec;
   const int64_t chunk = int64_t(blockDim.x) * kQuantVecs * kVec;  // elements
   QuantChunk<D> c;
+  launch_dependents();  // as in quantize_per_token_kernel
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const typename D::T* xr = x + row * ldx;
     float amax = 0.0f;
@@ -591,6 +593,7 @@ __global__ void __launch_bounds__(kThreads)
                 const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
                 const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
   const int lane = threadIdx.x & 31;
+  wait_prerequisites();  // the quantizer's qx, sx (see ProductLaunch)
   for_each_warp_tile<MT>(M, N, [&](int64_t n0, int nr, int64_t m0, int mc) {
     const int8_t* xt = qx + m0 * K;  // scratch rows are contiguous
     float mine = 0.0f;
@@ -678,6 +681,7 @@ __global__ void __launch_bounds__(woq::kThreads, woq::kBlocksPerSm)
     cur.commit();
   };
   for (int i = 0; i < kStages - 1; ++i) issue(i);
+  wait_prerequisites();  // the weights above need not wait for the quantizer; qx, sx do (ProductLaunch)
   // Row gid of q(x) (row M - 1 past M: its products land only in outputs that are not stored),
   // the lane's 16 codes of each tile, one tile ahead; zeros past K (the weights are zero there).
   const int k_lane = t0 * woq::kTileK + 16 * tig;
@@ -807,6 +811,7 @@ __global__ void __launch_bounds__(mma_tc::kThreads, 2)
   const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
   const int64_t ntiles = tiles_m * tiles_n;
   const int ktiles = int((K + kBK - 1) / kBK);  // K <= kChunkK
+  wait_prerequisites();  // the quantizer's qx, sx (see ProductLaunch)
 
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     int64_t m0, n0;
@@ -1018,6 +1023,7 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     wgmma::cluster_sync();  // the peer's barriers exist before anything lands in or arrives on them
   else
     __syncthreads();
+  wait_prerequisites();  // the quantizer's qx, sx (see ProductLaunch)
 
   // Both roles walk the same (tile, k tile) sequence through the ring: stage st, and the
   // parity of the stage's current use.
@@ -1126,6 +1132,52 @@ LinearGrid linear_grid(int64_t M, int64_t N, int mt) {
           dim3(kThreads)};
 }
 
+// The launch configuration of a W8A8 product kernel (the one after the quantizer): clusters of
+// `cluster` CTAs if > 1 (w8a8_tma_kernel), and with `overlap` launched to overlap the
+// quantizer's end (programmatic dependent launch): its launch latency and set-up (barriers,
+// tensor maps, the decode kernel's first weight copies) then hide behind the quantizer's last
+// blocks, and it waits for the quantizer (wait_prerequisites) before it reads qx or sx.
+struct ProductLaunch {
+  cudaLaunchAttribute attrs[2]{};
+  cudaLaunchConfig_t cfg{};
+  ProductLaunch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int cluster, bool overlap) {
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s, cfg.attrs = attrs;
+    if (cluster > 1) {
+      cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
+      a.id = cudaLaunchAttributeClusterDimension;
+      a.val.clusterDim.x = unsigned(cluster), a.val.clusterDim.y = 1, a.val.clusterDim.z = 1;
+    }
+    if (overlap) {
+      cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
+      a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      a.val.programmaticStreamSerializationAllowed = 1;
+    }
+  }
+};
+
+// Whether a W8A8 product kernel overlaps the quantizer: LOWBIT_CUDA_W8A8_PDL=1 (opt-in until a
+// GPU has timed it; never with LOWBIT_CUDA_PDL=0, read per call), on a device of compute
+// capability 9+ running this build's sm_90+ code of the kernel (code JIT-compiled from older
+// PTX lacks the wait).
+template <class Kernel>
+bool overlaps_quantizer(Kernel kernel) {
+  if (!env_is("LOWBIT_CUDA_W8A8_PDL", "1") || env_is("LOWBIT_CUDA_PDL", "0")) return false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return runs_sm90_code(dev, kernel, 1 << 30);
+}
+
+// kernel<<<grid, block, smem, s>>>(args...) as a W8A8 product kernel (a launch error is left
+// for launch_status, as with <<<>>>).
+template <class... P, class... A>
+void launch_product(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
+  ProductLaunch l(grid, block, smem, s, 1, overlaps_quantizer(kernel));
+  (void)cudaLaunchKernelEx(&l.cfg, kernel, args...);
+}
+
 template <class D, int MT>
 void launch_w8a16_mt(bool vec, const void* x, int64_t M, int64_t K, int64_t ldx, const int8_t* qw, const float* ws,
                      int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, cudaStream_t s) {
@@ -1154,7 +1206,8 @@ void launch_w8a8_mt(bool vec, const int8_t* qx, const float* sx, int64_t M, int6
                     cudaStream_t s) {
   const LinearGrid g = linear_grid(M, N, MT);
   auto kernel = vec ? w8a8_kernel<D, MT, true> : w8a8_kernel<D, MT, false>;
-  kernel<<<g.grid, g.block, 0, s>>>(qx, sx, M, K, qw, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
+  launch_product(kernel, g.grid, g.block, 0, s, qx, sx, M, K, qw, ws, N, bias, bias_dtype,
+                 static_cast<typename D::T*>(y), ldy);
 }
 
 template <class D>
@@ -1237,19 +1290,6 @@ bool w8a8_tma_ok() {
   });
 }
 
-// The launch configuration of w8a8_tma_kernel with clusters of CL CTAs.
-template <int CL>
-struct ClusterLaunch {
-  cudaLaunchAttribute attr{};
-  cudaLaunchConfig_t cfg{};
-  ClusterLaunch(unsigned grid, int smem, cudaStream_t s) {
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = CL, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cfg.gridDim = dim3(grid), cfg.blockDim = dim3(wgmma_ws::kThreads), cfg.dynamicSmemBytes = size_t(smem);
-    cfg.stream = s, cfg.attrs = &attr, cfg.numAttrs = 1;
-  }
-};
-
 // How many clusters of w8a8_tma_kernel<D, BN, CL> fit on the current device at once (an SM may
 // not pair with another of its GPC: not always sms / CL); sms / CL if the runtime cannot say.
 // Per variant and device, cached.
@@ -1257,7 +1297,8 @@ template <class D, int BN, int CL>
 int resident_clusters(int sms) {
   static std::atomic<int> cache[64];
   return cached_count_per_device(cache, [sms] {
-    ClusterLaunch<CL> launch(unsigned(sms / CL * CL), wgmma_ws::kSmemBytes<BN>, nullptr);
+    ProductLaunch launch(dim3(unsigned(sms / CL * CL)), dim3(wgmma_ws::kThreads), wgmma_ws::kSmemBytes<BN>, nullptr,
+                         CL, false);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, w8a8_tma_kernel<D, BN, CL>, &launch.cfg) != cudaSuccess || n < 1) {
       (void)cudaGetLastError();
@@ -1283,20 +1324,16 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
   auto kernel = w8a8_tma_kernel<D, BN, CL>;
   auto* yt = static_cast<typename D::T*>(y);
   const int64_t groups = ((M + kBM * CL - 1) / (kBM * CL)) * ((N + BN - 1) / BN);
-  if constexpr (CL == 1) {
-    const unsigned grid = unsigned(groups < sms ? groups : sms);
-    kernel<<<grid, wgmma_ws::kThreads, kSmemBytes<BN>, s>>>(map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
-    return kOk;
-  } else {
-    const int64_t fit = resident_clusters<D, BN, CL>(sms);
-    ClusterLaunch<CL> launch(unsigned((groups < fit ? groups : fit) * CL), kSmemBytes<BN>, s);
-    const cudaError_t e =
-        cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
-    if (e == cudaSuccess) return kOk;
-    (void)cudaGetLastError();
-    record_cuda_error("int8_linear_w8a8 (cluster launch)", cudaGetErrorName(e), cudaGetErrorString(e));
-    return kCudaError;
-  }
+  int64_t fit = sms;  // CTAs (CL = 1) or clusters that run at once
+  if constexpr (CL > 1) fit = resident_clusters<D, BN, CL>(sms);
+  const ProductLaunch launch(dim3(unsigned((groups < fit ? groups : fit) * CL)), dim3(wgmma_ws::kThreads),
+                             kSmemBytes<BN>, s, CL, overlaps_quantizer(kernel));
+  const cudaError_t e = cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
+  if (e == cudaSuccess) return kOk;
+  (void)cudaGetLastError();
+  record_cuda_error(CL > 1 ? "int8_linear_w8a8 (cluster launch)" : "int8_linear_w8a8", cudaGetErrorName(e),
+                    cudaGetErrorString(e));
+  return kCudaError;
 }
 
 // The TMA kernel's variants: tiles 128 x 256 (wide) or 128 x 128, clusters of cl = 1, 2 or 4.
@@ -1323,8 +1360,8 @@ void launch_w8a8_mma(const int8_t* qx, const float* sx, int64_t M, int64_t K, co
                      int64_t N, const void* bias, int bias_dtype, void* y, int64_t ldy, cudaStream_t s) {
   const int64_t tiles = ((M + mma_tc::kBM - 1) / mma_tc::kBM) * ((N + mma_tc::kBN - 1) / mma_tc::kBN);
   const int64_t grid = tiles < kMaxGridX ? tiles : kMaxGridX;
-  w8a8_mma_kernel<D><<<dim3(unsigned(grid)), dim3(mma_tc::kThreads), mma_tc::kSmemBytes, s>>>(
-      qx, sx, M, K, qw, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
+  launch_product(w8a8_mma_kernel<D>, dim3(unsigned(grid)), dim3(mma_tc::kThreads), mma_tc::kSmemBytes, s, qx, sx, M, K,
+                 qw, ws, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
 }
 
 }  // namespace
@@ -1490,8 +1527,9 @@ int int8_linear_w8a8(const void* x, int x_dtype, int64_t M, int64_t K, int64_t l
       else if (mma)
         launch_w8a8_mma<D>(qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
       else if (decode)
-        w8a8_decode_kernel<D><<<unsigned((N + woq::kTileN - 1) / woq::kTileN), woq::kThreads, 0, s>>>(
-            qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, static_cast<typename D::T*>(y), ldy);
+        launch_product(w8a8_decode_kernel<D>, dim3(unsigned((N + woq::kTileN - 1) / woq::kTileN)),
+                       dim3(woq::kThreads), 0, s, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype,
+                       static_cast<typename D::T*>(y), ldy);
       else
         launch_w8a8<D>(vec, qx, sx, M, K, qweight, wscale, N, bias, bias_dtype, y, ldy, s);
     }

@@ -24,7 +24,7 @@
 // fragment shuffles. A warp takes its tiles two at a time (two activation fragments used
 // alternately: no register copies), and its cursor moves through the weights by pointer
 // increments (the loop is short: every address computation shows).
-// Opt-in for M <= 8: two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2) or more resident
+// Opt-in for M <= 16: two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2) or more resident
 // warps (LOWBIT_CUDA_WOQ_BLOCKS=6|8); see pick().
 //
 // The k order. The mma's k slots are mapped to real k so that each lane's 16 k of a tile
@@ -254,10 +254,11 @@ struct BulkSync {
 // F::dequant<D>(tile, b) (the 16 weight registers) and F::finish(a, n, sum).
 // map: the weights' tensor map, for the formats whose cursor copies boxes by TMA (unused by
 // the others).
-// NT: column tiles per warp. 1 by default; 2 (opt-in, LOWBIT_CUDA_WOQ_TILES=2, M <= 8): the
+// NT: column tiles per warp. 1 by default; 2 (opt-in, LOWBIT_CUDA_WOQ_TILES=2, M <= 16): the
 // block's kWarps column tiles on kWarps / 2 warps, each sharing its activation loads, its ring
 // waits and its loop between two tiles, i.e. fewer instructions per weight byte for a loop that
-// is issue-bound (README). The sums are the same, in the same order: the same bits.
+// is issue-bound, and (M = 9-16) half the activation bytes per weight byte (README). The sums
+// are the same, in the same order: the same bits.
 // BPS: the resident blocks per SM the launch bound promises (see pick()); code only.
 template <int NT> constexpr int kThreadsOf = kThreads / NT;
 template <class C, int NT> struct Cursors {
@@ -423,9 +424,10 @@ Launch launch_of() {
 }
 
 // The launch for M rows (read per call: the switches). M <= 16 takes the swapped product (one
-// or two blocks of 8 rows on the mma's n8). At M <= 8, opt-in: LOWBIT_CUDA_WOQ_TILES=2, two
+// or two blocks of 8 rows on the mma's n8). At M <= 16, opt-in: LOWBIT_CUDA_WOQ_TILES=2, two
 // column tiles per warp, 8 blocks of 2 warps per SM (as many warps as by default, each with two
-// chains of work); else LOWBIT_CUDA_WOQ_BLOCKS=6 or 8, 6 or 8 blocks of 4 warps per SM (1.5 or
+// chains of work; at M = 9-16 in up to 128 registers, which 8 blocks of 64 threads leave).
+// Else, at M <= 8, LOWBIT_CUDA_WOQ_BLOCKS=6 or 8, 6 or 8 blocks of 4 warps per SM (1.5 or
 // 2 times the warps to hide each one's latency, in 80 or 64 registers instead of 96; shared
 // memory holds 6 of W4A16 with fp32 scales and of W8A16 on an H100), and with either the
 // M = 9-16 kernel for 5 blocks (its ~95 registers fit 5 without spilling, not 6). kSwappedOnly:
@@ -439,8 +441,12 @@ Launch pick(int64_t M) {
     if (mt == 2) return launch_of<D, F, 2, 0>();
     if (mt == 4) return launch_of<D, F, 4, 0>();
     const bool blocks6 = env_is("LOWBIT_CUDA_WOQ_BLOCKS", "6"), blocks8 = env_is("LOWBIT_CUDA_WOQ_BLOCKS", "8");
-    if (M > 8) return blocks6 || blocks8 ? launch_of<D, F, 1, 2, 1, 5>() : launch_of<D, F, 1, 2>();
-    if (env_is("LOWBIT_CUDA_WOQ_TILES", "2")) return launch_of<D, F, 1, 1, 2, 8>();
+    const bool tiles2 = env_is("LOWBIT_CUDA_WOQ_TILES", "2");
+    if (M > 8) {
+      if (tiles2) return launch_of<D, F, 1, 2, 2, 8>();
+      return blocks6 || blocks8 ? launch_of<D, F, 1, 2, 1, 5>() : launch_of<D, F, 1, 2>();
+    }
+    if (tiles2) return launch_of<D, F, 1, 1, 2, 8>();
     if (blocks6) return launch_of<D, F, 1, 1, 1, 6>();
     return blocks8 ? launch_of<D, F, 1, 1, 1, 8>() : launch_of<D, F, 1, 1>();
   }
