@@ -429,6 +429,36 @@ def test_non_default_stream(gen):
 
 
 @gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_cuda_graph_shared_counters_small(M, gen, monkeypatch):
+    """LOWBIT_CUDA_GRAPH_COUNTERS=shared (an experiment): calls captured in a CUDA graph share the
+    device's K-split counters (zeroed by an eager call before the capture) instead of zeroing a
+    fresh buffer in the graph per call. Two W4A16 and one W8A16 call with K splits in one graph,
+    replayed with fresh x: the eager results, and the counters left at zero."""
+    from lowbit.ops import int8 as int8_ops
+
+    N, K = 4096, 4096
+    codes, d, m = rand_canonical(N, K, 128, False, gen)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    q8, s8 = ref.int8.quantize_weight_per_channel(torch.randn(N, K, generator=gen).cuda() * 0.02)
+    x = torch.randn((M, K), generator=gen).half().cuda()
+    w4a16(x, q, table, None, N)  # eager: the device's shared counters exist
+    monkeypatch.setenv("LOWBIT_CUDA_GRAPH_COUNTERS", "shared")
+    shared = int8_ops._graph_counters[x.device.index]
+    g, ys = capture_graph(lambda: (w4a16(x, q, table, None, N), w4a16(x, q, table, None, N),
+                                   int8_ops.int8_linear_w8a16(x, q8, s8)))
+    for _ in range(3):
+        x_new = torch.randn((M, K), generator=gen).half().cuda()
+        x.copy_(x_new)
+        g.replay()
+        torch.cuda.synchronize()
+        want = w4a16(x_new, q, table, None, N)
+        assert torch.equal(ys[0], want) and torch.equal(ys[1], want), "W4A16 replay differs from eager"
+        assert torch.equal(ys[2], int8_ops.int8_linear_w8a16(x_new, q8, s8)), "W8A16 replay differs from eager"
+        assert not shared.any(), "the shared counters were not left at zero"
+
+
+@gpu
 @pytest.mark.parametrize("n,k", [(384, 256), (4096, 4096)])  # without and with a K split
 def test_cuda_graph_capture(n, k, gen):
     m = Int4Linear.from_float(torch.nn.Linear(k, n).cuda(), group_size=128).half()

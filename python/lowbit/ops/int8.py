@@ -16,6 +16,7 @@ check it exactly against in_features).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -188,13 +189,26 @@ def quantize_per_token_cuda(x):
 
 # K-split counters: zero before a call and left zero by it, so one buffer per (device, stream)
 # serves every call in stream order. While a CUDA graph is being captured a fresh zeroed buffer
-# is made per call instead (its zeroing becomes part of the graph).
+# is made per call instead: its zeroing becomes part of the graph, one more kernel per call on
+# every replay. LOWBIT_CUDA_GRAPH_COUNTERS=shared (an experiment, read per call) has captured
+# calls share one buffer per device instead, made and zeroed by the device's first eager call
+# (the way vLLM's Marlin kernels share a zeroed workspace): no zeroing in the graph, but graphs
+# holding such calls must not replay concurrently. Without that buffer (no eager call before the
+# capture) or beyond its size, the captured call takes a fresh one as by default. The shared
+# buffers are never freed or replaced: graphs keep their address.
 _counters: dict = {}
+_graph_counters: dict = {}
+GRAPH_COUNTERS = 1 << 16  # per device: K-split counters for up to 65536 column blocks x row blocks
 
 
 def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
+        shared = _graph_counters.get(device.index)
+        if os.environ.get("LOWBIT_CUDA_GRAPH_COUNTERS") == "shared" and shared is not None and count <= shared.numel():
+            return shared
         return torch.zeros(count, dtype=torch.int32, device=device)
+    if device.index not in _graph_counters:
+        _graph_counters[device.index] = torch.zeros(GRAPH_COUNTERS, dtype=torch.int32, device=device)
     key = (device.index, stream)
     buf = _counters.get(key)
     if buf is None or buf.numel() < count:
