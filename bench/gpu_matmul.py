@@ -15,8 +15,9 @@ with the vec quantizer), W8A8 with its product kernel overlapping the quantizer 
 2048), W8A8 on tensor cores from M = 16 and its tensor-core decode (M <= 8), W8A8's
 per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec), W8A16's bulk-copy ring
 (Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp (M <= 16) or 6 or 8
-resident blocks per SM (M <= 8; 8 also at M = 16, where it means 5), or with the captured
-calls sharing the device's K-split counters instead of zeroing fresh ones in the graph (M <= 16).
+resident blocks per SM (M <= 8; 8 also at M = 16, where it means 5), with the captured
+calls sharing the device's K-split counters instead of zeroing fresh ones in the graph (M <= 16),
+or with the K split adding up in a thread-block cluster (Hopper, M <= 16).
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -56,6 +57,8 @@ W4A16_TILES2 = "lowbit w4a16 (2 column tiles per warp, opt-in)"
 W8A16_TILES2 = "lowbit w8a16 (2 column tiles per warp, opt-in)"
 W4A16_SHARED = "lowbit w4a16 (graph shares the K-split counters, opt-in)"
 W8A16_SHARED = "lowbit w8a16 (graph shares the K-split counters, opt-in)"
+W4A16_CLUSTER = "lowbit w4a16 (K split adds up in a cluster, opt-in)"
+W8A16_CLUSTER = "lowbit w8a16 (K split adds up in a cluster, opt-in)"
 W4A16_BLOCKS6 = "lowbit w4a16 (6 blocks per SM, opt-in)"
 W8A16_BLOCKS6 = "lowbit w8a16 (6 blocks per SM, opt-in)"
 W4A16_BLOCKS8 = "lowbit w4a16 (8 blocks per SM; 5 at M > 8, opt-in)"
@@ -78,6 +81,8 @@ ROW_ENV = {
     W8A16_TILES2: [("LOWBIT_CUDA_WOQ_TILES", "2")],
     W4A16_SHARED: [("LOWBIT_CUDA_GRAPH_COUNTERS", "shared")],
     W8A16_SHARED: [("LOWBIT_CUDA_GRAPH_COUNTERS", "shared")],
+    W4A16_CLUSTER: [("LOWBIT_CUDA_WOQ_REDUCE", "cluster")],
+    W8A16_CLUSTER: [("LOWBIT_CUDA_WOQ_REDUCE", "cluster")],
     W4A16_BLOCKS6: [("LOWBIT_CUDA_WOQ_BLOCKS", "6")],
     W8A16_BLOCKS6: [("LOWBIT_CUDA_WOQ_BLOCKS", "6")],
     W4A16_BLOCKS8: [("LOWBIT_CUDA_WOQ_BLOCKS", "8")],
@@ -272,6 +277,9 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
             ops[W8A16_TILES2] = ops["lowbit w8a16"]
             ops[W4A16_SHARED] = ops["lowbit w4a16"]
             ops[W8A16_SHARED] = ops["lowbit w8a16"]
+            if hopper:
+                ops[W4A16_CLUSTER] = ops["lowbit w4a16"]
+                ops[W8A16_CLUSTER] = ops["lowbit w8a16"]
         if M <= 8:
             ops[W4A16_BLOCKS6] = ops["lowbit w4a16"]
             ops[W8A16_BLOCKS6] = ops["lowbit w8a16"]

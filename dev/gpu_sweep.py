@@ -16,7 +16,8 @@ woq:    the fixed cost per call (a one-element fill; fp16 F.linear, W4A16, W8A16
         W4A16 and W8A16 at M in {1, 16} on 4096 x 11008 and 11008 x 4096, K splits forced, and the
         plan's splits with two column tiles per warp (LOWBIT_CUDA_WOQ_TILES=2), with 6 or
         8 resident blocks per SM (M = 1; 6 means 5 at M = 16; LOWBIT_CUDA_WOQ_BLOCKS=6|8) and on W8A16's bulk-copy ring
-        (LOWBIT_CUDA_WOQ_COPY=bulk).
+        (LOWBIT_CUDA_WOQ_COPY=bulk), and with the K split adding up in a cluster
+        (LOWBIT_CUDA_WOQ_REDUCE=cluster).
 dense:  W4A16 and W8A16 at M = 32 .. 256, tensor-core kernel vs dequantize + cuBLAS.
 dequant: the dense path's dequantization kernels alone (GB/s read + written).
 w8a8:   W8A8 by default (the TMA kernel or mma.sync, by shape), on mma.sync, on the TMA kernel,
@@ -170,16 +171,21 @@ def woq() -> None:
                     print(f"woq {N}x{K} M={M} {name} splits={'plan' if forced is None else forced}: {us:.1f} us, "
                           f"{base / us:.2f}x fp16", flush=True)
                 # the plan's splits with two column tiles per warp, 6 or 8 resident blocks per SM
-                # (M <= 8; 5 at M = 9-16), on W8A16's bulk-copy ring
+                # (M <= 8; 5 at M = 9-16), adding up in a cluster, on W8A16's bulk-copy ring
                 configs = [("LOWBIT_CUDA_WOQ_TILES", "2", "two tiles per warp"),
                            ("LOWBIT_CUDA_WOQ_BLOCKS", "6", "6 blocks per SM" if M <= 8 else "5 blocks per SM")]
                 if M <= 8:
                     configs.append(("LOWBIT_CUDA_WOQ_BLOCKS", "8", "8 blocks per SM"))
+                configs.append(("LOWBIT_CUDA_WOQ_REDUCE", "cluster", "K split adds up in a cluster"))
                 if name == "w8a16":
                     configs.append(("LOWBIT_CUDA_WOQ_COPY", "bulk", "bulk copies"))
                 for var, value, what in configs:
-                    with env_var(var, value):
-                        us = time_per_call(make, nbuf, REPS)
+                    try:
+                        with env_var(var, value):
+                            us = time_per_call(make, nbuf, REPS)
+                    except Exception as e:  # noqa: BLE001 - an opt-in kernel failing: record and go on
+                        print(f"woq {N}x{K} M={M} {name} {what}: {type(e).__name__}: {e}", flush=True)
+                        continue
                     print(f"woq {N}x{K} M={M} {name} {what}: {us:.1f} us, {base / us:.2f}x fp16", flush=True)
         torch.cuda.empty_cache()
 

@@ -177,6 +177,23 @@ def test_cuda_plan_fills_the_blocks_the_kernel_keeps_resident(var, splits, split
     assert mod.int8_w8a16_plan(1, 11008, 4096, code, 132, -1) == (splits, 64)  # W8A16's kernel alike
 
 
+def test_cuda_plan_cluster_reduce(monkeypatch):
+    """LOWBIT_CUDA_WOQ_REDUCE=cluster (M <= 16, an experiment): the blocks of a K split form one
+    thread-block cluster and add their sums through distributed shared memory, so the plan makes
+    at most 8 splits (the portable cluster size) and asks for no counters; M > 16 plans as by
+    default. W8A16's decode kernel alike."""
+    mod = built_cuda_module()
+    f16 = _native.DTYPE_CODE[torch.float16]
+    default = {(M, N): mod.int4_w4a16_plan(M, 11008, N, f16, f16, 132, -1) for M in (1, 16, 17) for N in (4096, 1024)}
+    monkeypatch.setenv("LOWBIT_CUDA_WOQ_REDUCE", "cluster")
+    for M in (1, 16):
+        assert mod.int4_w4a16_plan(M, 11008, 4096, f16, f16, 132, -1) == (default[M, 4096][0], 0) == (8, 0)
+        assert default[M, 1024] == (16, 16) and mod.int4_w4a16_plan(M, 11008, 1024, f16, f16, 132, -1) == (8, 0)
+        assert mod.int8_w8a16_plan(M, 11008, 1024, f16, 132, -1) == (8, 0)
+    assert mod.int4_w4a16_plan(17, 11008, 4096, f16, f16, 132, -1) == default[17, 4096]
+    assert mod.int4_w4a16_plan(1, 64, 16, f16, f16, 132, -1) == (1, 0)  # one k tile: nothing to split
+
+
 def test_cuda_layout_checked_by_the_fake_impl():
     """The validation the CUDA op runs, exercised without a GPU through the fake impl on fake
     CUDA tensors (what torch.compile traces): shapes, dtypes and mins of the CUDA layout."""
@@ -331,6 +348,37 @@ def test_w4a16_opt_in_decode_kernels_agree(var, value, M, N, K, g, scale_dtype, 
         monkeypatch.delenv(var)
     monkeypatch.setenv(var, value)
     check(torch.bfloat16 if M % 2 else torch.float16, M, N, K, g, M % 3 == 0, gen, scale_dtype=scale_dtype)
+
+
+@gpu
+@pytest.mark.parametrize("M,N,K,g", [(1, 4096, 4096, 128), (16, 4096, 11008, 64), (3, 11008, 4096, 32),
+                                     (1, 1024, 11008, 128), (11, 40, 2048, 2048), (2, 24, 192, 192)])
+def test_w4a16_cluster_reduce_agrees(M, N, K, g, gen, monkeypatch):
+    """LOWBIT_CUDA_WOQ_REDUCE=cluster (an experiment; sm_90a, else the default runs): the K split
+    adds its partial sums through a cluster's shared memory in split order, as the counter path
+    adds them from global memory: the same bits at the same split (up to 8), the reference's
+    results at its own plan (at most 8 splits where the default makes 16: N = 1024, 40, 24), and
+    in a CUDA graph, whose replays need no zeroed counters."""
+    mod = built_cuda_module()
+    codes, d, m = rand_canonical(N, K, g, False, gen)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    x = torch.randn((M, K), generator=gen).half().cuda()
+    y = w4a16(x, q, table, None, N)
+    default_splits = mod.int4_w4a16_plan(M, K, N, _native.DTYPE_CODE[torch.float16],
+                                         _native.DTYPE_CODE[torch.float16], _native.sm_count(x.device),
+                                         x.device.index)[0]
+    monkeypatch.setenv("LOWBIT_CUDA_WOQ_REDUCE", "cluster")
+    if default_splits <= 8:
+        with monkeypatch.context() as mp:
+            mp.setattr(mod, "int4_w4a16_plan", default_plan(mod.int4_w4a16_plan, "LOWBIT_CUDA_WOQ_REDUCE"))
+            assert torch.equal(w4a16(x, q, table, None, N), y)
+    check(torch.bfloat16 if M % 2 else torch.float16, M, N, K, g, False, gen)
+    g_, y_graph = capture_graph(lambda: w4a16(x, q, table, None, N))
+    x_new = torch.randn((M, K), generator=gen).half().cuda()
+    x.copy_(x_new)
+    g_.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_graph, w4a16(x_new, q, table, None, N)), "graph replay differs from eager"
 
 
 @gpu

@@ -650,7 +650,9 @@ _TC_SHAPES = W8A16_TC_SMALL + W8A16_TC
                          + [("LOWBIT_CUDA_WOQ_TILES", "2") + c for c in _TC_SHAPES + [(3, 48, 2048), (12, 48, 2048)]
                             if c[0] <= 16]
                          + [("LOWBIT_CUDA_WOQ_BLOCKS", n) + c for n in ("6", "8")
-                            for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 16])
+                            for c in _TC_SHAPES + [(3, 48, 2048)] if c[0] <= 16]
+                         + [("LOWBIT_CUDA_WOQ_REDUCE", "cluster") + c for c in _TC_SHAPES + [(12, 1024, 8192)]
+                            if c[0] <= 16])
 def test_w8a16_opt_in_kernels_agree(var, value, M, N, K, cgen, monkeypatch):
     """The opt-in tensor-core variants give the same bits as the default kernel at its K split
     (the same sums in the same order) on the tensor-core shapes they take: K splits, N past a
@@ -661,8 +663,11 @@ def test_w8a16_opt_in_kernels_agree(var, value, M, N, K, cgen, monkeypatch):
     * LOWBIT_CUDA_WOQ_TILES=2 (M <= 16): two column tiles per warp; odd counts of 16-row tiles
       (N = 37, 48) put a warp's second tile past the last;
     * LOWBIT_CUDA_WOQ_BLOCKS=6 / 8 (M <= 16): the M <= 8 kernel in 80 / 64 registers, 6 / 8
-      blocks per SM; M = 9-16 on 5 blocks.
-    (The last two plan for more resident blocks per SM: a finer K split than the default's.)"""
+      blocks per SM; M = 9-16 on 5 blocks;
+    * LOWBIT_CUDA_WOQ_REDUCE=cluster (M <= 16, sm_90a): the K split's blocks as one cluster,
+      adding their sums through shared memory in split order, at most 8 splits (where the
+      default makes more, e.g. N = 37 or 1024, only the reference check applies).
+    (TILES and BLOCKS plan for more resident blocks per SM: a finer K split than the default's.)"""
     mod = built_cuda_module()
     dtype = torch.bfloat16 if (M + N) % 2 else torch.float16
     x = randn((M, K), cgen, dtype)
@@ -670,8 +675,11 @@ def test_w8a16_opt_in_kernels_agree(var, value, M, N, K, cgen, monkeypatch):
     y = OPS["w8a16"](x, qw, s)
     monkeypatch.setenv(var, value)
     with monkeypatch.context() as mp:
-        mp.setattr(mod, "int8_w8a16_plan", default_plan(mod.int8_w8a16_plan, var))
-        assert torch.equal(OPS["w8a16"](x, qw, s), y)
+        planned = default_plan(mod.int8_w8a16_plan, var)
+        mp.setattr(mod, "int8_w8a16_plan", planned)
+        splits = planned(M, K, N, _native.DTYPE_CODE[dtype], _native.sm_count(x.device), x.device.index)[0]
+        if var != "LOWBIT_CUDA_WOQ_REDUCE" or splits <= 8:  # (a cluster takes at most 8 splits)
+            assert torch.equal(OPS["w8a16"](x, qw, s), y)
     check_linear("w8a16", dtype, M, N, K, True, cgen)
 
 

@@ -275,10 +275,11 @@ int int4_linear_w4a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
   a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
   (void)cudaGetLastError();  // report only what our launch does
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int st = kOk;
   with_w4a16_types(x_dtype, scales_dtype, [&](auto d, auto f) {
-    woq::launch<typename decltype(d)::type, typename decltype(f)::type>(a, s);
+    st = woq::launch<typename decltype(d)::type, typename decltype(f)::type>(a, s);
   });
-  return launch_status("int4_linear_w4a16");
+  return st != kOk ? st : launch_status("int4_linear_w4a16");
 }
 
 int int4_dequantize_w4a16(const uint32_t* qweight, const void* scales, int scales_dtype, int64_t groups, int64_t N,

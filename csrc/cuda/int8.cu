@@ -1458,11 +1458,13 @@ int int8_linear_w8a16(const void* x, int x_dtype, int64_t M, int64_t K, int64_t 
     a.qweight = qweight, a.scales = wscale, a.groups = 1;
     a.bias = bias, a.bias_dtype = bias_dtype, a.y = y, a.ldy = ldy;
     CUtensorMap map{};
-    if (M <= 16 && N < (int64_t(1) << 31) && w8a16_bulk_ok() &&
-        int8_tensor_map(&map, qweight, N, K, woq::kTileK, woq::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE))
-      x_dtype == kF16 ? woq::launch<F16, Int8WBulk, true>(a, s, map) : woq::launch<BF16, Int8WBulk, true>(a, s, map);
-    else
-      x_dtype == kF16 ? woq::launch<F16, Int8W>(a, s) : woq::launch<BF16, Int8W>(a, s);
+    const int st =
+        M <= 16 && N < (int64_t(1) << 31) && w8a16_bulk_ok() &&
+                int8_tensor_map(&map, qweight, N, K, woq::kTileK, woq::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE)
+            ? (x_dtype == kF16 ? woq::launch<F16, Int8WBulk, true>(a, s, map)
+                               : woq::launch<BF16, Int8WBulk, true>(a, s, map))
+            : (x_dtype == kF16 ? woq::launch<F16, Int8W>(a, s) : woq::launch<BF16, Int8W>(a, s));
+    if (st != kOk) return st;
   } else {  // the CUDA-core kernel (needs no split scratch: any plan is fine)
     const bool vec = K % kVecK == 0 && aligned16(qweight) && aligned16(x) && (ldx * dtype_size(x_dtype)) % 16 == 0;
     LOWBIT_DISPATCH_DTYPE(x_dtype, D,

@@ -156,6 +156,14 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
+// The float at p's offset in the shared memory of CTA `rank` of the cluster (this CTA included).
+__device__ __forceinline__ float ld_cluster_f32(const float* p, uint32_t rank) {
+  uint32_t remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(ptx::smem_addr(p)), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
 // One arrival on the mbarrier at bar's offset in CTA `rank` of the cluster (this CTA included).
 // Default (CTA-scope) release: what it announces is that this warpgroup's wgmma reads of a
 // stage have completed (wait_group), no writes of its own to publish; a cluster-scope release

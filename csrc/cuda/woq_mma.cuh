@@ -53,11 +53,13 @@ namespace lowbit::cuda::woq {
 
 constexpr int kWarps = 4;                 // warps per block, side by side along N
 constexpr int kThreads = kWarps * 32;
+template <int NT> constexpr int kThreadsOf = kThreads / NT;  // a block's threads with NT column tiles per warp
 constexpr int kTileN = 16;                // output columns per warp
 constexpr int kBlockN = kWarps * kTileN;  // output columns per block
 constexpr int kTileK = 64;                // k per warp step
 constexpr int kStages = 8;                // k tiles a warp keeps in flight (cp.async ring; a power of 2)
 constexpr int kMaxSplits = 16;
+constexpr int kMaxClusterSplits = 8;      // with the splits as one cluster (the portable cluster size)
 constexpr int kMinTilesPerSplit = 2;
 constexpr int kBlocksPerSm = 4;           // resident blocks per SM by default (launch bound); the split aims at one wave
 constexpr int64_t kMaxGridZ = 65535;
@@ -174,13 +176,14 @@ __device__ __forceinline__ void tile_mma(const Args& a, float (&acc)[MT][2][4], 
   }
 }
 
-// Where accumulator element (mt, sub, e) of this lane lands in y: x . W^T's layout (row
+// Where accumulator element (mt, sub, e) of lane `lane` lands in y: x . W^T's layout (row
 // m0 + 16 mt + gid + 8 (e >> 1), column 16 nt + 8 sub + 2 tig + (e & 1)), or with SW > 0 the
 // swapped product's (sub: the block of 8 rows; row m0 + 8 sub + 2 tig + (e & 1), column
 // 16 nt + gid + 8 (e >> 1)).
 template <int SW>
-__device__ __forceinline__ void elem_pos(int64_t m0, int64_t nt, int mt, int sub, int e, int64_t& r, int64_t& n) {
-  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+__device__ __forceinline__ void elem_pos(int lane, int64_t m0, int64_t nt, int mt, int sub, int e, int64_t& r,
+                                         int64_t& n) {
+  const int gid = lane >> 2, tig = lane & 3;
   if constexpr (SW > 0) {
     r = m0 + 8 * sub + 2 * tig + (e & 1), n = nt * kTileN + gid + 8 * (e >> 1);
   } else {
@@ -194,6 +197,46 @@ __device__ __forceinline__ void store_y(const Args& a, int64_t r, int64_t n, flo
   v = F::finish(a, n, v);
   if (a.bias) v += load_f32(a.bias, a.bias_dtype, n);
   static_cast<typename D::T*>(a.y)[r * a.ldy + n] = D::from_f32(v);
+}
+
+// ---- the K split's sums through a cluster (opt-in, LOWBIT_CUDA_WOQ_REDUCE=cluster) ----------
+// The splits of a column block are one thread-block cluster (1 x splits x 1; the split is the
+// cluster rank, sm_90a builds): each block writes its sums into its shared memory `red` (element
+// q of thread t at q * threads + t), a cluster barrier publishes them, and each block adds up
+// the elements q = rank, rank + splits, ... of every thread from every block's copy, in split
+// order from 0.0f (the same sums in the same order as the counter path below: the same bits),
+// and writes y; a second barrier keeps each block's copy alive until all have read it. No
+// partial buffer, counters or fences, and so nothing to zero before a call (a CUDA graph of
+// such calls holds one kernel a call). The decode kernels only (MT == 1, M <= 16).
+template <class D, class F, int SW, int NT, int kElems>
+__device__ void cluster_reduce(const Args& a, const float (&acc)[NT][1][2][4], float* red, int64_t m0) {
+#if defined(LOWBIT_WGMMA)
+  constexpr int kSubs = SW == 1 ? 1 : 2, kT = kThreadsOf<NT>;
+  static_assert(kElems == NT * kSubs * 4, "one slot per accumulator element");
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int sub = 0; sub < kSubs; ++sub)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[((j * kSubs + sub) * 4 + e) * kT + tid] = acc[j][0][sub][e];
+  wgmma::cluster_sync();
+  const int splits = a.splits, rank = int(wgmma::cluster_ctarank());
+  const int64_t tiles_n = a.Np / kTileN;
+  for (int i = rank * kT + tid; i < kElems * kT; i += splits * kT) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += wgmma::ld_cluster_f32(red + i, uint32_t(s));
+    const int t = i % kT, q = i / kT, j = q / (kSubs * 4), sub = (q / 4) % kSubs, e = q % 4;
+    const int64_t tile = int64_t(blockIdx.x) * kWarps + NT * (t >> 5) + j;
+    int64_t r, n;
+    elem_pos<SW>(t & 31, m0, tile, 0, sub, e, r, n);
+    if (tile < tiles_n && r < a.M && n < a.N) store_y<D, F>(a, r, n, v);
+  }
+  wgmma::cluster_sync();
+#else
+  (void)a, (void)acc, (void)red, (void)m0;
+  __trap();  // built without sm_90a code: the host never launches it (pick())
+#endif
 }
 
 // ---- how a warp's ring is synchronized ------------------------------------------------
@@ -260,7 +303,8 @@ struct BulkSync {
 // is issue-bound, and (M = 9-16) half the activation bytes per weight byte (README). The sums
 // are the same, in the same order: the same bits.
 // BPS: the resident blocks per SM the launch bound promises (see pick()); code only.
-template <int NT> constexpr int kThreadsOf = kThreads / NT;
+// CR: the K split's sums meet through a cluster (cluster_reduce; opt-in, see pick()) instead of
+// the partial buffer and the counters.
 template <class C, int NT> struct Cursors {
   C c[NT];
   template <int... J>
@@ -268,10 +312,11 @@ template <class C, int NT> struct Cursors {
       : c{C(a, nt[J], t_begin, lane)...} {}
 };
 
-template <class D, class F, int MT, int SW, int NT = 1, int BPS = kBlocksPerSm>
+template <class D, class F, int MT, int SW, int NT = 1, int BPS = kBlocksPerSm, bool CR = false>
 __global__ void __launch_bounds__(kThreadsOf<NT>, BPS)
     woq_kernel(Args a, const __grid_constant__ CUtensorMap map) {
   static_assert(SW == 0 || MT == 1, "the swapped product takes one m tile");
+  static_assert(!CR || SW > 0, "cluster reduction: the decode kernels");
   static_assert(NT == 1 || std::is_base_of<CpAsyncSync, typename F::Cursor>::value,
                 "two column tiles share one cp.async group per tile");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tig = lane & 3;
@@ -347,8 +392,15 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, BPS)
       cur.c[0].drain();
     }
 
-    // y, or with split K (then gridDim.z == mblocks) partial[split, r, n] for the last block to add up.
     constexpr int kSubs = SW == 1 ? 1 : 2;  // accumulator quads per m tile
+    if constexpr (CR) {
+      if (a.splits > 1) {  // (then gridDim.z == mblocks: every block of the cluster has this m block)
+        __shared__ float red[NT * kSubs * 4 * kThreadsOf<NT>];
+        cluster_reduce<D, F, SW, NT, NT * kSubs * 4>(a, acc, red, m0);
+        continue;
+      }
+    }
+    // y, or with split K (then gridDim.z == mblocks) partial[split, r, n] for the last block to add up.
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       if (!live[j]) continue;
@@ -359,7 +411,7 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, BPS)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             int64_t r, n;
-            elem_pos<SW>(m0, nt[j], mt, sub, e, r, n);
+            elem_pos<SW>(lane, m0, nt[j], mt, sub, e, r, n);
             if (r >= a.M) continue;
             if (a.splits == 1) {
               if (n < a.N) store_y<D, F>(a, r, n, acc[j][mt][sub][e]);
@@ -401,14 +453,15 @@ struct Launch {
   void (*kernel)(Args, CUtensorMap);
   int threads, rows, bound;
   int (*fit)();
+  bool cluster_reduce;  // a K split runs as clusters (CR)
 };
 
-template <class D, class F, int MT, int SW, int NT, int BPS>
+template <class D, class F, int MT, int SW, int NT, int BPS, bool CR>
 int fit_blocks() {
   static std::atomic<int> cache[64];
   return cached_count_per_device(cache, [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, woq_kernel<D, F, MT, SW, NT, BPS>, kThreadsOf<NT>, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, woq_kernel<D, F, MT, SW, NT, BPS, CR>, kThreadsOf<NT>, 0) !=
             cudaSuccess ||
         n < 1) {
       (void)cudaGetLastError();
@@ -418,9 +471,23 @@ int fit_blocks() {
   });
 }
 
-template <class D, class F, int MT, int SW, int NT = 1, int BPS = kBlocksPerSm>
+template <class D, class F, int MT, int SW, int NT = 1, int BPS = kBlocksPerSm, bool CR = false>
 Launch launch_of() {
-  return {woq_kernel<D, F, MT, SW, NT, BPS>, kThreadsOf<NT>, 16 * MT, BPS, fit_blocks<D, F, MT, SW, NT, BPS>};
+  return {woq_kernel<D, F, MT, SW, NT, BPS, CR>, kThreadsOf<NT>, 16 * MT, BPS, fit_blocks<D, F, MT, SW, NT, BPS, CR>,
+          CR};
+}
+
+// The decode kernel of SW with its K split's sums meeting through a cluster, where the switch
+// asks for it (LOWBIT_CUDA_WOQ_REDUCE=cluster, read per call) and, on_device, the current device
+// runs this build's sm_90a code of it (per device, cached); else the default kernel.
+template <class D, class F, int SW>
+Launch decode_launch(bool on_device) {
+  if (env_is("LOWBIT_CUDA_WOQ_REDUCE", "cluster")) {
+    static std::atomic<uint64_t> known{0}, ok{0};
+    auto runs = [](int dev) { return runs_sm90a_code(dev, woq_kernel<D, F, 1, SW, 1, kBlocksPerSm, true>); };
+    if (!on_device || cached_per_device(known, ok, runs)) return launch_of<D, F, 1, SW, 1, kBlocksPerSm, true>();
+  }
+  return launch_of<D, F, 1, SW>();
 }
 
 // The launch for M rows (read per call: the switches). M <= 16 takes the swapped product (one
@@ -431,9 +498,11 @@ Launch launch_of() {
 // 2 times the warps to hide each one's latency, in 80 or 64 registers instead of 96; shared
 // memory holds 6 of W4A16 with fp32 scales and of W8A16 on an H100), and with either the
 // M = 9-16 kernel for 5 blocks (its ~95 registers fit 5 without spilling, not 6). kSwappedOnly:
-// a format compiled for M <= 16 only (W8A16's TMA ring).
+// a format compiled for M <= 16 only (W8A16's TMA ring). Otherwise, opt-in, at M <= 16:
+// LOWBIT_CUDA_WOQ_REDUCE=cluster, the K split as clusters (cluster_reduce; on_device: only where
+// the current device runs it, else as a device that does, for host-only planning).
 template <class D, class F, bool kSwappedOnly = false>
-Launch pick(int64_t M) {
+Launch pick(int64_t M, bool on_device = true) {
   if constexpr (kSwappedOnly) {
     return M <= 8 ? launch_of<D, F, 1, 1>() : launch_of<D, F, 1, 2>();
   } else {
@@ -444,58 +513,76 @@ Launch pick(int64_t M) {
     const bool tiles2 = env_is("LOWBIT_CUDA_WOQ_TILES", "2");
     if (M > 8) {
       if (tiles2) return launch_of<D, F, 1, 2, 2, 8>();
-      return blocks6 || blocks8 ? launch_of<D, F, 1, 2, 1, 5>() : launch_of<D, F, 1, 2>();
+      return blocks6 || blocks8 ? launch_of<D, F, 1, 2, 1, 5>() : decode_launch<D, F, 2>(on_device);
     }
     if (tiles2) return launch_of<D, F, 1, 1, 2, 8>();
     if (blocks6) return launch_of<D, F, 1, 1, 1, 6>();
-    return blocks8 ? launch_of<D, F, 1, 1, 1, 8>() : launch_of<D, F, 1, 1>();
+    return blocks8 ? launch_of<D, F, 1, 1, 1, 8>() : decode_launch<D, F, 1>(on_device);
   }
 }
 
 // How to run an [M, K] x [N, K]^T product on a GPU with sm_count SMs that keeps blocks_per_sm
 // of the kernel resident: the number of K splits and of int32 counters the call needs (0 when
-// splits == 1).
-inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int blocks_per_sm, int* splits, int64_t* counters) {
+// splits == 1, or when the splits meet through clusters: cluster_reduce, at most
+// kMaxClusterSplits of them).
+inline void plan(int64_t M, int64_t K, int64_t N, int sm_count, int blocks_per_sm, bool cluster_reduce, int* splits,
+                 int64_t* counters) {
   const int64_t ntiles = cdiv(N, kTileN), ktiles = cdiv(K, kTileK);
   const int64_t mblocks = cdiv(M < 1 ? 1 : M, 16 * pick_mt(M));
   // As many splits as fit in one wave of resident blocks (a second, partial wave would idle most SMs).
   int64_t s = int64_t(sm_count < 1 ? 1 : sm_count) * (blocks_per_sm < 1 ? 1 : blocks_per_sm) /
               (cdiv(ntiles, kWarps) * mblocks);
-  const int64_t most = ktiles / kMinTilesPerSplit < kMaxSplits ? ktiles / kMinTilesPerSplit : kMaxSplits;
+  const int64_t cap = cluster_reduce ? kMaxClusterSplits : kMaxSplits;
+  const int64_t most = ktiles / kMinTilesPerSplit < cap ? ktiles / kMinTilesPerSplit : cap;
   if (s > most) s = most;
   if (s < 1 || mblocks > kMaxGridZ) s = 1;
   s = cdiv(ktiles, cdiv(ktiles, s));  // no empty split
   *splits = int(s);
-  *counters = s > 1 ? cdiv(ntiles, kWarps) * mblocks : 0;
+  *counters = s > 1 && !cluster_reduce ? cdiv(ntiles, kWarps) * mblocks : 0;
 }
 
 // plan() for the kernel pick() gives: device >= 0 (current) counts the blocks that fit there,
 // device < 0 (host-only planning) the launch bound.
 template <class D, class F, bool kSwappedOnly = false>
 void plan_for(int64_t M, int64_t K, int64_t N, int sm_count, int device, int* splits, int64_t* counters) {
-  const Launch l = pick<D, F, kSwappedOnly>(M);
-  plan(M, K, N, sm_count, device >= 0 ? l.fit() : l.bound, splits, counters);
+  const Launch l = pick<D, F, kSwappedOnly>(M, device >= 0);
+  plan(M, K, N, sm_count, device >= 0 ? l.fit() : l.bound, l.cluster_reduce, splits, counters);
 }
 
 // The shape and split fields of a (x, weights, bias and y are the caller's); kOk, or
-// kInvalidArgument for a split the plan would not make or scratch that is missing.
+// kInvalidArgument for a split the plan would not make (its scratch: launch()).
 inline int set_shape(Args& a, int64_t M, int64_t K, int64_t ldx, int64_t N, int splits, float* partial,
                      int* counters) {
   a.M = M, a.K = K, a.ldx = ldx, a.N = N;
   a.Np = cdiv(N, kTileN) * kTileN, a.ktiles = cdiv(K, kTileK);
   a.splits = splits, a.tiles_per_split = cdiv(a.ktiles, splits), a.partial = partial, a.counters = counters;
   if (splits < 1 || splits > a.ktiles || K > kMaxK) return kInvalidArgument;
-  if (splits > 1 && (!partial || !counters || cdiv(M, 16 * pick_mt(M)) > kMaxGridZ)) return kInvalidArgument;
+  if (splits > 1 && cdiv(M, 16 * pick_mt(M)) > kMaxGridZ) return kInvalidArgument;
   return kOk;
 }
 
+// Launches the kernel pick() gives for a (a K split as clusters of its splits where it says so);
+// kOk, or kInvalidArgument when a's split does not suit it: scratch missing (the partial sums
+// and counters), or more splits than a cluster takes. (Launch errors: launch_status.)
 template <class D, class F, bool kSwappedOnly = false>
-void launch(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
+int launch(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}) {
   const Launch l = pick<D, F, kSwappedOnly>(a.M);
+  const bool clusters = l.cluster_reduce && a.splits > 1;
+  if (clusters ? a.splits > kMaxClusterSplits : a.splits > 1 && (!a.partial || !a.counters)) return kInvalidArgument;
   const int64_t mblocks = cdiv(a.M, l.rows);
   const dim3 grid(unsigned(cdiv(a.Np / kTileN, kWarps)), unsigned(a.splits),
                   unsigned(mblocks < kMaxGridZ ? mblocks : kMaxGridZ));
-  l.kernel<<<grid, l.threads, 0, s>>>(a, map);
+  if (!clusters) {
+    l.kernel<<<grid, l.threads, 0, s>>>(a, map);
+    return kOk;
+  }
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(a.splits), attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid, cfg.blockDim = dim3(unsigned(l.threads)), cfg.stream = s, cfg.attrs = &attr, cfg.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&cfg, l.kernel, a, map);
+  return kOk;
 }
 
 }  // namespace lowbit::cuda::woq

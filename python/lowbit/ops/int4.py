@@ -182,7 +182,7 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     splits, count = mod.int4_w4a16_plan(m, k, n, _native.DTYPE_CODE[x.dtype], _native.DTYPE_CODE[scales.dtype],
                                         _native.sm_count(dev), dev.index)
     partial = counters = None
-    if splits > 1:  # per-split fp32 sums, from torch's allocator
+    if count:  # a K split: per-split fp32 sums, from torch's allocator (none when the splits form clusters)
         partial = torch.empty((splits, m, scales.shape[1]), dtype=torch.float32, device=dev)
         counters = cuda_counters(dev, stream, count)
     st = mod.int4_linear_w4a16(

@@ -254,7 +254,7 @@ def _linear_cuda(op, x, qweight, scale, bias):
     else:  # W8A16 on tensor cores splits K when N alone does not fill the GPU (as W4A16)
         splits, count = mod.int8_w8a16_plan(m, k, n, code, _native.sm_count(dev), dev.index)
         partial = counters = None
-        if splits > 1:
+        if count:  # (none when the splits form clusters: LOWBIT_CUDA_WOQ_REDUCE=cluster)
             partial = torch.empty((splits, m, (n + 15) // 16 * 16), dtype=torch.float32, device=dev)
             counters = cuda_counters(dev, stream, count)
         args += [splits, 0 if partial is None else partial.data_ptr(), 0 if counters is None else counters.data_ptr()]
