@@ -364,9 +364,8 @@ def test_w4a16_cluster_reduce_agrees(M, N, K, g, gen, monkeypatch):
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
     x = torch.randn((M, K), generator=gen).half().cuda()
     y = w4a16(x, q, table, None, N)
-    default_splits = mod.int4_w4a16_plan(M, K, N, _native.DTYPE_CODE[torch.float16],
-                                         _native.DTYPE_CODE[torch.float16], _native.sm_count(x.device),
-                                         x.device.index)[0]
+    default_splits = mod.int4_w4a16_plan(M, K, N, _native.DTYPE_CODE[torch.float16], _native.DTYPE_CODE[table.dtype],
+                                         _native.sm_count(x.device), x.device.index)[0]
     monkeypatch.setenv("LOWBIT_CUDA_WOQ_REDUCE", "cluster")
     if default_splits <= 8:
         with monkeypatch.context() as mp:
@@ -493,8 +492,21 @@ def test_cuda_graph_shared_counters_small(M, gen, monkeypatch):
     w4a16(x, q, table, None, N)  # eager: the device's shared counters exist
     monkeypatch.setenv("LOWBIT_CUDA_GRAPH_COUNTERS", "shared")
     shared = int8_ops._graph_counters[x.device.index]
+    captured = []  # the counters each captured call was given
+
+    def spy(counters):
+        def given(*args):
+            buf = counters(*args)
+            if torch.cuda.is_current_stream_capturing():
+                captured.append(buf.data_ptr())
+            return buf
+        return given
+
+    monkeypatch.setattr(int8_ops, "cuda_counters", spy(int8_ops.cuda_counters))
+    monkeypatch.setattr(int4_ops, "cuda_counters", spy(int4_ops.cuda_counters))
     g, ys = capture_graph(lambda: (w4a16(x, q, table, None, N), w4a16(x, q, table, None, N),
                                    int8_ops.int8_linear_w8a16(x, q8, s8)))
+    assert captured == [shared.data_ptr()] * 3, "a captured call did not take the shared counters"
     for _ in range(3):
         x_new = torch.randn((M, K), generator=gen).half().cuda()
         x.copy_(x_new)

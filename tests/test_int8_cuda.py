@@ -497,12 +497,14 @@ def test_w8a8_tensor_core_kernels_agree(kernel, dtype, M, N, K, cgen, monkeypatc
 # The W8A8 product kernels launched to overlap the quantizer (LOWBIT_CUDA_W8A8_PDL=1): dp4a, the
 # opt-in tensor-core decode, mma.sync, and on sm_90a the TMA kernel alone and in clusters.
 PDL_KERNELS = {"dp4a": {}, "decode": {"LOWBIT_CUDA_W8A8_DECODE": "mma"}, "mma": {"LOWBIT_CUDA_W8A8": "mma"},
-               "tma": {"LOWBIT_CUDA_W8A8": "tma"}, "cluster": {"LOWBIT_CUDA_W8A8": "cluster"}}
+               "tma": {"LOWBIT_CUDA_W8A8": "tma"}, "cluster": {"LOWBIT_CUDA_W8A8": "cluster"},
+               "cluster4": {"LOWBIT_CUDA_W8A8": "cluster4"}}
 
 
 @gpu
 @pytest.mark.parametrize("kernel,M,N,K", [("dp4a", 3, 4096, 4096), ("decode", 5, 4096, 4096), ("mma", 200, 2000, 4096),
-                                          ("tma", 257, 4096, 1040), ("cluster", 300, 512, 1040)])
+                                          ("tma", 257, 4096, 1040), ("cluster", 300, 512, 1040),
+                                          ("cluster4", 600, 512, 1040)])
 def test_w8a8_quantizer_overlap_agrees_small(kernel, M, N, K, cgen, monkeypatch):
     """LOWBIT_CUDA_W8A8_PDL=1 (an experiment) launches W8A8's product kernel to overlap the
     quantizer's end, and the kernel waits for the quantizer before it reads qx and sx: the same

@@ -32,7 +32,8 @@ inline bool valid_dtype_code(int code) { return code == kF32 || code == kF16 || 
 // (LOWBIT_CUDA_DECODE=simt, LOWBIT_CUDA_W8A16=simt, LOWBIT_CUDA_W8A8=mma|tma|cluster|cluster4,
 // LOWBIT_CUDA_W8A8_MIN_M=16, LOWBIT_CUDA_W8A8_DECODE=mma, LOWBIT_CUDA_W8A8_PDL=1, LOWBIT_CUDA_PDL=0,
 // LOWBIT_CUDA_WOQ_COPY=bulk, LOWBIT_CUDA_WOQ_TILES=2, LOWBIT_CUDA_WOQ_BLOCKS=6|8,
-// LOWBIT_CUDA_QUANT=vec), read at every call so
+// LOWBIT_CUDA_WOQ_REDUCE=cluster, LOWBIT_CUDA_QUANT=vec; and, in Python,
+// LOWBIT_CUDA_GRAPH_COUNTERS=shared), read at every call so
 // tests and benchmarks can compare kernels in one process.
 inline bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);

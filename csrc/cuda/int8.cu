@@ -1139,7 +1139,9 @@ LinearGrid linear_grid(int64_t M, int64_t N, int mt) {
 // blocks, and it waits for the quantizer (wait_prerequisites) before it reads qx or sx.
 struct ProductLaunch {
   cudaLaunchAttribute attrs[2]{};
-  cudaLaunchConfig_t cfg{};
+  cudaLaunchConfig_t cfg{};  // (points at attrs: built in place, never copied)
+  ProductLaunch(const ProductLaunch&) = delete;
+  ProductLaunch& operator=(const ProductLaunch&) = delete;
   ProductLaunch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int cluster, bool overlap) {
     cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s, cfg.attrs = attrs;
     if (cluster > 1) {
@@ -1155,26 +1157,23 @@ struct ProductLaunch {
   }
 };
 
-// Whether a W8A8 product kernel overlaps the quantizer: LOWBIT_CUDA_W8A8_PDL=1 (opt-in until a
+// Whether W8A8's product kernels overlap the quantizer: LOWBIT_CUDA_W8A8_PDL=1 (opt-in until a
 // GPU has timed it; never with LOWBIT_CUDA_PDL=0, read per call), on a device of compute
-// capability 9+ running this build's sm_90+ code of the kernel (code JIT-compiled from older
-// PTX lacks the wait).
-template <class Kernel>
-bool overlaps_quantizer(Kernel kernel) {
+// capability 9+ running this build's sm_90+ code (code JIT-compiled from older PTX lacks the
+// wait; every kernel of the module is built for the same archs, so the dp4a kernel answers for
+// all). Per device, cached.
+bool overlaps_quantizer() {
   if (!env_is("LOWBIT_CUDA_W8A8_PDL", "1") || env_is("LOWBIT_CUDA_PDL", "0")) return false;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return runs_sm90_code(dev, kernel, 1 << 30);
+  static std::atomic<uint64_t> known{0}, ok{0};
+  return cached_per_device(known, ok,
+                           [](int dev) { return runs_sm90_code(dev, w8a8_kernel<F16, 1, true>, 1 << 30); });
 }
 
 // kernel<<<grid, block, smem, s>>>(args...) as a W8A8 product kernel (a launch error is left
 // for launch_status, as with <<<>>>).
 template <class... P, class... A>
 void launch_product(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
-  ProductLaunch l(grid, block, smem, s, 1, overlaps_quantizer(kernel));
+  ProductLaunch l(grid, block, smem, s, 1, overlaps_quantizer());
   (void)cudaLaunchKernelEx(&l.cfg, kernel, args...);
 }
 
@@ -1327,7 +1326,7 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
   int64_t fit = sms;  // CTAs (CL = 1) or clusters that run at once
   if constexpr (CL > 1) fit = resident_clusters<D, BN, CL>(sms);
   const ProductLaunch launch(dim3(unsigned((groups < fit ? groups : fit) * CL)), dim3(wgmma_ws::kThreads),
-                             kSmemBytes<BN>, s, CL, overlaps_quantizer(kernel));
+                             kSmemBytes<BN>, s, CL, overlaps_quantizer());
   const cudaError_t e = cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
   if (e == cudaSuccess) return kOk;
   (void)cudaGetLastError();
@@ -1433,7 +1432,9 @@ void int8_w8a16_plan(int64_t M, int64_t K, int64_t N, int x_dtype, int sm_count,
                      int64_t* counters) {
   *splits = 1, *counters = 0;
   if (!w8a16_tensor_cores(x_dtype, K)) return;
-  const bool bulk = M <= 16 && device >= 0 && w8a16_bulk_ok();  // the bulk-copy ring's launch (int8_linear_w8a16)
+  // the bulk-copy ring where int8_linear_w8a16 launches it (unless the driver then refuses its
+  // tensor map: the other kernel runs, and a split it cannot take is a clear error)
+  const bool bulk = M <= 16 && N < (int64_t(1) << 31) && device >= 0 && w8a16_bulk_ok();
   auto plan = [&](auto d) {
     using D = typename decltype(d)::type;
     bulk ? woq::plan_for<D, Int8WBulk, true>(M, K, N, sm_count, device, splits, counters)

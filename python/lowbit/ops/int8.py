@@ -193,9 +193,11 @@ def quantize_per_token_cuda(x):
 # every replay. LOWBIT_CUDA_GRAPH_COUNTERS=shared (an experiment, read per call) has captured
 # calls share one buffer per device instead, made and zeroed by the device's first eager call
 # (the way vLLM's Marlin kernels share a zeroed workspace): no zeroing in the graph, but graphs
-# holding such calls must not replay concurrently. Without that buffer (no eager call before the
+# holding such calls must not replay concurrently, nor may such calls run on parallel branches of
+# one graph (captured from several streams). Without that buffer (no eager call before the
 # capture) or beyond its size, the captured call takes a fresh one as by default. The shared
-# buffers are never freed or replaced: graphs keep their address.
+# buffers are never freed or replaced (graphs keep their address), and their zeroing has ended
+# before any capture can start (a device synchronization, once per device).
 _counters: dict = {}
 _graph_counters: dict = {}
 GRAPH_COUNTERS = 1 << 16  # per device: K-split counters for up to 65536 column blocks x row blocks
@@ -209,6 +211,7 @@ def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor
         return torch.zeros(count, dtype=torch.int32, device=device)
     if device.index not in _graph_counters:
         _graph_counters[device.index] = torch.zeros(GRAPH_COUNTERS, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)
     key = (device.index, stream)
     buf = _counters.get(key)
     if buf is None or buf.numel() < count:
