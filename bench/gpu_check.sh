@@ -100,7 +100,7 @@ if [ "${RC[build]}" = 0 ]; then
     2) MM_ENV=(LOWBIT_CUDA_W8A8=mma) ;;
     *) MM_ENV=(LOWBIT_CUDA_W8A16=simt LOWBIT_CUDA_W8A8=mma) ;;
   esac
-  step bench 200 "$OUT/bench.log" env "${MM_ENV[@]}" python3 bench/gpu_matmul.py \
+  step bench 240 "$OUT/bench.log" env "${MM_ENV[@]}" python3 bench/gpu_matmul.py \
     --out "$OUT/gpu_bench.json"
   step probe_decode 60 "$OUT/bench.log" python3 bench/gpu_attention.py --probe
   [ "${RC[probe_decode]}" = 0 ] || ATT_ENV=(LOWBIT_CUDA_DECODE=simt)

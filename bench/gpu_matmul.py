@@ -32,7 +32,9 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -92,6 +94,7 @@ EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
 W4_GROUP = 128
 ROTATE_BYTES = 128 << 20  # weight bytes cycled through per op (H100 L2: 50 MB)
 CALLS_PER_GRAPH = 24
+PROBE_SWITCH_S = 20  # seconds a switch set's probe may take (probe_switches)
 
 
 @contextlib.contextmanager
@@ -203,7 +206,7 @@ def time_per_call(make_call, nbuf: int, reps: int) -> float:
     return statistics.median(ms) * 1e3 / CALLS_PER_GRAPH
 
 
-def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
+def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int, broken: dict) -> list:
     from lowbit import ref
     from lowbit.ops import int8 as int8_ops
 
@@ -295,6 +298,11 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int) -> list:
         t_fp16 = None
         for op, (make_call, nbuf, nbytes) in ops.items():
             row = {"N": N, "K": K, "M": M, "op": op, "bytes": nbytes, "flops": 2 * M * N * K}
+            key = switch_key(ROW_ENV.get(op, []))
+            if key in broken:
+                row["error"] = f"skipped: its switch probe failed ({broken[key]})"
+                rows.append(row)
+                continue
             try:
                 with contextlib.ExitStack() as switches:
                     for name, value in ROW_ENV.get(op, []):
@@ -337,13 +345,17 @@ def table(rows: list, copy_bw: float, peak: float, device: str) -> str:
     return "\n".join(out)
 
 
-def switch_table(rows: list) -> str:
+def switch_table(rows: list, broken: dict) -> str:
     """Each switch row (ROW_ENV) against the kernel it would replace, timed in the same run on
     the same shape and M: default µs / switched µs (> 1: the switch is faster), and their
-    geometric mean. What decides whether an opt-in kernel becomes the default."""
+    geometric mean. What decides whether an opt-in kernel becomes the default. Switches whose
+    probe failed (switch_health) say so instead."""
     us = {(r["N"], r["K"], r["M"], r["op"]): r["us"] for r in rows if "us" in r}
     out = ["| switch (vs default) | env | default µs / switched µs, per N x K / M | geo-mean |", "|---|---|---|---:|"]
     for op, env in ROW_ENV.items():
+        if switch_key(env) in broken:
+            out.append(f"| {op} | {switch_key(env)} | skipped: its probe FAILED ({broken[switch_key(env)]}) | – |")
+            continue
         base = QUANT if op == QUANT_VEC else op.split(" (")[0]
         pairs = [(f"{N}x{K}/{M}", us[(N, K, M, base)] / t) for (N, K, M, o), t in us.items()
                  if o == op and (N, K, M, base) in us]
@@ -433,6 +445,100 @@ def probe() -> int:
     return status
 
 
+def switch_key(env: list) -> str:
+    """A ROW_ENV entry as one string: "NAME=VALUE,NAME=VALUE"."""
+    return ",".join(f"{name}={value}" for name, value in env)
+
+
+def probe_switches(keys: list) -> int:
+    """Child mode (--probe-switches): for each switch set (switch_key form), W4A16, W8A16 and
+    W8A8 on a few shapes (decode, M = 16, the tensor-core W8A8 kernels, M = 2048), eagerly and
+    replayed in a CUDA graph, against the same calls without the switches. Prints "trying KEY"
+    before and "ok KEY" / "bad KEY: why" after each, flushed, so that a parent sees which set a
+    crash or a hang belongs to; after an exception it stops (the CUDA context may be gone) and
+    the parent starts another for the rest, and a set that takes over PROBE_SWITCH_S (a hung
+    kernel) ends the process. Agreement to 2% of max |y| (a switch may change the K split, so the
+    rounding; the tests check bits)."""
+    from lowbit import ref
+    from lowbit.ops import int4 as int4_ops
+    from lowbit.ops import int8 as int8_ops
+
+    cases = []
+    for M, N, K in ((1, 4096, 4096), (16, 4096, 4096), (300, 1024, 1040), (2048, 512, 1024)):
+        q4 = w4_weights(N, K)
+        q8 = ref.int8.quantize_weight_per_channel(torch.randn(N, K, device="cuda") * 0.02)
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        for name, call in (("w4a16", lambda x=x, q4=q4, N=N: int4_ops.int4_linear_w4a16(x, *q4, None, N)),
+                           ("w8a16", lambda x=x, q8=q8: int8_ops.int8_linear_w8a16(x, *q8)),
+                           ("w8a8", lambda x=x, q8=q8: int8_ops.int8_linear_w8a8(x, *q8))):
+            cases.append((f"{name} M={M} {N}x{K}", call, call().float()))
+    torch.cuda.synchronize()
+    for key in keys:
+        print(f"trying {key}", flush=True)
+        watchdog = threading.Timer(PROBE_SWITCH_S, lambda: os._exit(3))
+        watchdog.start()
+        why = ""
+        try:
+            with contextlib.ExitStack() as stack:
+                for item in key.split(","):
+                    stack.enter_context(env_var(*item.split("=", 1)))
+                for what, call, want in cases:
+                    g = torch.cuda.CUDAGraph()
+                    call()  # (eager first: lazy set-up outside the capture)
+                    with torch.cuda.graph(g):
+                        y_graph = call()
+                    g.replay()
+                    for how, y in (("eager", call()), ("graph", y_graph)):
+                        torch.cuda.synchronize()
+                        err = ((y.float() - want).abs().max() / want.abs().max()).item()
+                        if not err < 2e-2:
+                            why = why or f"{what} ({how}): rel. diff {err:.2e}"
+        except Exception as e:  # noqa: BLE001 - a failed probe; the rest in a fresh process
+            print(f"bad {key}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
+            return 1
+        watchdog.cancel()
+        print(f"bad {key}: {why}" if why else f"ok {key}", flush=True)
+    return 0
+
+
+def switch_health(timeout_s: float = 240.0) -> dict:
+    """{switch key: why} of the switch sets of ROW_ENV whose probe (probe_switches, in a child
+    process) failed, crashed or hung: the benchmark skips their rows, so one broken opt-in kernel
+    cannot take the others' rows (or a hung process, the whole table) with it. A child that dies
+    is restarted after the set it was trying."""
+    keys = list(dict.fromkeys(switch_key(env) for env in ROW_ENV.values()))
+    broken = {}
+    while keys:
+        try:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe-switches", ";".join(keys)],
+                                 capture_output=True, text=True, timeout=timeout_s).stdout
+            died = None
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            died = f"hung (no answer in {timeout_s:.0f} s)"
+        trying, progress = None, False
+        for line in out.splitlines():
+            verb, _, rest = line.partition(" ")
+            if verb == "trying":
+                trying = rest
+            elif verb in ("ok", "bad"):
+                key, _, why = rest.partition(": ")
+                if verb == "bad":
+                    broken[key] = why
+                keys.remove(key)
+                trying, progress = None, True
+        if trying is not None:  # it crashed or hung on this one
+            broken[trying] = died or f"the probe process crashed, or hung past {PROBE_SWITCH_S} s"
+            keys.remove(trying)
+        elif not progress:  # it answered nothing (it cannot run at all): give up on the rest
+            broken.update({k: died or "the probe process failed" for k in keys})
+            break
+    for key, why in broken.items():
+        log(f"switch {key}: probe FAILED ({why}); its rows are skipped")
+    log(f"switch probes: {len(broken)} of {len(set(switch_key(e) for e in ROW_ENV.values()))} failed")
+    return broken
+
+
 def probe_w8a16(ref, int8_ops) -> bool:
     worst = 0.0
     for dtype in (torch.float16, torch.bfloat16):
@@ -460,11 +566,15 @@ def main(argv=None) -> int:
                          "or W8A8 at M=2048 on 4096x4096 (TMA kernel alone, then in clusters of 2 and 4)")
     ap.add_argument("--probe", action="store_true",
                     help="only compare the newest kernels with the ones they replaced (see probe())")
+    ap.add_argument("--probe-switches", metavar="KEYS",
+                    help="(internal) probe these switch sets, ';'-separated (see probe_switches())")
     args = ap.parse_args(argv)
     if args.profile:
         return profile_w8a8() if args.profile == "w8a8" else profile_w4a16()
     if args.probe:
         return probe()
+    if args.probe_switches:
+        return probe_switches(args.probe_switches.split(";"))
     if not args.out:
         ap.error("--out is required")
 
@@ -473,6 +583,7 @@ def main(argv=None) -> int:
         return 2
     t0, header = run
     device, copy_bw = header["device"], header["copy_bw_GBps"]
+    broken = header["broken_switches"] = {} if args.quick else switch_health()
     peak = measure_fp16_peak()
     log(f"fp16 matmul 8192^3: {peak:.0f} TFLOP/s")
 
@@ -486,11 +597,11 @@ def main(argv=None) -> int:
 
     def result() -> dict:
         return {**header, "fp16_matmul_TFLOPs": peak, "calls_per_graph": CALLS_PER_GRAPH, "reps": args.reps,
-                "rows": rows, "table_md": table(rows, copy_bw, peak, device), "switch_md": switch_table(rows)}
+                "rows": rows, "table_md": table(rows, copy_bw, peak, device), "switch_md": switch_table(rows, broken)}
 
     for i, ((N, K), Ms) in enumerate(plan.items()):
         log(f"[{i + 1}/{len(plan)}] N={N} K={K} M={Ms} ({time.time() - t0:.0f}s)")
-        rows += bench_shape(N, K, Ms, copy_bw, args.reps)
+        rows += bench_shape(N, K, Ms, copy_bw, args.reps, broken)
         write_result(args.out, result(), t0, final=False)
     write_result(args.out, result(), t0)
     return 0

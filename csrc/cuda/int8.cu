@@ -1327,7 +1327,8 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
   if constexpr (CL > 1) fit = resident_clusters<D, BN, CL>(sms);
   const ProductLaunch launch(dim3(unsigned((groups < fit ? groups : fit) * CL)), dim3(wgmma_ws::kThreads),
                              kSmemBytes<BN>, s, CL, overlaps_quantizer());
-  const cudaError_t e = cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
+  const cudaError_t e =
+      cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
   if (e == cudaSuccess) return kOk;
   (void)cudaGetLastError();
   record_cuda_error(CL > 1 ? "int8_linear_w8a8 (cluster launch)" : "int8_linear_w8a8", cudaGetErrorName(e),
