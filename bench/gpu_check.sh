@@ -84,7 +84,14 @@ if [ "${RC[build]}" = 0 ]; then
   (cd "$TMP" && step info 60 "$OUT/build.log" python3 -m lowbit.info)
 
   # 4. CUDA tests (not -x: one run should show every failure; --maxfail stops a cascade)
-  step cuda_tests 210 "$TMP/cuda_tests.log" python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
+  # (a test still running after 60 s, a hung kernel, ends the run: its id and stacks, the last
+  # entry of hung.txt, go into the log)
+  step cuda_tests 210 "$TMP/cuda_tests.log" env LOWBIT_TEST_TIMEOUT_S=60 LOWBIT_TEST_TIMEOUT_LOG="$TMP/hung.txt" \
+    python3 -m pytest -q -rfE --maxfail=10 $CUDA_FILES
+  if grep -q "^Timeout" "$TMP/hung.txt" 2>/dev/null; then
+    { echo "===== a test hung (LOWBIT_TEST_TIMEOUT_S): the test, then the stacks"; grep -B1 -A30 "^Timeout" "$TMP/hung.txt"; } \
+      >>"$TMP/cuda_tests.log"
+  fi
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
 
   # 5. benchmarks: quantized matmul, then attention. Each first probes, in its own process, that

@@ -6,11 +6,17 @@
   gets its own fresh (but reproducible) random inputs.
 * helpers (import them with ``from conftest import ...``): tolerance checks
   computed in float64, bitwise comparisons that treat NaN == NaN, random inputs.
+* ``LOWBIT_TEST_TIMEOUT_S=n`` (bench/gpu_check.sh sets it for the CUDA tests): a test still
+  running after n seconds (a hung kernel) ends the run instead of holding it until an outer
+  timeout, after writing its id and every thread's stack to ``LOWBIT_TEST_TIMEOUT_LOG`` (a
+  file: pytest's capture would swallow stderr) or stderr.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
+import sys
 import threading
 import zlib
 
@@ -26,6 +32,28 @@ DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 
 def dtype_id(dt) -> str:
     return DTYPE_IDS.get(dt, str(dt))
+
+
+_timeout_log = None
+
+
+@pytest.fixture(autouse=True)
+def _test_timeout(request):
+    seconds = float(os.environ.get("LOWBIT_TEST_TIMEOUT_S", "0") or 0)
+    if seconds <= 0:
+        yield
+        return
+    global _timeout_log
+    if _timeout_log is None:
+        path = os.environ.get("LOWBIT_TEST_TIMEOUT_LOG")
+        _timeout_log = open(path, "a") if path else sys.stderr
+    _timeout_log.write(f"{request.node.nodeid}: started, timeout {seconds:g} s\n")
+    _timeout_log.flush()
+    faulthandler.dump_traceback_later(seconds, exit=True, file=_timeout_log)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(params=ISAS)
