@@ -17,7 +17,9 @@ per-token quantizer alone (M >= 256; also LOWBIT_CUDA_QUANT=vec), W8A16's bulk-c
 (Hopper, M <= 16) and W4A16 / W8A16 with two column tiles per warp (M <= 16) or 6 or 8
 resident blocks per SM (M <= 8; 8 also at M = 16, where it means 5), with the captured
 calls sharing the device's K-split counters instead of zeroing fresh ones in the graph (M <= 16),
-or with the K split adding up in a thread-block cluster (Hopper, M <= 16).
+or with the K split adding up in a thread-block cluster (Hopper, M <= 16); and the targets'
+combinations: W8A8 at M = 2048 with clusters, the vec quantizer and the overlap at once, W4A16
+at M <= 16 on 8 blocks per SM with shared counters.
 
 Timing: every op is captured R times in one CUDA graph (so Python and launch
 overhead stay out of the numbers, as in a real decode loop), cycling through
@@ -49,6 +51,8 @@ W8A8_CLUSTER = "lowbit w8a8 (TMA, clusters of 2, opt-in)"
 W8A8_CLUSTER_VEC = "lowbit w8a8 (TMA, clusters of 2, vec quantizer, opt-in)"
 W8A8_CLUSTER4 = "lowbit w8a8 (TMA, clusters of 4, opt-in)"
 W8A8_CLUSTER4_VEC = "lowbit w8a8 (TMA, clusters of 4, vec quantizer, opt-in)"
+W8A8_ALL2 = "lowbit w8a8 (TMA, clusters of 2, vec quantizer, overlap, opt-in)"
+W8A8_ALL4 = "lowbit w8a8 (TMA, clusters of 4, vec quantizer, overlap, opt-in)"
 W8A8_PDL = "lowbit w8a8 (product overlaps the quantizer, opt-in)"
 W8A8_TC16 = "lowbit w8a8 (tensor cores from M = 16, opt-in)"
 W8A8_DECODE = "lowbit w8a8 (tensor-core decode, opt-in)"
@@ -64,6 +68,7 @@ W8A16_CLUSTER = "lowbit w8a16 (K split adds up in a cluster, opt-in)"
 W4A16_BLOCKS6 = "lowbit w4a16 (6 blocks per SM, opt-in)"
 W8A16_BLOCKS6 = "lowbit w8a16 (6 blocks per SM, opt-in)"
 W4A16_BLOCKS8 = "lowbit w4a16 (8 blocks per SM; 5 at M > 8, opt-in)"
+W4A16_BLOCKS8_SHARED = "lowbit w4a16 (8 blocks per SM; 5 at M > 8, graph shares the counters, opt-in)"
 W8A16_BLOCKS8 = "lowbit w8a16 (8 blocks per SM; 5 at M > 8, opt-in)"
 # the switches each comparison row is timed under
 ROW_ENV = {
@@ -74,6 +79,8 @@ ROW_ENV = {
     W8A8_CLUSTER_VEC: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec")],
     W8A8_CLUSTER4: [("LOWBIT_CUDA_W8A8", "cluster4")],
     W8A8_CLUSTER4_VEC: [("LOWBIT_CUDA_W8A8", "cluster4"), ("LOWBIT_CUDA_QUANT", "vec")],
+    W8A8_ALL2: [("LOWBIT_CUDA_W8A8", "cluster"), ("LOWBIT_CUDA_QUANT", "vec"), ("LOWBIT_CUDA_W8A8_PDL", "1")],
+    W8A8_ALL4: [("LOWBIT_CUDA_W8A8", "cluster4"), ("LOWBIT_CUDA_QUANT", "vec"), ("LOWBIT_CUDA_W8A8_PDL", "1")],
     W8A8_PDL: [("LOWBIT_CUDA_W8A8_PDL", "1")],
     W8A8_TC16: [("LOWBIT_CUDA_W8A8_MIN_M", "16")],
     W8A8_DECODE: [("LOWBIT_CUDA_W8A8_DECODE", "mma")],
@@ -88,6 +95,7 @@ ROW_ENV = {
     W4A16_BLOCKS6: [("LOWBIT_CUDA_WOQ_BLOCKS", "6")],
     W8A16_BLOCKS6: [("LOWBIT_CUDA_WOQ_BLOCKS", "6")],
     W4A16_BLOCKS8: [("LOWBIT_CUDA_WOQ_BLOCKS", "8")],
+    W4A16_BLOCKS8_SHARED: [("LOWBIT_CUDA_WOQ_BLOCKS", "8"), ("LOWBIT_CUDA_GRAPH_COUNTERS", "shared")],
     W8A16_BLOCKS8: [("LOWBIT_CUDA_WOQ_BLOCKS", "8")],
 }
 EXTRA = [((4096, 4096), 256), ((4096, 4096), 2048)]
@@ -267,6 +275,8 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int, broken: dic
         if M >= 2048 and hopper:
             ops[W8A8_CLUSTER_VEC] = ops["lowbit w8a8"]
             ops[W8A8_CLUSTER4_VEC] = ops["lowbit w8a8"]
+            ops[W8A8_ALL2] = ops["lowbit w8a8"]  # (the target row: every W8A8 experiment at once)
+            ops[W8A8_ALL4] = ops["lowbit w8a8"]
         if 16 <= M < 64:
             ops[W8A8_TC16] = ops["lowbit w8a8"]
         if M <= 16 or M >= 2048:  # (decode, where a launch gap weighs most, and the target row)
@@ -288,6 +298,7 @@ def bench_shape(N: int, K: int, Ms: list, copy_bw: float, reps: int, broken: dic
             ops[W8A16_BLOCKS6] = ops["lowbit w8a16"]
         if M <= 16:  # (M = 9-16: 5 blocks per SM under either value)
             ops[W4A16_BLOCKS8] = ops["lowbit w4a16"]
+            ops[W4A16_BLOCKS8_SHARED] = ops["lowbit w4a16"]  # (the target rows: the two experiments at once)
             ops[W8A16_BLOCKS8] = ops["lowbit w8a16"]
         if M >= 256:  # W8A8's first pass over x, timed alone
             ops[QUANT] = (lambda i: (lambda: int8_ops.int8_quantize_per_token(x)), 1, 2 * M * K + M * K + 4 * M)
