@@ -479,8 +479,8 @@ def test_non_default_stream(gen):
 @pytest.mark.parametrize("M", [1, 16])
 def test_cuda_graph_shared_counters_small(M, gen, monkeypatch):
     """LOWBIT_CUDA_GRAPH_COUNTERS=shared (an experiment): calls captured in a CUDA graph share the
-    device's K-split counters (zeroed by an eager call before the capture) instead of zeroing a
-    fresh buffer in the graph per call. Two W4A16 and one W8A16 call with K splits in one graph,
+    device's K-split counters (zeroed by an eager call under the switch before the capture)
+    instead of zeroing a fresh buffer in the graph per call. Two W4A16 and one W8A16 call with K splits in one graph,
     replayed with fresh x: the eager results, and the counters left at zero."""
     from lowbit.ops import int8 as int8_ops
 
@@ -489,8 +489,8 @@ def test_cuda_graph_shared_counters_small(M, gen, monkeypatch):
     q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
     q8, s8 = ref.int8.quantize_weight_per_channel(torch.randn(N, K, generator=gen).cuda() * 0.02)
     x = torch.randn((M, K), generator=gen).half().cuda()
-    w4a16(x, q, table, None, N)  # eager: the device's shared counters exist
     monkeypatch.setenv("LOWBIT_CUDA_GRAPH_COUNTERS", "shared")
+    w4a16(x, q, table, None, N)  # eager: the device's shared counters exist
     shared = int8_ops._graph_counters[x.device.index]
     captured = []  # the counters each captured call was given
 

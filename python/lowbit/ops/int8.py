@@ -192,7 +192,7 @@ def quantize_per_token_cuda(x):
 # is made per call instead: its zeroing becomes part of the graph, one more kernel per call on
 # every replay. LOWBIT_CUDA_GRAPH_COUNTERS=shared (an experiment, read per call) has captured
 # calls share one buffer per device instead, made and zeroed by the device's first eager call
-# (the way vLLM's Marlin kernels share a zeroed workspace): no zeroing in the graph, but graphs
+# under the switch (the way vLLM's Marlin kernels share a zeroed workspace): no zeroing in the graph, but graphs
 # holding such calls must not replay concurrently, nor may such calls run on parallel branches of
 # one graph (captured from several streams). Without that buffer (no eager call before the
 # capture) or beyond its size, the captured call takes a fresh one as by default. The shared
@@ -204,12 +204,13 @@ GRAPH_COUNTERS = 1 << 16  # per device: K-split counters for up to 65536 column 
 
 
 def cuda_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
+    share = os.environ.get("LOWBIT_CUDA_GRAPH_COUNTERS") == "shared"
     if torch.cuda.is_current_stream_capturing():
         shared = _graph_counters.get(device.index)
-        if os.environ.get("LOWBIT_CUDA_GRAPH_COUNTERS") == "shared" and shared is not None and count <= shared.numel():
+        if share and shared is not None and count <= shared.numel():
             return shared
         return torch.zeros(count, dtype=torch.int32, device=device)
-    if device.index not in _graph_counters:
+    if share and device.index not in _graph_counters:
         _graph_counters[device.index] = torch.zeros(GRAPH_COUNTERS, dtype=torch.int32, device=device)
         torch.cuda.synchronize(device)
     key = (device.index, stream)
