@@ -94,7 +94,8 @@ if [ "${RC[build]}" = 0 ]; then
   fi
   CUDA_TESTS=$(pytest_line "$TMP/cuda_tests.log")
 
-  # 5. benchmarks: quantized matmul, then attention. Each first probes, in its own process, that
+  # 5. benchmarks: quantized matmul (attention after the sanitizers: its kernels changed least
+  # lately, and a run short of time should still get the memcheck). Each first probes, in its own process, that
   # the newest kernels agree with the ones they replaced (W8A16 on tensor cores vs the CUDA-core
   # GEMV, W8A8 by default (the TMA kernel by shape) vs mma.sync, tensor-core decode vs CUDA-core
   # decode); if not, that bench runs with the old kernel (LOWBIT_CUDA_W8A16=simt,
@@ -109,10 +110,6 @@ if [ "${RC[build]}" = 0 ]; then
   esac
   step bench 240 "$OUT/bench.log" env "${MM_ENV[@]}" python3 bench/gpu_matmul.py \
     --out "$OUT/gpu_bench.json"
-  step probe_decode 60 "$OUT/bench.log" python3 bench/gpu_attention.py --probe
-  [ "${RC[probe_decode]}" = 0 ] || ATT_ENV=(LOWBIT_CUDA_DECODE=simt)
-  step bench_attention 150 "$OUT/bench.log" env "${ATT_ENV[@]}" python3 bench/gpu_attention.py \
-    --out "$OUT/gpu_attention.json"
 
   # 6. memcheck of the small CUDA tests (each tensor its own allocation so overruns are seen)
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
@@ -135,6 +132,12 @@ if [ "${RC[build]}" = 0 ]; then
   else
     RC[synccheck]=skipped
   fi
+
+  # 6a'. the attention benchmark (after its own probe: see 5)
+  step probe_decode 60 "$OUT/bench.log" python3 bench/gpu_attention.py --probe
+  [ "${RC[probe_decode]}" = 0 ] || ATT_ENV=(LOWBIT_CUDA_DECODE=simt)
+  step bench_attention 150 "$OUT/bench.log" env "${ATT_ENV[@]}" python3 bench/gpu_attention.py \
+    --out "$OUT/gpu_attention.json"
 
   # 6b. a profile (stall reasons, instruction mix), when Nsight Compute is here: of the W4A16
   # kernel, or with CHECK_PROFILE=w8a8 of W8A8's TMA kernel at M = 2048 on 4096 x 4096
