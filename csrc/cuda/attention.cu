@@ -99,16 +99,9 @@ bool merge_overlaps() {
 
 void launch_merge(const AttentionArgs& a, int splits, const float* scratch, cudaStream_t s) {
   const int64_t rows = a.tokens * a.Hq;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned((rows + kWarps - 1) / kWarps));
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = merge_overlaps() ? 1 : 0;
-  (void)cudaLaunchKernelEx(&cfg, merge_kernel, a, splits, scratch);  // (errors: launch_status)
+  const ExLaunch l(dim3(unsigned((rows + kWarps - 1) / kWarps)), dim3(kThreads), 0, s, dim3(1, 1, 1),
+                   merge_overlaps());
+  (void)cudaLaunchKernelEx(&l.cfg, merge_kernel, a, splits, scratch);  // (errors: launch_status)
 }
 
 }  // namespace

@@ -127,6 +127,30 @@ int opt_in_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done, const cha
   return kOk;
 }
 
+// A cudaLaunchKernelEx configuration, built in place (cfg points at attrs: never copied):
+// clusters of `cluster` CTAs unless 1 x 1 x 1, and with `overlap` a programmatic dependent
+// launch (the kernel may start before the previous one in the stream has ended, and must call
+// wait_prerequisites() before it reads what that one writes).
+struct ExLaunch {
+  cudaLaunchAttribute attrs[2]{};
+  cudaLaunchConfig_t cfg{};
+  ExLaunch(const ExLaunch&) = delete;
+  ExLaunch& operator=(const ExLaunch&) = delete;
+  ExLaunch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, dim3 cluster, bool overlap) {
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s, cfg.attrs = attrs;
+    if (cluster.x * cluster.y * cluster.z > 1) {
+      cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
+      a.id = cudaLaunchAttributeClusterDimension;
+      a.val.clusterDim.x = cluster.x, a.val.clusterDim.y = cluster.y, a.val.clusterDim.z = cluster.z;
+    }
+    if (overlap) {
+      cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
+      a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      a.val.programmaticStreamSerializationAllowed = 1;
+    }
+  }
+};
+
 // kOk, or kCudaError (recorded) if the launches since the last check failed.
 inline int launch_status(const char* where) {
   const cudaError_t e = cudaGetLastError();

@@ -177,7 +177,7 @@ template <class D>
 __global__ void quantize_per_token_kernel(
     const typename D::T* __restrict__ x, int64_t M, int64_t K, int64_t ldx, int8_t* __restrict__ q,
     float* __restrict__ scale) {
-  launch_dependents();  // W8A8's product kernel may start (it waits for this grid: see ProductLaunch)
+  launch_dependents();  // W8A8's product kernel may start (it waits for this grid: see overlaps_quantizer)
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const typename D::T* xr = x + row * ldx;
     float amax = 0.0f;
@@ -593,7 +593,7 @@ __global__ void __launch_bounds__(kThreads)
                 const int8_t* __restrict__ qw, const float* __restrict__ ws, int64_t N,
                 const void* __restrict__ bias, int bias_dtype, typename D::T* __restrict__ y, int64_t ldy) {
   const int lane = threadIdx.x & 31;
-  wait_prerequisites();  // the quantizer's qx, sx (see ProductLaunch)
+  wait_prerequisites();  // the quantizer's qx, sx (see overlaps_quantizer)
   for_each_warp_tile<MT>(M, N, [&](int64_t n0, int nr, int64_t m0, int mc) {
     const int8_t* xt = qx + m0 * K;  // scratch rows are contiguous
     float mine = 0.0f;
@@ -681,7 +681,7 @@ __global__ void __launch_bounds__(woq::kThreads, woq::kBlocksPerSm)
     cur.commit();
   };
   for (int i = 0; i < kStages - 1; ++i) issue(i);
-  wait_prerequisites();  // the weights above need not wait for the quantizer; qx, sx do (ProductLaunch)
+  wait_prerequisites();  // the weights above need not wait for the quantizer; qx, sx do (overlaps_quantizer)
   // Row gid of q(x) (row M - 1 past M: its products land only in outputs that are not stored),
   // the lane's 16 codes of each tile, one tile ahead; zeros past K (the weights are zero there).
   const int k_lane = t0 * woq::kTileK + 16 * tig;
@@ -811,7 +811,7 @@ __global__ void __launch_bounds__(mma_tc::kThreads, 2)
   const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
   const int64_t ntiles = tiles_m * tiles_n;
   const int ktiles = int((K + kBK - 1) / kBK);  // K <= kChunkK
-  wait_prerequisites();  // the quantizer's qx, sx (see ProductLaunch)
+  wait_prerequisites();  // the quantizer's qx, sx (see overlaps_quantizer)
 
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     int64_t m0, n0;
@@ -1023,7 +1023,7 @@ __global__ void __launch_bounds__(wgmma_ws::kThreads, 1)
     wgmma::cluster_sync();  // the peer's barriers exist before anything lands in or arrives on them
   else
     __syncthreads();
-  wait_prerequisites();  // the quantizer's qx, sx (see ProductLaunch)
+  wait_prerequisites();  // the quantizer's qx, sx (see overlaps_quantizer)
 
   // Both roles walk the same (tile, k tile) sequence through the ring: stage st, and the
   // parity of the stage's current use.
@@ -1132,36 +1132,14 @@ LinearGrid linear_grid(int64_t M, int64_t N, int mt) {
           dim3(kThreads)};
 }
 
-// The launch configuration of a W8A8 product kernel (the one after the quantizer): clusters of
-// `cluster` CTAs if > 1 (w8a8_tma_kernel), and with `overlap` launched to overlap the
-// quantizer's end (programmatic dependent launch): its launch latency and set-up (barriers,
-// tensor maps, the decode kernel's first weight copies) then hide behind the quantizer's last
-// blocks, and it waits for the quantizer (wait_prerequisites) before it reads qx or sx.
-struct ProductLaunch {
-  cudaLaunchAttribute attrs[2]{};
-  cudaLaunchConfig_t cfg{};  // (points at attrs: built in place, never copied)
-  ProductLaunch(const ProductLaunch&) = delete;
-  ProductLaunch& operator=(const ProductLaunch&) = delete;
-  ProductLaunch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int cluster, bool overlap) {
-    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s, cfg.attrs = attrs;
-    if (cluster > 1) {
-      cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
-      a.id = cudaLaunchAttributeClusterDimension;
-      a.val.clusterDim.x = unsigned(cluster), a.val.clusterDim.y = 1, a.val.clusterDim.z = 1;
-    }
-    if (overlap) {
-      cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
-      a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      a.val.programmaticStreamSerializationAllowed = 1;
-    }
-  }
-};
-
-// Whether W8A8's product kernels overlap the quantizer: LOWBIT_CUDA_W8A8_PDL=1 (opt-in until a
-// GPU has timed it; never with LOWBIT_CUDA_PDL=0, read per call), on a device of compute
-// capability 9+ running this build's sm_90+ code (code JIT-compiled from older PTX lacks the
-// wait; every kernel of the module is built for the same archs, so the dp4a kernel answers for
-// all). Per device, cached.
+// Whether W8A8's product kernels (the ones after the quantizer) are launched to overlap the
+// quantizer's end (ExLaunch's overlap): their launch latency and set-up (barriers, tensor maps,
+// the decode kernel's first weight copies) then hide behind the quantizer's last blocks, and
+// each waits for the quantizer (wait_prerequisites) before it reads qx or sx. Yes with
+// LOWBIT_CUDA_W8A8_PDL=1 (opt-in until a GPU has timed it; never with LOWBIT_CUDA_PDL=0, read
+// per call) on a device of compute capability 9+ running this build's sm_90+ code (code
+// JIT-compiled from older PTX lacks the wait; every kernel of the module is built for the same
+// archs, so the dp4a kernel answers for all). Per device, cached.
 bool overlaps_quantizer() {
   if (!env_is("LOWBIT_CUDA_W8A8_PDL", "1") || env_is("LOWBIT_CUDA_PDL", "0")) return false;
   static std::atomic<uint64_t> known{0}, ok{0};
@@ -1173,7 +1151,7 @@ bool overlaps_quantizer() {
 // for launch_status, as with <<<>>>).
 template <class... P, class... A>
 void launch_product(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
-  ProductLaunch l(grid, block, smem, s, 1, overlaps_quantizer());
+  const ExLaunch l(grid, block, smem, s, dim3(1, 1, 1), overlaps_quantizer());
   (void)cudaLaunchKernelEx(&l.cfg, kernel, args...);
 }
 
@@ -1296,8 +1274,8 @@ template <class D, int BN, int CL>
 int resident_clusters(int sms) {
   static std::atomic<int> cache[64];
   return cached_count_per_device(cache, [sms] {
-    ProductLaunch launch(dim3(unsigned(sms / CL * CL)), dim3(wgmma_ws::kThreads), wgmma_ws::kSmemBytes<BN>, nullptr,
-                         CL, false);
+    const ExLaunch launch(dim3(unsigned(sms / CL * CL)), dim3(wgmma_ws::kThreads), wgmma_ws::kSmemBytes<BN>, nullptr,
+                          dim3(CL, 1, 1), false);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, w8a8_tma_kernel<D, BN, CL>, &launch.cfg) != cudaSuccess || n < 1) {
       (void)cudaGetLastError();
@@ -1325,8 +1303,8 @@ int launch_w8a8_tma(const int8_t* qx, const float* sx, int64_t M, int64_t K, con
   const int64_t groups = ((M + kBM * CL - 1) / (kBM * CL)) * ((N + BN - 1) / BN);
   int64_t fit = sms;  // CTAs (CL = 1) or clusters that run at once
   if constexpr (CL > 1) fit = resident_clusters<D, BN, CL>(sms);
-  const ProductLaunch launch(dim3(unsigned((groups < fit ? groups : fit) * CL)), dim3(wgmma_ws::kThreads),
-                             kSmemBytes<BN>, s, CL, overlaps_quantizer());
+  const ExLaunch launch(dim3(unsigned((groups < fit ? groups : fit) * CL)), dim3(wgmma_ws::kThreads),
+                        kSmemBytes<BN>, s, dim3(CL, 1, 1), overlaps_quantizer());
   const cudaError_t e =
       cudaLaunchKernelEx(&launch.cfg, kernel, map_x, map_w, sx, M, K, ws, N, bias, bias_dtype, yt, ldy);
   if (e == cudaSuccess) return kOk;

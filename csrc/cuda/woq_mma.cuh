@@ -208,11 +208,11 @@ __device__ __forceinline__ void store_y(const Args& a, int64_t r, int64_t n, flo
 // and writes y; a second barrier keeps each block's copy alive until all have read it. No
 // partial buffer, counters or fences, and so nothing to zero before a call (a CUDA graph of
 // such calls holds one kernel a call). The decode kernels only (MT == 1, M <= 16).
-template <class D, class F, int SW, int NT, int kElems>
-__device__ void cluster_reduce(const Args& a, const float (&acc)[NT][1][2][4], float* red, int64_t m0) {
+template <class D, class F, int SW, int NT>
+__device__ void cluster_reduce(const Args& a, const float (&acc)[NT][1][2][4], int64_t m0) {
 #if defined(LOWBIT_WGMMA)
-  constexpr int kSubs = SW == 1 ? 1 : 2, kT = kThreadsOf<NT>;
-  static_assert(kElems == NT * kSubs * 4, "one slot per accumulator element");
+  constexpr int kSubs = SW == 1 ? 1 : 2, kT = kThreadsOf<NT>, kElems = NT * kSubs * 4;  // slots per thread
+  __shared__ float red[kElems * kT];
   const int tid = threadIdx.x;
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -234,7 +234,7 @@ __device__ void cluster_reduce(const Args& a, const float (&acc)[NT][1][2][4], f
   }
   wgmma::cluster_sync();
 #else
-  (void)a, (void)acc, (void)red, (void)m0;
+  (void)a, (void)acc, (void)m0;
   __trap();  // built without sm_90a code: the host never launches it (pick())
 #endif
 }
@@ -395,8 +395,7 @@ __global__ void __launch_bounds__(kThreadsOf<NT>, BPS)
     constexpr int kSubs = SW == 1 ? 1 : 2;  // accumulator quads per m tile
     if constexpr (CR) {
       if (a.splits > 1) {  // (then gridDim.z == mblocks: every block of the cluster has this m block)
-        __shared__ float red[NT * kSubs * 4 * kThreadsOf<NT>];
-        cluster_reduce<D, F, SW, NT, NT * kSubs * 4>(a, acc, red, m0);
+        cluster_reduce<D, F, SW, NT>(a, acc, m0);
         continue;
       }
     }
@@ -576,12 +575,8 @@ int launch(const Args& a, cudaStream_t s, const CUtensorMap& map = CUtensorMap{}
     l.kernel<<<grid, l.threads, 0, s>>>(a, map);
     return kOk;
   }
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(a.splits), attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid, cfg.blockDim = dim3(unsigned(l.threads)), cfg.stream = s, cfg.attrs = &attr, cfg.numAttrs = 1;
-  (void)cudaLaunchKernelEx(&cfg, l.kernel, a, map);
+  const ExLaunch ex(grid, dim3(unsigned(l.threads)), 0, s, dim3(1, unsigned(a.splits), 1), false);
+  (void)cudaLaunchKernelEx(&ex.cfg, l.kernel, a, map);
   return kOk;
 }
 
