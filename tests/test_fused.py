@@ -147,3 +147,21 @@ def test_bad_input(case):
     call, exc, word = BAD[case]
     with pytest.raises(exc, match=word):
         call()
+
+
+def test_empty_rows(gen):
+    """x without rows (tokens) gives outputs without rows, as torch's row ops do (rope_ already
+    did); the bound calls, made for fixed buffers of a model's steps, refuse empty x up front."""
+    w = randn((8,), gen)
+    for x in (torch.empty(0, 8), torch.empty(2, 0, 8, dtype=torch.bfloat16)):
+        out = ops.rms_norm(x, w.to(x.dtype))
+        assert out.shape == x.shape and out.dtype == x.dtype
+        out, s = ops.rms_norm(x, w.to(x.dtype), residual=torch.empty_like(x))
+        assert out.shape == s.shape == x.shape
+        y = ops.silu_and_mul(x)
+        assert y.shape == (*x.shape[:-1], 4) and y.dtype == x.dtype
+    x = torch.empty(0, 8)
+    with pytest.raises(ValueError, match="x is empty"):
+        fused.bind_rms_norm(x, w, 1e-5, None, torch.empty(0, 8), None)
+    with pytest.raises(ValueError, match="x is empty"):
+        fused.bind_silu_and_mul(x, torch.empty(0, 4))

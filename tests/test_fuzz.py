@@ -107,7 +107,7 @@ def _breakage(draw, x, packed, s, bias):
     contiguous (so valid): those breakages use at least 2 elements."""
     n, k = s.shape[0], x.shape[-1]
     choices = {
-        "x": [lambda: x.to(torch.int32), lambda: x.double(), lambda: torch.tensor(1.0), lambda: x[:0],
+        "x": [lambda: x.to(torch.int32), lambda: x.double(), lambda: torch.tensor(1.0), lambda: x[:, :0],
               lambda: torch.randn(x.shape[0], k + 4), lambda: x.to("meta"), lambda: x.tolist()],
         "qweight": [lambda: packed.float(), lambda: packed.view(-1), lambda: packed.transpose(2, 3),
                     lambda: fmt.pack_cpu(torch.ones(n + 16, k, dtype=torch.int8)), lambda: packed.to("meta"),
@@ -139,7 +139,7 @@ def test_fuzz_linear_invalid(data, m, n, k, scheme):
 def test_fuzz_module_bad_x(m, k, case, scheme):
     mod = lowbit.nn.Int8Linear.from_float(torch.nn.Linear(k, 3), scheme)
     bad = [torch.randn(m, k + 1), torch.randn(m, k).double(), torch.randint(0, 5, (m, k)), torch.tensor(0.5),
-           torch.randn(0, k), torch.randn(m, k, device="meta")][case]
+           torch.randn(0, k + 1), torch.randn(m, k, device="meta")][case]
     with pytest.raises((TypeError, ValueError), match="x"):
         mod(bad)
 
@@ -220,7 +220,7 @@ def _int4_breakage(draw, x, qw, ps, pm, n, bias):
     kx = k + 8  # another octet count: always refused; the message quotes it
     choices = {
         "x": [(lambda: x.to(torch.int32), r"\bx\b"), (lambda: x.double(), r"\bx\b"),
-              (lambda: torch.tensor(1.0), r"\bx\b"), (lambda: x[:0], r"\bx\b"),
+              (lambda: torch.tensor(1.0), r"\bx\b"), (lambda: x[:, :0], r"\bx\b"),
               (lambda: torch.randn(x.shape[0], kx), f"K={kx}"), (lambda: x.to("meta"), r"\bx\b"),
               (lambda: x.tolist(), r"\bx\b")],
         "qweight": [(lambda: qw.float(), "qweight"), (lambda: qw.view(torch.int8), "qweight"),

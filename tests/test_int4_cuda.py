@@ -419,6 +419,25 @@ def test_w4a16_bad_input_small(gen):
 
 
 @gpu
+def test_w4a16_x_without_rows_small(gen):
+    """M = 0 gives an empty y [..., 0, N] on x's device without a launch (a graph captures
+    nothing for it); the arguments are still checked."""
+    codes, d, m = rand_canonical(32, 64, 32, False, gen)
+    q, table = (t.cuda() for t in fmt.pack_cuda(codes, d, m))
+    for shape in ((0, 64), (3, 0, 64)):
+        for dtype in (torch.float16, torch.bfloat16):
+            y = w4a16(torch.empty(shape, dtype=dtype, device="cuda"), q, table, None, 32)
+            assert y.shape == (*shape[:-1], 32) and y.dtype == dtype and y.device == q.device
+    x = torch.empty(0, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        w4a16(x.float(), q, table, None, 32)
+    with pytest.raises(ValueError, match="K=32"):
+        w4a16(x[:, :32], q, table, None, 32)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        w4a16(x.cpu(), q, table, None, 32)
+
+
+@gpu
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_module_cuda_round_trip(symmetric, gen):
     """Int4Linear.cuda() converts to the CUDA layout and .cpu() restores the CPU layout exactly;

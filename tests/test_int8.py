@@ -491,7 +491,6 @@ BAD_LINEAR = {
     "x_int32": (lambda a: a.update(x=torch.ones(3, K0, dtype=torch.int32)), TypeError, "x"),
     "x_float64": (lambda a: a.update(x=a["x"].double()), TypeError, "x"),
     "x_scalar": (lambda a: a.update(x=torch.tensor(1.0)), ValueError, "x"),
-    "x_empty_rows": (lambda a: a.update(x=torch.empty(0, K0)), ValueError, "x"),
     "x_empty_k": (lambda a: a.update(x=torch.empty(3, 0)), ValueError, "x"),
     "k_mismatch": (lambda a: a.update(x=torch.randn(3, K0 + 8)), ValueError, "K="),
     "qweight_uint8": (lambda a: a.update(qweight=a["qweight"].view(torch.uint8)), TypeError, "qweight"),
@@ -532,6 +531,28 @@ def test_linear_bad_input(gen, scheme, case):
     assert f"int8_linear_{scheme}" in msg, f"message does not name the op: {msg}"
 
 
+@pytest.mark.parametrize("shape", [(0, K0), (4, 0, K0)], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@schemes
+def test_x_without_rows_gives_y_without_rows(gen, scheme, dtype, shape):
+    """M = 0 (an empty batch: e.g. an MoE expert no token was routed to) gives y [..., 0, N] of
+    x's dtype, as torch.nn.functional.linear does, through the public op and torch.ops; and the
+    weights are still checked: each bad-weight case of BAD_LINEAR raises with empty x too."""
+    a = _valid(gen)
+    x = torch.empty(shape, dtype=dtype)
+    for fn in (OPS[scheme], getattr(torch.ops.lowbit, f"int8_linear_{scheme}")):
+        y = fn(x, a["qweight"], a["scale"], a["bias"])
+        assert y.shape == (*shape[:-1], N0) and y.dtype == dtype
+    checked = [c for c in BAD_LINEAR if not c.startswith(("x_", "k_"))]
+    assert len(checked) > 15
+    for case in checked:
+        mutate, exc, text = BAD_LINEAR[case]
+        b = _valid(gen)
+        mutate(b)
+        with pytest.raises(exc, match=text):
+            OPS[scheme](x, b["qweight"], b["scale"], b["bias"])
+
+
 @schemes
 def test_linear_k_mismatch_across_quads_is_rejected(gen, scheme):
     """The CPU packed layout fixes K up to its quad of 4 (documented in lowbit.formats.int8 and the
@@ -552,13 +573,22 @@ def test_module_rejects_any_k_mismatch(gen, scheme):
 
 
 @pytest.mark.parametrize("case,exc", [
-    ("int32", TypeError), ("float64", TypeError), ("scalar", ValueError), ("empty", ValueError),
-    ("empty_k", ValueError)])
+    ("int32", TypeError), ("float64", TypeError), ("scalar", ValueError), ("empty_k", ValueError),
+    ("empty_rows_k0", ValueError)])
 def test_quantize_bad_input(case, exc):
     x = {"int32": torch.ones(3, 4, dtype=torch.int32), "float64": torch.randn(3, 4, dtype=torch.float64),
-         "scalar": torch.tensor(2.0), "empty": torch.empty(0, 4), "empty_k": torch.empty(3, 0)}[case]
+         "scalar": torch.tensor(2.0), "empty_k": torch.empty(3, 0), "empty_rows_k0": torch.empty(0, 0)}[case]
     with pytest.raises(exc, match="x"):
         lowbit.ops.int8_quantize_per_token(x)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0, 4)], ids=str)
+def test_quantize_without_rows(shape):
+    """x without rows: codes of its shape and scales of its shape less K, both empty."""
+    for fn in (lowbit.ops.int8_quantize_per_token, torch.ops.lowbit.int8_quantize_per_token):
+        q, s = fn(torch.empty(shape, dtype=torch.float16))
+        assert q.shape == shape and q.dtype == torch.int8
+        assert s.shape == shape[:-1] and s.dtype == torch.float32
 
 
 @pytest.mark.parametrize("case,exc,text", [

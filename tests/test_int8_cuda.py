@@ -760,6 +760,29 @@ def test_quantize_bad_input_small(cgen):
         quantize_per_token(torch.empty(3, 0, device="cuda"))
 
 
+@gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_x_without_rows_small(op, cgen):
+    """M = 0 gives an empty y [..., 0, N] (and the quantizer empty codes and scales) on x's device
+    without a launch; the arguments are still checked."""
+    N, K = 40, 64
+    qw, s = rand_weight(N, K, cgen)
+    for shape in ((0, K), (2, 0, K)):
+        for dtype in DTYPES:
+            x = torch.empty(shape, dtype=dtype, device="cuda")
+            y = OPS[op](x, qw, s, randn((N,), cgen))
+            assert y.shape == (*shape[:-1], N) and y.dtype == dtype and y.device == qw.device
+            q, sx = quantize_per_token(x)
+            assert q.shape == shape and q.dtype == torch.int8 and sx.shape == shape[:-1] and q.is_cuda
+    x = torch.empty(0, K, device="cuda")
+    with pytest.raises(ValueError, match="K=32"):
+        OPS[op](x[:, :32], qw, s)
+    with pytest.raises(ValueError):
+        OPS[op](x.cpu(), qw, s)
+    with pytest.raises(ValueError, match="bias"):
+        OPS[op](x, qw, s, randn((N + 1,), cgen))
+
+
 # ---------------------------------------------------------------- modules
 @gpu
 @pytest.mark.parametrize("scheme", list(OPS))

@@ -132,15 +132,18 @@ def test_constructor_and_from_float_validation():
 
 
 def assert_forward_rejects_bad_x(mod, k):
-    """Wrong K, non-float / float64 x and empty x raise errors naming x (checked by every module)."""
-    with pytest.raises(ValueError, match="K=31"):
-        mod(torch.randn(2, 31))
-    with pytest.raises(TypeError, match="x must be"):
-        mod(torch.ones(2, k, dtype=torch.int64))
-    with pytest.raises(TypeError, match="x must be"):
-        mod(torch.randn(2, k, dtype=torch.float64))
-    with pytest.raises(ValueError, match="x is empty"):
-        mod(torch.randn(0, k))
+    """Wrong K and non-float / float64 x raise errors naming x (checked by every module), also
+    without rows; x without rows but of the right K gives y without rows, as nn.Linear does."""
+    for m in (2, 0):
+        with pytest.raises(ValueError, match="K=31"):
+            mod(torch.randn(m, 31))
+        with pytest.raises(TypeError, match="x must be"):
+            mod(torch.ones(m, k, dtype=torch.int64))
+        with pytest.raises(TypeError, match="x must be"):
+            mod(torch.randn(m, k, dtype=torch.float64))
+    for x in (torch.randn(0, k), torch.randn(5, 0, k, dtype=torch.bfloat16)):
+        y = mod(x)
+        assert y.shape == (*x.shape[:-1], mod.out_features) and y.dtype == x.dtype
 
 
 @schemes

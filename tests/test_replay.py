@@ -102,6 +102,8 @@ def test_bind_checks_buffers():
         lin.bind(x, torch.empty(2, 31))
     with pytest.raises(ValueError, match="x must be"):
         lin.bind(torch.randn(64, 2).t(), torch.empty(2, 32))
+    with pytest.raises(ValueError, match="M >= 1"):  # (the eager call takes it: an empty y)
+        lin.bind(torch.empty(0, 64), torch.empty(0, 32))
     y = torch.full((2, 32), float("nan"))
     lin.bind(x, y)()
     torch.testing.assert_close(y, lin(x), rtol=0, atol=0)

@@ -96,8 +96,8 @@ class _QuantizedLinear(torch.nn.Module):
         name = _OPS[self.scheme][0]
         int8_ops.validate_x(x, self.in_features, self._weight_device(), name)
         n = self.out_features
-        if x.dim() != 2 or not x.is_contiguous():
-            raise ValueError(f"{type(self).__name__}.bind: x must be a contiguous [M, K] tensor")
+        if x.dim() != 2 or not x.is_contiguous() or x.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}.bind: x must be a contiguous [M, K] tensor with M >= 1")
         if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0], n) or y.dtype != x.dtype or not y.is_contiguous():
             raise ValueError(f"{type(self).__name__}.bind: y must be a contiguous {x.dtype} tensor of shape "
                              f"{(x.shape[0], n)}")

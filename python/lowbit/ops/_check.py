@@ -54,6 +54,13 @@ def not_empty(t: torch.Tensor, name: str, op: str) -> None:
         raise ValueError(f"lowbit.{op}: {name} is empty (shape {tuple(t.shape)})")
 
 
+def features(x: torch.Tensor, op: str) -> None:
+    """x [..., K] needs K >= 1; rows it may lack (M = 0: an empty batch gives an empty result,
+    as torch.nn.functional.linear does)."""
+    if x.shape[-1] == 0:
+        raise ValueError(f"lowbit.{op}: x has no features (K = 0; shape {tuple(x.shape)})")
+
+
 def bias(b, n: int, device: torch.device, op: str) -> None:
     """None, or a contiguous float [N] tensor on the weights' device."""
     if b is None:

@@ -62,7 +62,8 @@ def rms_norm_cpu(x, weight, eps, residual=None) -> tuple:
     residual = None if residual is None else residual.contiguous()
     out = torch.empty_like(x)
     s = x if residual is None else torch.empty_like(x)
-    _native.check(_native._C.rms_norm(*_rms_norm_args(x, weight, eps, residual, out, s)), op)
+    if x.numel():  # (no rows: nothing to do)
+        _native.check(_native._C.rms_norm(*_rms_norm_args(x, weight, eps, residual, out, s)), op)
     return out, s
 
 
@@ -81,6 +82,8 @@ def bind_rms_norm(x, weight, eps, residual, out, sum_out):
     which may be residual itself: rows are read before they are written), arguments checked now."""
     op = "rms_norm"
     validate_rms_norm(x, weight, eps, residual, op)
+    if not x.numel():
+        raise ValueError(f"lowbit.{op}: x is empty")
     _check_bound(op, x, x=x, residual=residual, out=out, sum_out=sum_out)
     for name, t in (("out", out), ("sum_out", sum_out)):
         if t is not None and t.shape != x.shape:
@@ -106,7 +109,8 @@ def silu_and_mul_cpu(x) -> torch.Tensor:
     validate_silu_and_mul(x, op)
     x = x.contiguous()
     out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-    _native.check(_native._C.silu_and_mul(*_silu_args(x, out)), op)
+    if x.numel():
+        _native.check(_native._C.silu_and_mul(*_silu_args(x, out)), op)
     return out
 
 
@@ -114,6 +118,8 @@ def bind_silu_and_mul(x, out):
     """A callable doing out = silu_and_mul_cpu(x), arguments checked now."""
     op = "silu_and_mul"
     validate_silu_and_mul(x, op)
+    if not x.numel():
+        raise ValueError(f"lowbit.{op}: x is empty")
     _check_bound(op, x, x=x, out=out)
     if out.shape != (*x.shape[:-1], x.shape[-1] // 2):
         raise ValueError(f"lowbit.{op}: out must have shape {(*x.shape[:-1], x.shape[-1] // 2)}")

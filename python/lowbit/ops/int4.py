@@ -113,8 +113,8 @@ def validate_linear(x, qweight, scales, mins, n, bias, op: str) -> tuple:
         raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
     # K is fixed by the weights: under torch.compile with dynamic shapes this specializes it
     # (the group-size arithmetic below needs a concrete value).
+    chk.features(x, op)
     k = int(x.shape[-1])
-    chk.not_empty(x, "x", op)
     g = validate_weights(qweight, scales, mins, n, bias, k, op)
     validate_x(x, k, scales.device, op)
     return k, g
@@ -174,6 +174,8 @@ def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     m = x2.shape[0]
     dev = x.device
     stream = _native.stream_of(x)
+    if m == 0:
+        return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     if m > DENSE_MIN_M and n <= DEQUANT_MAX_N:  # one dequantization, then cuBLAS (see ops/int8.py)
         return dense_linear(x, n, k, bias, functools.partial(mod.int4_dequantize_w4a16, qweight.data_ptr(),
                                                              scales.data_ptr(), _native.DTYPE_CODE[scales.dtype],

@@ -33,13 +33,12 @@ _lib.define("int8_linear_w8a8(Tensor x, Tensor qweight, Tensor scale, Tensor? bi
 
 # ---------------------------------------------------------------- validation
 def validate_x(x, k: int, device: torch.device, op: str) -> None:
-    """x must be a non-empty float tensor [..., K] on `device` (the weights' device)."""
+    """x must be a float tensor [..., K] on `device` (the weights' device); it may have no rows."""
     chk.float_tensor(x, "x", op)
     if x.dim() < 1:
         raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
     if x.shape[-1] != k:
         raise ValueError(f"lowbit.{op}: x has K={x.shape[-1]} features (last dim) but the weight expects K={k}")
-    chk.not_empty(x, "x", op)
     xd = x.device
     # (torch.device equality is slow; CPU tensors only need the type compared)
     if xd.type != device.type or (xd.type != "cpu" and xd != device):
@@ -82,6 +81,7 @@ def validate_linear(x, qweight, scale, bias, op: str) -> tuple:
     chk.float_tensor(x, "x", op)
     if x.dim() < 1:
         raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
+    chk.features(x, op)
     k = x.shape[-1]
     n = validate_weights(qweight, scale, bias, k, op)
     validate_x(x, k, scale.device, op)
@@ -92,7 +92,7 @@ def validate_quantize(x, op: str) -> None:
     chk.float_tensor(x, "x", op)
     if x.dim() < 1:
         raise ValueError(f"lowbit.{op}: x must have at least 1 dimension [..., K], got a scalar")
-    chk.not_empty(x, "x", op)
+    chk.features(x, op)
 
 
 # ---------------------------------------------------------------- fake impls
@@ -126,6 +126,8 @@ def quantize_per_token_cpu(x):
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8)
     s = torch.empty((m,), dtype=torch.float32)
+    if m == 0:
+        return q.view(x.shape), s.view(x.shape[:-1])
     st = _native._C.int8_quantize_per_token(
         x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), q.data_ptr(), s.data_ptr(),
         _native.get_num_threads())
@@ -135,9 +137,11 @@ def quantize_per_token_cpu(x):
 
 def run_cpu_kernel(kernel, op, x, k, weight_args: tuple, n, bias):
     """Calls a CPU linear kernel of any family: (x rows, *weight_args, bias, y [..., n], threads).
-    Arguments are validated already; returns y."""
+    Arguments are validated already; returns y (x without rows: y without rows, no call)."""
     x2 = chk.rows(x)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    if x2.shape[0] == 0:
+        return y
     st = kernel(x2.data_ptr(), _native.DTYPE_CODE[x.dtype], x2.shape[0], k, chk.row_stride(x2), *weight_args,
                 *bias_args(bias), y.data_ptr(), n, _native.get_num_threads())
     _native.check(st, op)
@@ -180,6 +184,8 @@ def quantize_per_token_cuda(x):
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q.view(x.shape), s.view(x.shape[:-1])
     st = mod.int8_quantize_per_token(
         x2.data_ptr(), _native.DTYPE_CODE[x.dtype], m, k, chk.row_stride(x2), q.data_ptr(), s.data_ptr(),
         x.device.index, _native.stream_of(x))
@@ -244,6 +250,8 @@ def _linear_cuda(op, x, qweight, scale, bias):
     x2 = chk.rows(x)
     m = x2.shape[0]
     dev, stream = x.device, _native.stream_of(x)
+    if m == 0:
+        return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     if op == "int8_linear_w8a16" and m > DENSE_MIN_M:
         return dense_linear(x, n, k, bias, functools.partial(mod.int8_dequantize_w8a16, qweight.data_ptr(),
                                                              scale.data_ptr(), n, k), op)
