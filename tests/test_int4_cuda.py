@@ -461,6 +461,22 @@ def test_module_cuda_round_trip(symmetric, gen):
 
 
 @gpu
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_module_autocast_small(low, gen):
+    """An fp32 model under torch.autocast("cuda"): Int4Linear takes x in autocast's dtype (the
+    tensor-core kernel takes no fp32 x: without autocast that is a TypeError), as nn.Linear
+    does; the same bits as casting x by hand."""
+    m = Int4Linear.from_float(torch.nn.Linear(128, 48), group_size=32).cuda()
+    x = torch.randn(3, 128, generator=gen).cuda()
+    want = m(x.to(low))
+    with torch.autocast("cuda", dtype=low):
+        got = m(x)
+    assert got.dtype == low and torch.equal(got, want)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        m(x)
+
+
+@gpu
 def test_quantize_model_cuda(gen):
     """lowbit.quantize on a CUDA model: Int4Linear in the CUDA layout, computing with exactly the
     weights it quantized to (compared with the float model holding the dequantized weights)."""

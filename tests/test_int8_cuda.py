@@ -846,6 +846,21 @@ def test_module_half_small(scheme, cgen):
 
 @gpu
 @pytest.mark.parametrize("scheme", list(OPS))
+def test_module_autocast_small(scheme, cgen):
+    """Under torch.autocast("cuda") Int8Linear takes x in autocast's dtype, as nn.Linear does:
+    the same bits as casting x by hand."""
+    m = Int8Linear.from_float(torch.nn.Linear(64, 37), scheme).cuda()
+    x = randn((3, 64), cgen)
+    for low in (torch.float16, torch.bfloat16):
+        want = m(x.to(low))
+        with torch.autocast("cuda", dtype=low):
+            got = m(x)
+        assert got.dtype == low and torch.equal(got, want)
+    assert m(x).dtype == torch.float32
+
+
+@gpu
+@pytest.mark.parametrize("scheme", list(OPS))
 def test_quantize_model_cuda(scheme, cgen):
     torch.manual_seed(1234)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 37)).cuda()

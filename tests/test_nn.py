@@ -1170,3 +1170,31 @@ def test_int4_concurrent_calls_match_serial(gen, scheme, restore_threads):
     results = run_concurrently(mod, inputs, 4)
     for i, (a, b) in enumerate(zip(results, serial)):
         assert_bitwise_equal(a, b, f"call {i}")
+
+
+# ---------------------------------------------------------------- torch.autocast
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("scheme", SCHEMES + INT4_SCHEMES)
+def test_autocast_casts_x_like_nn_linear(gen, scheme, low):
+    """Inside torch.autocast a module (and the public op) takes x in autocast's dtype and
+    returns that dtype, as nn.Linear does: the same bits as calling it on x cast by hand, eagerly
+    and compiled; outside the region, or with it disabled, x's own dtype."""
+    lin = make_linear(64, 37, True, gen)
+    mod = (Int8Linear if scheme in SCHEMES else Int4Linear).from_float(lin, scheme)
+    x = randn((5, 64), gen)
+    want = mod(x.to(low))
+    compiled = torch.compile(mod, backend="eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=low):
+        assert lin(x).dtype == low  # what nn.Linear does in this region
+        for got in (mod(x), compiled(x)):
+            assert got.dtype == low
+            assert_bitwise_equal(got, want, "autocast x")
+        with torch.autocast("cpu", enabled=False):
+            assert mod(x).dtype == torch.float32
+        if scheme in SCHEMES:
+            got = OPS[scheme](x, mod.qweight, mod.scale, mod.bias)
+        else:
+            got = getattr(lowbit.ops, f"int4_linear_{scheme}")(x, mod.qweight, mod.scales, mod.mins,
+                                                             mod.out_features, mod.bias)
+        assert_bitwise_equal(got, want, "public op under autocast")
+    assert mod(x).dtype == torch.float32

@@ -70,6 +70,7 @@ class _QuantizedLinear(torch.nn.Module):
         self.__dict__["_weights_checked"] = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = chk.autocast(x)  # (inside torch.autocast, as nn.Linear)
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             # The weights are validated once after each change (see __setattr__); x every call.
             if not self._weights_checked:

@@ -72,6 +72,20 @@ def bias(b, n: int, device: torch.device, op: str) -> None:
     contiguous(b, "bias", op)
 
 
+def autocast(x):
+    """x in the dtype a torch.autocast region active on its device asks for (float32 / float16 /
+    bfloat16 x; float64 stays, as autocast leaves it), the way torch.nn.functional.linear casts
+    its input there; else x itself. The linear modules and public linear ops call it; the raw
+    torch.ops.lowbit ops take the dtypes they are given (their weights' float tensors must keep
+    theirs, which autocast's cast-every-input rule for custom ops would not)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    dev = "cpu" if x.is_cpu else "cuda" if x.is_cuda else None  # (cheaper than x.device.type: every call pays it)
+    if dev is None or not torch.is_autocast_enabled(dev) or x.dtype not in FLOAT_DTYPES:
+        return x
+    return x.to(torch.get_autocast_dtype(dev))
+
+
 def rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> a 2-D [M, K] view (or copy) with unit inner stride, as the kernels read it."""
     if x.dim() == 2 and x.is_contiguous():

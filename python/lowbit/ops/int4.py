@@ -220,11 +220,11 @@ def int4_linear_w4a16(x, qweight, scales, mins, n: int, bias=None) -> torch.Tens
     """y = x . dequant(W)^T + bias with W = d * q + m (mins) or d * (q - 8) (mins None), x kept in float."""
     chk.tensors("int4_linear_w4a16", ("mins", "bias"), x=x, qweight=qweight, scales=scales, mins=mins, bias=bias)
     _check_n(n, "int4_linear_w4a16")
-    return torch.ops.lowbit.int4_linear_w4a16(x, qweight, scales, mins, n, bias)
+    return torch.ops.lowbit.int4_linear_w4a16(chk.autocast(x), qweight, scales, mins, n, bias)
 
 
 def int4_linear_w4a8(x, qweight, scales, mins, n: int, bias=None) -> torch.Tensor:
     """y = q8(x) . dequant(W)^T + bias, x quantized to int8 per block of 32 along K on the fly."""
     chk.tensors("int4_linear_w4a8", ("mins", "bias"), x=x, qweight=qweight, scales=scales, mins=mins, bias=bias)
     _check_n(n, "int4_linear_w4a8")
-    return torch.ops.lowbit.int4_linear_w4a8(x, qweight, scales, mins, n, bias)
+    return torch.ops.lowbit.int4_linear_w4a8(chk.autocast(x), qweight, scales, mins, n, bias)

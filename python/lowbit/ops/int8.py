@@ -297,10 +297,10 @@ def int8_quantize_per_token(x: torch.Tensor) -> tuple:
 def int8_linear_w8a16(x, qweight, scale, bias=None) -> torch.Tensor:
     """y = x . (qweight * scale[:, None])^T + bias, activations kept in float."""
     chk.tensors("int8_linear_w8a16", ("bias",), x=x, qweight=qweight, scale=scale, bias=bias)
-    return torch.ops.lowbit.int8_linear_w8a16(x, qweight, scale, bias)
+    return torch.ops.lowbit.int8_linear_w8a16(chk.autocast(x), qweight, scale, bias)
 
 
 def int8_linear_w8a8(x, qweight, scale, bias=None) -> torch.Tensor:
     """y = (q(x) . qweight^T) * scale_x[..., None] * scale + bias, with x quantized per token on the fly."""
     chk.tensors("int8_linear_w8a8", ("bias",), x=x, qweight=qweight, scale=scale, bias=bias)
-    return torch.ops.lowbit.int8_linear_w8a8(x, qweight, scale, bias)
+    return torch.ops.lowbit.int8_linear_w8a8(chk.autocast(x), qweight, scale, bias)
