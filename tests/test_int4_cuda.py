@@ -477,6 +477,21 @@ def test_module_autocast_small(low, gen):
 
 
 @gpu
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_module_gradient_small(symmetric, gen):
+    """x's gradient through a CUDA Int4Linear: grad_y . W with the weight it multiplies by (the
+    CUDA table's pairs dequantized, the same weight as the CPU module's)."""
+    m = Int4Linear.from_float(torch.nn.Linear(128, 48), group_size=32, symmetric=symmetric)
+    w = m.dequantized_weight()
+    m = m.cuda()
+    x = torch.randn(2, 3, 128, generator=gen).half().cuda().requires_grad_()
+    g = torch.randn(2, 3, 48, generator=gen).half().cuda()
+    m(x).backward(g)
+    want = g @ w.cuda().half()  # (symmetric: the table's d * q + m may round apart from d * (q - 8) in fp32)
+    torch.testing.assert_close(x.grad, want, rtol=4e-3, atol=4e-3 * want.abs().max().item())
+
+
+@gpu
 def test_quantize_model_cuda(gen):
     """lowbit.quantize on a CUDA model: Int4Linear in the CUDA layout, computing with exactly the
     weights it quantized to (compared with the float model holding the dequantized weights)."""

@@ -861,6 +861,18 @@ def test_module_autocast_small(scheme, cgen):
 
 @gpu
 @pytest.mark.parametrize("scheme", list(OPS))
+def test_module_gradient_small(scheme, cgen):
+    """x's gradient through a CUDA Int8Linear: grad_y . W with its dequantized weight (W8A8
+    straight through its activation rounding)."""
+    m = Int8Linear.from_float(torch.nn.Linear(64, 37), scheme).cuda()
+    x = randn((5, 64), cgen, torch.bfloat16).requires_grad_()
+    g = randn((5, 37), cgen, torch.bfloat16)
+    m(x).backward(g)
+    torch.testing.assert_close(x.grad, g @ m.dequantized_weight().to(torch.bfloat16), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("scheme", list(OPS))
 def test_quantize_model_cuda(scheme, cgen):
     torch.manual_seed(1234)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 37)).cuda()

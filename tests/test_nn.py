@@ -15,6 +15,7 @@ from lowbit.nn import Int8Linear
 from lowbit.ref import int8 as ref
 
 from conftest import (
+    assert_within_torch_error,
     run_concurrently,
     assert_all_finite,
     assert_bitwise_equal,
@@ -1183,6 +1184,7 @@ def test_autocast_casts_x_like_nn_linear(gen, scheme, low):
     mod = (Int8Linear if scheme in SCHEMES else Int4Linear).from_float(lin, scheme)
     x = randn((5, 64), gen)
     want = mod(x.to(low))
+    torch._dynamo.reset()
     compiled = torch.compile(mod, backend="eager", fullgraph=True)
     with torch.autocast("cpu", dtype=low):
         assert lin(x).dtype == low  # what nn.Linear does in this region
@@ -1198,3 +1200,55 @@ def test_autocast_casts_x_like_nn_linear(gen, scheme, low):
                                                              mod.out_features, mod.bias)
         assert_bitwise_equal(got, want, "public op under autocast")
     assert mod(x).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- autograd (x and bias)
+def _op_args(mod, scheme, x, bias):
+    """The public op and its arguments computing mod(x) with the given bias."""
+    if scheme in SCHEMES:
+        return OPS[scheme], (x, mod.qweight, mod.scale, bias)
+    return getattr(lowbit.ops, f"int4_linear_{scheme}"), (x, mod.qweight, mod.scales, mod.mins, mod.out_features,
+                                                           bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("scheme", SCHEMES + INT4_SCHEMES)
+def test_gradients_flow_to_x_and_bias(gen, scheme, dtype):
+    """A frozen quantized layer passes gradients on as nn.Linear with its dequantized weight does
+    (adapters trained around it, QLoRA-style): grad_x = grad_y . W (W8A8: straight through its
+    activation rounding) through the module, eagerly and compiled, and to a bias that requires
+    grad through the op; weights that require grad are refused instead of silently left out."""
+    mod = (Int8Linear if scheme in SCHEMES else Int4Linear).from_float(make_linear(64, 37, True, gen), scheme)
+    w = mod.dequantized_weight()
+    x = randn((2, 3, 64), gen).to(dtype).requires_grad_()
+    g = randn((2, 3, 37), gen).to(dtype)
+    want64, torch_grad = g.double() @ w.double(), g @ w.to(dtype)  # (the latter: nn.Linear's backward in dtype)
+    torch._dynamo.reset()
+    for fn in (mod, torch.compile(mod, backend="eager", fullgraph=True)):
+        x.grad = None
+        y = fn(x)
+        assert y.requires_grad
+        y.backward(g)
+        assert_within_torch_error(x.grad, want64, torch_grad, f"grad_x ({fn.__class__.__name__})")
+    with torch.no_grad():
+        assert not mod(x).requires_grad
+    bias = randn((37,), gen).requires_grad_()
+    op, args = _op_args(mod, scheme, x.detach(), bias)
+    op(*args).backward(g)
+    torch.testing.assert_close(bias.grad, g.float().sum((0, 1)), rtol=1e-5, atol=1e-5)
+    frozen = mod.scale if scheme in SCHEMES else mod.scales
+    op, args = _op_args(mod, scheme, x, None)
+    args = tuple(frozen.detach().clone().requires_grad_() if a is frozen else a for a in args)
+    with pytest.raises(ValueError, match="weights take no gradient"):
+        op(*args)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES + INT4_SCHEMES)
+def test_opcheck_with_gradients(gen, scheme):
+    """torch.library.opcheck with x and bias requiring grad: the autograd registration and AOT
+    dispatch (forward and backward traced) agree with eager."""
+    mod = (Int8Linear if scheme in SCHEMES else Int4Linear).from_float(make_linear(64, 37, True, gen), scheme)
+    op, args = _op_args(mod, scheme, randn((5, 64), gen).requires_grad_(), randn((37,), gen).requires_grad_())
+    torch.library.opcheck(getattr(torch.ops.lowbit, op.__name__).default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))

@@ -71,7 +71,9 @@ class _QuantizedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = chk.autocast(x)  # (inside torch.autocast, as nn.Linear)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # (x's gradient: through the op, which has a backward)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and not (x.requires_grad and
+                                                                               torch.is_grad_enabled()):
             # The weights are validated once after each change (see __setattr__); x every call.
             if not self._weights_checked:
                 self._check_weights()

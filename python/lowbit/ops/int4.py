@@ -35,7 +35,7 @@ import torch
 from .. import _native
 from ..formats import int4 as fmt
 from . import _check as chk
-from .int8 import DENSE_MIN_M, bias_args, cuda_counters, dense_linear, run_cpu_kernel, validate_x
+from .int8 import DENSE_MIN_M, bias_args, cuda_counters, dense_linear, register_input_grad, run_cpu_kernel, validate_x
 
 _lib = torch.library.Library("lowbit", "FRAGMENT")
 for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
@@ -205,6 +205,24 @@ for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
     _lib.impl(_op, _cpu_impl(_op), "CPU")
 _lib.impl("int4_linear_w4a16", linear_w4a16_cuda, "CUDA")
 _lib.impl("int4_linear_w4a8", linear_w4a8_cuda, "CUDA")
+
+
+# ---------------------------------------------------------------- autograd
+def dequantize(qweight, scales, mins, n: int, device_type: str, k: int) -> torch.Tensor:
+    """The INT4 weight of either layout as fp32 [N, K]: d * (q - 8), or d * q + m (a CUDA table's (d, m)
+    pairs always so), the kernels' weights (lowbit.ref.int4.dequantize_int4, without its data checks,
+    which tracing cannot take)."""
+    if device_type == "cpu":
+        codes, d, m = fmt.unpack_cpu(qweight, scales, mins, n, k)
+    else:
+        codes, d, m = fmt.unpack_cuda(qweight, scales, n, k, symmetric=False)
+    q = codes.to(torch.float32).reshape(n, d.shape[1], -1)
+    w = d[..., None] * (q - 8) if m is None else d[..., None] * q + m[..., None]
+    return w.reshape(n, k)
+
+
+for _op in ("int4_linear_w4a16", "int4_linear_w4a8"):
+    register_input_grad(_op, dequantize, _lib)
 
 
 # ---------------------------------------------------------------- public

@@ -287,6 +287,52 @@ _lib.impl("int8_linear_w8a16", linear_w8a16_cuda, "CUDA")
 _lib.impl("int8_linear_w8a8", linear_w8a8_cuda, "CUDA")
 
 
+# ---------------------------------------------------------------- autograd
+_TENSOR = object()  # (setup_context: where a saved tensor goes back among the weight arguments)
+
+
+def register_input_grad(op: str, dequantize, lib=_lib) -> None:
+    """Gradients of a linear op y = x . W^T + bias (x first, bias last) for x and bias, as for a
+    frozen nn.Linear (what training adapters around quantized layers, QLoRA-style, needs):
+    grad_x = grad_y . W in grad_y's dtype, as F.linear's backward, with W (fp32 [N, K])
+    = dequantize(weight arguments, device type, K), the exact weights the kernels multiply by;
+    grad_bias = grad_y summed over rows. W8A8 passes the gradient straight through its
+    activation rounding. The quantized weights are frozen: one that requires grad is an error
+    (rather than a gradient silently never computed). Double backward is not supported."""
+    def setup_context(ctx, inputs, output):
+        weights = inputs[1:-1]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in weights):
+            raise ValueError(f"lowbit.{op}: the quantized weights take no gradient (they are frozen; gradients "
+                             "flow to x and bias): pass them detached")
+        ctx.args = [_TENSOR if isinstance(t, torch.Tensor) else t for t in weights]
+        ctx.save_for_backward(*[t for t in weights if isinstance(t, torch.Tensor)])
+        ctx.k, ctx.device_type = inputs[0].shape[-1], inputs[0].device.type
+        bias = inputs[-1]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        weights = [next(saved) if a is _TENSOR else a for a in ctx.args]
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize(*weights, ctx.device_type, ctx.k).to(grad.dtype)
+        if ctx.needs_input_grad[-1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_x, *([None] * len(weights)), grad_bias
+
+    torch.library.register_autograd(f"lowbit::{op}", backward, setup_context=setup_context, lib=lib)
+
+
+def dequantize(qweight, scale, device_type: str, k: int) -> torch.Tensor:
+    """The INT8 weight of either layout as fp32 [N, K]."""
+    codes = fmt.unpack_cpu(qweight, scale.shape[0], k) if device_type == "cpu" else qweight
+    return codes.to(torch.float32) * scale[:, None]
+
+
+for _op in ("int8_linear_w8a16", "int8_linear_w8a8"):
+    register_input_grad(_op, dequantize)
+
+
 # ---------------------------------------------------------------- public
 def int8_quantize_per_token(x: torch.Tensor) -> tuple:
     """Symmetric per-token int8: returns (q int8 [..., K], scale fp32 [...]), x ~= q * scale[..., None]."""
