@@ -1252,3 +1252,28 @@ def test_opcheck_with_gradients(gen, scheme):
     torch.library.opcheck(getattr(torch.ops.lowbit, op.__name__).default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
+
+
+def test_inference_ops_refuse_backward(gen):
+    """The ops without a backward (attention, paged attention, rms_norm, silu_and_mul, the per-token
+    quantizer) still run on tensors that require grad, but backpropagating through them raises a
+    NotImplementedError naming the op (torch alone would drop their gradient silently or warn)."""
+    q = randn((1, 2, 4, 16), gen).requires_grad_()
+    kv = randn((1, 2, 4, 16), gen)
+    cache = randn((2, 16, 2, 16), gen)
+    tables, lens = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32)
+    calls = {
+        "attention": lambda: lowbit.attention(q, kv, kv),
+        "paged_attention": lambda: lowbit.ops.paged_attention(q[0, :, :1].transpose(0, 1), cache, cache, tables, lens),
+        "rms_norm": lambda: lowbit.ops.fused.rms_norm(q, torch.ones(16)),
+        "silu_and_mul": lambda: lowbit.ops.fused.silu_and_mul(q),
+        "int8_quantize_per_token": lambda: lowbit.ops.int8_quantize_per_token(q)[1],
+    }
+    for op, call in calls.items():
+        y = call()
+        assert y.requires_grad, op
+        with pytest.raises(NotImplementedError, match=f"lowbit.{op} has no backward"):
+            y.sum().backward()
+        with torch.no_grad():
+            assert not call().requires_grad
+    assert q.grad is None

@@ -126,3 +126,17 @@ def capturing(device) -> bool:
     """True while a CUDA graph is being captured on the device's current stream: tensor contents
     cannot be read then (the CUDA kernels bound-check block ids and slots themselves)."""
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def no_backward(op: str, lib, instead: str) -> None:
+    """Gives lowbit::op (an inference kernel without a backward) a backward that raises: calls on
+    tensors that require grad still run, but backpropagating through them is a clear error, where
+    torch would otherwise drop their gradients (None for x) or warn and go on. `instead`: what to
+    train with."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"lowbit.{op} has no backward (an inference kernel): to train, use {instead}; "
+                                  "or detach its inputs")
+
+    torch.library.register_autograd(f"lowbit::{op}", backward, setup_context=lambda ctx, inputs, output: None,
+                                    lib=lib)
+

@@ -204,6 +204,7 @@ def cuda_tail(query, tokens: int, hq: int, hkv: int, max_keys: int, dv: int, num
 
 
 _lib.impl("attention", _run, "CPU")
+chk.no_backward("attention", _lib, "torch.nn.functional.scaled_dot_product_attention")
 _lib.impl("attention", _run, "CUDA")
 
 

@@ -194,7 +194,9 @@ def _rms_norm_impl(x, weight, eps, residual=None):
 
 
 _lib.impl("rms_norm", _rms_norm_impl, "CPU")
+chk.no_backward("rms_norm", _lib, "torch.nn.functional.rms_norm")
 _lib.impl("silu_and_mul", silu_and_mul_cpu, "CPU")
+chk.no_backward("silu_and_mul", _lib, "torch.nn.functional.silu(gate) * up")
 _lib.impl("rope_", rope_cpu, "CPU")
 
 

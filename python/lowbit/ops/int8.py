@@ -331,6 +331,7 @@ def dequantize(qweight, scale, device_type: str, k: int) -> torch.Tensor:
 
 for _op in ("int8_linear_w8a16", "int8_linear_w8a8"):
     register_input_grad(_op, dequantize)
+chk.no_backward("int8_quantize_per_token", _lib, "a straight-through estimator (the codes are rounded)")
 
 
 # ---------------------------------------------------------------- public

@@ -280,6 +280,7 @@ def _paged(query, key_cache, value_cache, block_tables, seq_lens, query_start_lo
 
 
 _lib.impl("paged_attention", _paged, "CPU")
+chk.no_backward("paged_attention", _lib, "scaled_dot_product_attention on the gathered keys and values")
 _lib.impl("paged_attention", _paged, "CUDA")
 
 
