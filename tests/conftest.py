@@ -321,3 +321,17 @@ def capture_graph(fn, warmup: int = 3):
     with torch.cuda.graph(g):
         out = fn()
     return g, out
+
+
+def awq_pack_reference(v) -> torch.Tensor:
+    """AutoAWQ's published "gemm" packing, written element by element (independent of
+    lowbit.formats.gptq): uint8 values [R, 8 C] -> int32 [R, C], column 8c + order[i] in bits
+    4i..4i+3 of word c (AutoAWQ's interleaved order)."""
+    import numpy as np
+
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    out = np.zeros((v.shape[0], v.shape[1] // 8), dtype=np.uint32)
+    for c in range(v.shape[1] // 8):
+        for i in range(8):
+            out[:, c] |= v[:, 8 * c + order[i]].astype(np.uint32) << np.uint32(4 * i)
+    return torch.from_numpy(out.view(np.int32))

@@ -15,6 +15,8 @@ from lowbit.formats import gptq as lgptq
 from lowbit.formats.int4 import pack_nibbles, unpack_nibbles
 from lowbit.ref.int4 import dequantize_int4, quantize_weight_int4
 
+from conftest import awq_pack_reference
+
 SHAPES = [(1, 32), (7, 64), (13, 128), (33, 256), (5, 384)]  # ragged N, K a multiple of the group
 GROUPS = [32, 64, 128, "K"]
 
@@ -301,6 +303,48 @@ def test_gptq_roundtrip_from_canonical(gen):
     t = lgptq.to_gptq(**c)
     back = lgptq.from_gptq(t["qweight"], t["qzeros"], t["scales"], g_idx=t["g_idx"])
     assert all(torch.equal(c[x], back[x]) for x in c)
+
+
+# ---------------------------------------------------------------- AWQ
+@pytest.mark.parametrize("n,k,g", [(8, 64, 32), (24, 256, 128), (40, 128, 64), (16, 96, 96)])
+def test_awq_from_reference_packing(n, k, g, gen):
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    q = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    z = rng.integers(0, 16, (k // g, n))
+    s = (rng.uniform(1e-3, 5e-2, (k // g, n)) * rng.choice([-1, 1], (k // g, n))).astype(np.float16)
+    qweight, qzeros, scales = awq_pack_reference(q), awq_pack_reference(z), torch.from_numpy(s)
+    out = lgptq.from_awq(qweight, qzeros, scales)
+    assert torch.equal(out["codes"], torch.from_numpy(q.T.copy()))
+    # w = scale * (q - z), computed independently in float64, is lowbit's dequantization exactly
+    w_ref = (s.astype(np.float64).repeat(g, axis=0) * (q.astype(np.float64) - z.repeat(g, axis=0))).T
+    deq = dequantize_int4(out["codes"], out["scales"], out["mins"]).double().numpy()
+    np.testing.assert_array_equal(deq, w_ref)
+    back = lgptq.to_awq(out["codes"], out["scales"], out["mins"])
+    assert all(torch.equal(back[x], t) for x, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)))
+
+
+def test_awq_errors(gen):
+    n, k, g = 16, 128, 32
+    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), generator=gen, dtype=torch.int32)
+    qzeros = torch.zeros(k // g, n // 8, dtype=torch.int32)
+    scales = torch.ones(k // g, n, dtype=torch.float16)
+    with pytest.raises(ValueError, match="bits"):
+        lgptq.from_awq(qweight, qzeros, scales, bits=8)
+    with pytest.raises(ValueError, match="qzeros"):
+        lgptq.from_awq(qweight, qzeros[:, :1], scales)
+    with pytest.raises(TypeError, match="qweight"):
+        lgptq.from_awq(qweight.float(), qzeros, scales)
+    with pytest.raises(ValueError, match="scales"):
+        lgptq.from_awq(qweight, qzeros, scales[:, :-1])
+    with pytest.raises(ValueError, match="scales"):  # a GPTQ-shaped qweight [K/8, N] does not fit AWQ's scales
+        lgptq.from_awq(torch.zeros(k // 8, n, dtype=torch.int32), qzeros, scales)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="mins"):
+        lgptq.to_awq(codes, torch.ones(n, k // g), torch.full((n, k // g), -0.5))  # z = 0.5
+    with pytest.raises(ValueError, match="mins"):
+        lgptq.to_awq(codes, torch.ones(n, k // g), None)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        lgptq.to_awq(codes[:12], torch.ones(12, k // g), torch.zeros(12, k // g))
 
 
 def test_gptq_errors(gen):

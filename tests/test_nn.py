@@ -16,6 +16,7 @@ from lowbit.ref import int8 as ref
 
 from conftest import (
     assert_within_torch_error,
+    awq_pack_reference,
     run_concurrently,
     assert_all_finite,
     assert_bitwise_equal,
@@ -901,6 +902,30 @@ def _gptq_pack(q_kn, z_gn, zero_offset):
     for col in range(n):
         qzeros[:, col // 8] |= stored[:, col] << np.uint32(4 * (col % 8))
     return torch.from_numpy(qweight.view(np.int32)), torch.from_numpy(qzeros.view(np.int32))
+
+
+@pytest.mark.parametrize("nkg", [(24, 256, 128), (16, 64, 32)], ids=lambda c: f"N{c[0]}K{c[1]}g{c[2]}")
+@int4_schemes
+def test_int4_from_awq(gen, scheme, nkg):
+    """An AutoAWQ "gemm" layer (packed loop by loop, independent of lowbit): the module computes with
+    w = scale * (q - z) exactly."""
+    n, k, g = nkg
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    q = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    z = rng.integers(0, 16, (k // g, n))
+    s = (rng.uniform(1e-3, 5e-2, (k // g, n)) * rng.choice([-1, 1], (k // g, n))).astype(np.float16)
+
+    bias = randn((n,), gen, scale=0.1)
+    mod = Int4Linear.from_awq(awq_pack_reference(q), awq_pack_reference(z), torch.from_numpy(s), bias=bias,
+                              scheme=scheme)
+    assert mod.group_size == g and not mod.symmetric and (mod.in_features, mod.out_features) == (k, n)
+    w_ref = torch.from_numpy((s.astype(np.float64).repeat(g, axis=0) * (q.astype(np.float64) - z.repeat(g, axis=0))).T)
+    assert torch.equal(mod.dequantized_weight().double(), w_ref), "dequantized weight != scales * (q - z)"
+    x = randn((5, k), gen)
+    with torch.no_grad():
+        y = mod(x)
+    codes, sc, mins = mod.canonical()
+    assert_close_scaled(y, INT4_REFS[scheme](x.double(), codes, sc, mins, bias), x, w_ref, bias, FP32_TOL, scheme)
 
 
 @pytest.mark.parametrize("zero_offset", [0, 1])

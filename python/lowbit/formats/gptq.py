@@ -1,6 +1,7 @@
-"""GPTQ (AutoGPTQ / GPTQModel "gptq" checkpoint) 4-bit tensors <-> lowbit's canonical INT4 form.
+"""GPTQ (AutoGPTQ / GPTQModel "gptq") and AWQ (AutoAWQ "gemm") 4-bit tensors <-> lowbit's
+canonical INT4 form: the same arithmetic, two packings.
 
-Published packing, for a Linear with in_features K and out_features N and group size g::
+GPTQ's published packing, for a Linear with in_features K and out_features N and group size g::
 
     qweight  int32 [K/8, N]    code of (k, n) in bits 4i..4i+3 of qweight[k // 8, n], i = k % 8
     qzeros   int32 [K/g, N/8]  stored zero of (group, n) in bits 4i..4i+3 of qzeros[group, n // 8], i = n % 8
@@ -12,6 +13,15 @@ Published packing, for a Linear with in_features K and out_features N and group 
 zero_offset: the original GPTQ / AutoGPTQ (before the "v2" checkpoint format) stored z - 1
 in qzeros, so pass zero_offset=1 for those checkpoints (z = stored + 1); checkpoints that
 store z itself (GPTQ v2 / GPTQModel's format="gptq_v2") take the default zero_offset=0.
+
+AWQ's (AutoAWQ's WQLinear_GEMM, "version": "gemm" in its quantization config) packs along N,
+with the eight columns of a word interleaved::
+
+    qweight  int32 [K, N/8]    code of (k, n) in nibble i of qweight[k, n // 8], n % 8 = AWQ_ORDER[i]
+    qzeros   int32 [K/g, N/8]  zero of (group, n), packed the same way (z itself: no offset)
+    scales   fp16  [K/g, N]
+
+    w[n, k] = scales[k // g, n] * (q - z)
 
 Canonical form (asymmetric, lowbit/formats/int4.py): codes = q, scales = d = scale (in fp32),
 mins = m = -(d * z) in fp32, so d * q + m = scale * (q - z) up to fp32 rounding (exact when
@@ -51,9 +61,21 @@ def _pack_rows(vals: torch.Tensor) -> torch.Tensor:
     return word.to(torch.int32)
 
 
+def _check_scales(scales, k: int, n: int, qweight: torch.Tensor) -> int:
+    """scales must be fp16 / fp32 [K/g, N] with a supported group size g; returns K/g."""
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float16, torch.float32) or scales.dim() != 2:
+        got = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise TypeError(f"scales: expected a 2-D fp16/fp32 tensor [K/g, N], got {got}")
+    if scales.shape[1] != n or scales.shape[0] == 0 or k % scales.shape[0] != 0:
+        raise ValueError(f"scales: shape {tuple(scales.shape)} does not fit qweight {tuple(qweight.shape)} "
+                         f"(expected [K/g, N] with K = {k}, N = {n})")
+    check_group_size(k, k // scales.shape[0], "scales")
+    return scales.shape[0]
+
+
 def _check_bits(bits) -> None:
     if bits != 4:
-        raise ValueError(f"bits: only 4-bit GPTQ is supported, got {bits!r}")
+        raise ValueError(f"bits: only 4-bit weights are supported, got {bits!r}")
 
 
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx=None,
@@ -66,15 +88,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     _check_bits(bits)
     _check_int32(qweight, "qweight")
     k, n = qweight.shape[0] * PACK, qweight.shape[1]
-    if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float16, torch.float32) or scales.dim() != 2:
-        got = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
-        raise TypeError(f"scales: expected a 2-D fp16/fp32 tensor [K/g, N], got {got}")
-    if scales.shape[1] != n or scales.shape[0] == 0 or k % scales.shape[0] != 0:
-        raise ValueError(f"scales: shape {tuple(scales.shape)} does not fit qweight {tuple(qweight.shape)} "
-                         f"(expected [K/g, N] with K = {k}, N = {n})")
-    n_groups = scales.shape[0]
+    n_groups = _check_scales(scales, k, n, qweight)
     g = k // n_groups
-    check_group_size(k, g, "scales")
     _check_int32(qzeros, "qzeros", (n_groups, (n + PACK - 1) // PACK))
     if not isinstance(zero_offset, int) or isinstance(zero_offset, bool):
         raise ValueError(f"zero_offset: expected an int, got {zero_offset!r}")
@@ -111,6 +126,21 @@ def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits:
     if k % PACK != 0:
         raise ValueError(f"codes: K = {k} must be a multiple of {PACK} for GPTQ packing")
     d = scales.detach().to("cpu", torch.float32)
+    npad = (n + PACK - 1) // PACK * PACK
+    zs = torch.zeros(npad, k // g, dtype=torch.uint8)
+    zs[:n] = _stored_zeros(d, mins, zero_offset, "GPTQ")
+    return {
+        "qweight": _pack_rows(codes.detach().to("cpu").T.contiguous()),
+        "qzeros": _pack_rows(zs).T.contiguous(),
+        "scales": d.T.to(scale_dtype).contiguous(),
+        "g_idx": (torch.arange(k, dtype=torch.int32) // g),
+    }
+
+
+def _stored_zeros(d: torch.Tensor, mins: torch.Tensor, zero_offset: int, fmt: str) -> torch.Tensor:
+    """The integer zero points z - zero_offset (uint8 [N, K/g]) of canonical (d fp32, mins), or a
+    ValueError naming mins where mins is not -(d * z) for such a z (a group with d = 0 must have
+    mins 0 and gets z = zero_offset)."""
     m = mins.detach().to("cpu", torch.float32)
     safe = torch.where(d == 0, torch.ones_like(d), d)
     z = torch.round(-m / safe)
@@ -118,13 +148,59 @@ def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits:
     stored = z - float(zero_offset)
     if not bool(((-(d * z) == m) & (stored >= 0) & (stored <= 15)).all()):
         raise ValueError("mins: not of the form -(scale * z) with an integer zero point "
-                         f"z in [{zero_offset}, {15 + zero_offset}] (GPTQ cannot represent it)")
-    npad = (n + PACK - 1) // PACK * PACK
-    zs = torch.zeros(npad, k // g, dtype=torch.uint8)
-    zs[:n] = stored.to(torch.uint8)
+                         f"z in [{zero_offset}, {15 + zero_offset}] ({fmt} cannot represent it)")
+    return stored.to(torch.uint8)
+
+
+# ---------------------------------------------------------------- AWQ
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8c + AWQ_ORDER[i]
+_SHIFTS = tuple(range(0, 32, 4))
+
+
+def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C] -> uint8 [R, 8 C]: nibble i of packed[r, c] goes to column 8c + AWQ_ORDER[i]."""
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    nibbles = (p.unsqueeze(-1) >> torch.tensor(_SHIFTS, dtype=torch.int64)) & 0xF  # [R, C, 8], nibble i
+    cols = torch.empty_like(nibbles)
+    cols[..., list(AWQ_ORDER)] = nibbles
+    return cols.to(torch.uint8).reshape(p.shape[0], -1)
+
+
+def _pack_awq(vals: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, 8 C] (values in [0, 15]) -> int32 [R, C], inverse of _unpack_awq."""
+    v = vals.to(torch.int64).reshape(vals.shape[0], -1, PACK)[..., list(AWQ_ORDER)]  # nibble i <- its column
+    word = (v << torch.tensor(_SHIFTS, dtype=torch.int64)).sum(dim=-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int = 4) -> dict:
+    """AWQ ("gemm") tensors -> dict(codes uint8 [N, K], scales fp32 [N, K/g], mins fp32 [N, K/g])."""
+    _check_bits(bits)
+    _check_int32(qweight, "qweight")
+    k, n = qweight.shape[0], qweight.shape[1] * PACK
+    n_groups = _check_scales(scales, k, n, qweight)
+    _check_int32(qzeros, "qzeros", (n_groups, n // PACK))
+    codes = _unpack_awq(qweight.detach().to("cpu")).T.contiguous()               # [N, K]
+    z = _unpack_awq(qzeros.detach().to("cpu")).to(torch.float32)                  # [K/g, N]
+    d = scales.detach().to("cpu", torch.float32)
+    return {"codes": codes, "scales": d.T.contiguous(), "mins": (-(d * z)).T.contiguous()}
+
+
+def to_awq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int = 4,
+           scale_dtype: torch.dtype = torch.float16) -> dict:
+    """Canonical asymmetric INT4 -> dict(qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales
+    scale_dtype [K/g, N]) (the inverse of from_awq). N must be a multiple of 8 (AWQ packs along N);
+    mins must be -(scale * z) in fp32 exactly for an integer z in [0, 15], else ValueError."""
+    _check_bits(bits)
+    if mins is None:
+        raise ValueError("mins: AWQ is asymmetric; mins is required")
+    check_canonical(codes, scales, mins)
+    n = codes.shape[0]
+    if n % PACK != 0:
+        raise ValueError(f"codes: N = {n} must be a multiple of {PACK} for AWQ packing")
+    d = scales.detach().to("cpu", torch.float32)
     return {
-        "qweight": _pack_rows(codes.detach().to("cpu").T.contiguous()),
-        "qzeros": _pack_rows(zs).T.contiguous(),
+        "qweight": _pack_awq(codes.detach().to("cpu").T.contiguous()),
+        "qzeros": _pack_awq(_stored_zeros(d, mins, 0, "AWQ").T.contiguous()),
         "scales": d.T.to(scale_dtype).contiguous(),
-        "g_idx": (torch.arange(k, dtype=torch.int32) // g),
     }

@@ -348,8 +348,14 @@ class Int4Linear(_QuantizedLinear):
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, scheme: str = "w4a16",
                   zero_offset: int = 0) -> "Int4Linear":
-        """From GPTQ / AWQ-style tensors (lowbit.formats.gptq.from_gptq; act-order g_idx is rejected)."""
+        """From GPTQ tensors (lowbit.formats.gptq.from_gptq; act-order g_idx is rejected)."""
         c = gptq_fmt.from_gptq(qweight, qzeros, scales, g_idx, zero_offset=zero_offset)
+        return cls.from_int4(c["codes"], c["scales"], c["mins"], bias, scheme)
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, bias=None, scheme: str = "w4a16") -> "Int4Linear":
+        """From AutoAWQ "gemm" tensors (lowbit.formats.gptq.from_awq)."""
+        c = gptq_fmt.from_awq(qweight, qzeros, scales)
         return cls.from_int4(c["codes"], c["scales"], c["mins"], bias, scheme)
 
     # ---- layouts
