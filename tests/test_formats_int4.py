@@ -352,11 +352,17 @@ def test_gptq_errors(gen):
     qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32)
     qzeros = torch.zeros(k // g, n // 8, dtype=torch.int32)
     scales = torch.ones(k // g, n, dtype=torch.float16)
-    perm = torch.arange(k, dtype=torch.int32)[torch.randperm(k, generator=gen)] // g
+    act_order = torch.arange(k, dtype=torch.int32)[torch.randperm(k, generator=gen)] // g
+    out = lgptq.from_gptq(qweight, qzeros, scales, g_idx=act_order)
+    plain = lgptq.from_gptq(qweight, qzeros, scales)
+    assert torch.equal(act_order[out["perm"]].long(), torch.arange(k) // g), "perm makes each group contiguous"
+    assert torch.equal(out["codes"], plain["codes"][:, out["perm"]]) and torch.equal(out["mins"], plain["mins"])
     with pytest.raises(ValueError, match="g_idx"):
-        lgptq.from_gptq(qweight, qzeros, scales, g_idx=perm)
+        lgptq.from_gptq(qweight, qzeros, scales, g_idx=torch.zeros(k, dtype=torch.int32))  # one group of K
     with pytest.raises(ValueError, match="g_idx"):
-        lgptq.from_gptq(qweight, qzeros, scales, g_idx=torch.zeros(k, dtype=torch.int32))
+        lgptq.from_gptq(qweight, qzeros, scales, g_idx=act_order.float())
+    with pytest.raises(ValueError, match="g_idx"):
+        lgptq.from_gptq(qweight, qzeros, scales, g_idx=act_order[:-1])
     with pytest.raises(ValueError, match="bits"):
         lgptq.from_gptq(qweight, qzeros, scales, bits=8)
     with pytest.raises(ValueError, match="qzeros"):

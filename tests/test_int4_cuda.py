@@ -12,6 +12,7 @@ emulation.
 """
 from __future__ import annotations
 
+import copy
 import zlib
 
 import pytest
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit import _native, ref
 from lowbit.formats import int4 as fmt
-from lowbit.nn import Int4Linear
+from lowbit.nn import Int4ActOrderLinear, Int4Linear
 from lowbit.ops import int4 as int4_ops
 
 from conftest import built_cuda_module, capture_graph, cuda_detail, default_plan
@@ -489,6 +490,20 @@ def test_module_gradient_small(symmetric, gen):
     m(x).backward(g)
     want = g @ w.cuda().half()  # (symmetric: the table's d * q + m may round apart from d * (q - 8) in fp32)
     torch.testing.assert_close(x.grad, want, rtol=4e-3, atol=4e-3 * want.abs().max().item())
+
+
+@gpu
+def test_act_order_module_small(gen):
+    """Int4ActOrderLinear on CUDA: .cuda() moves perm with the layer; the same product as the CPU
+    module, to fp16 accuracy."""
+    perm = torch.randperm(128, generator=gen)
+    m_cpu = Int4ActOrderLinear(Int4Linear.from_float(torch.nn.Linear(128, 48), group_size=32), perm)
+    x = torch.randn(3, 128, generator=gen)
+    y_cpu = m_cpu(x)
+    m_gpu = copy.deepcopy(m_cpu).cuda().half()
+    assert m_gpu.perm.is_cuda and m_gpu.inner.qweight.is_cuda
+    y = m_gpu(x.half().cuda()).float().cpu()
+    assert (y - y_cpu).abs().max() <= 2e-3 * y_cpu.abs().max() + 1e-3
 
 
 @gpu

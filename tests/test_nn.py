@@ -497,7 +497,7 @@ import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lowbit.formats import int4 as fmt4  # noqa: E402
-from lowbit.nn import Int4Linear  # noqa: E402
+from lowbit.nn import Int4ActOrderLinear, Int4Linear  # noqa: E402
 from lowbit.ref import int4 as ref4  # noqa: E402
 
 INT4_SCHEMES = ["w4a16", "w4a8"]
@@ -960,6 +960,52 @@ def test_int4_from_gptq(gen, scheme, nkg, zero_offset):
     act_order = trivial[torch.randperm(k, generator=gen)]
     with pytest.raises(ValueError, match="g_idx"):
         Int4Linear.from_gptq(qweight, qzeros, scales, g_idx=act_order, scheme=scheme, zero_offset=zero_offset)
+
+
+@pytest.mark.parametrize("nkg", [(24, 256, 128), (13, 64, 32), (40, 128, 64)], ids=lambda c: f"N{c[0]}K{c[1]}g{c[2]}")
+@int4_schemes
+def test_int4_act_order_from_gptq(gen, scheme, nkg):
+    """A GPTQ act-order layer (desc_act: input k in group g_idx[k], the groups' inputs scattered,
+    packed loop by loop): Int4ActOrderLinear computes with w[n, k] = scale[g_idx[k], n] * (q - z)
+    exactly, eagerly, bound and after a state_dict round trip; Int4Linear.from_gptq points to it,
+    and a g_idx with groups of unequal size is refused."""
+    n, k, g = nkg
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    q = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    z = rng.integers(0, 16, (k // g, n))
+    s = (rng.uniform(1e-3, 5e-2, (k // g, n)) * rng.choice([-1, 1], (k // g, n))).astype(np.float16)
+    order = rng.permutation(k)                      # the act order: the j-th input quantized is order[j]
+    g_idx = np.empty(k, dtype=np.int64)
+    g_idx[order] = np.arange(k) // g
+    qweight, qzeros = _gptq_pack(q, z, 0)
+    scales, gi = torch.from_numpy(s), torch.from_numpy(g_idx).to(torch.int32)
+    w_ref = torch.from_numpy((s.astype(np.float64)[g_idx] * (q.astype(np.float64) - z[g_idx])).T)
+    bias = randn((n,), gen, scale=0.1)
+    mod = Int4ActOrderLinear.from_gptq(qweight, qzeros, scales, gi, bias=bias, scheme=scheme)
+    assert (mod.in_features, mod.out_features) == (k, n) and mod.inner.group_size == g
+    assert torch.equal(mod.dequantized_weight().double(), w_ref), "dequantized weight != scale[g_idx] * (q - z)"
+    x = randn((5, k), gen)
+    with torch.no_grad():
+        y = mod(x)
+        assert_bitwise_equal(y, mod.inner(x[:, mod.perm]), "x gathered, then the INT4 layer")
+        if scheme == "w4a16":
+            assert_close_scaled(y, x.double() @ w_ref.T + bias.double(), x, w_ref, bias, FP32_TOL, "vs float64")
+        y_bound = torch.full_like(y, float("nan"))
+        mod.bind(x, y_bound)()
+        assert_bitwise_equal(y_bound, y, "bound call")
+        again = Int4ActOrderLinear(Int4Linear(k, n, scheme=scheme, group_size=g), torch.arange(k))
+        again.load_state_dict(mod.state_dict())
+        assert_bitwise_equal(again(x), y, "state_dict round trip")
+    with pytest.raises(ValueError, match="Int4ActOrderLinear"):
+        Int4Linear.from_gptq(qweight, qzeros, scales, g_idx=gi, scheme=scheme)
+    with pytest.raises(ValueError, match="K=" + str(k)):
+        mod(randn((5, k + 1), gen))
+    uneven = gi.clone()
+    uneven[0] = (uneven[0] + 1) % (k // g)
+    with pytest.raises(ValueError, match="g_idx"):
+        Int4ActOrderLinear.from_gptq(qweight, qzeros, scales, uneven, scheme=scheme)
+    trivial = Int4ActOrderLinear.from_gptq(qweight, qzeros, scales, torch.arange(k) // g, bias=bias, scheme=scheme)
+    assert torch.equal(trivial.perm, torch.arange(k))
 
 
 # ---------------------------------------------------------------- dtype conversions and replaced buffers

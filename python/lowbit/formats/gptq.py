@@ -82,8 +82,11 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
               bits: int = 4, zero_offset: int = 0) -> dict:
     """GPTQ tensors -> dict(codes uint8 [N, K], scales fp32 [N, K/g], mins fp32 [N, K/g]).
 
-    g_idx must be None or the trivial arange(K) // g (no act-order permutation); anything
-    else raises ValueError. zero_offset: see the module docstring (1 for old AutoGPTQ).
+    g_idx: None or the trivial arange(K) // g; or an act-order (desc_act) g_idx, which puts each
+    input k in group g_idx[k], g inputs per group in any order: then the dict also holds
+    ``perm`` (int64 [K]) and the codes are in that order (column j is input perm[j], groups
+    contiguous: y = x[..., perm] . W^T; lowbit.nn.Int4ActOrderLinear). Any other g_idx raises
+    ValueError. zero_offset: see the module docstring (1 for old AutoGPTQ).
     """
     _check_bits(bits)
     _check_int32(qweight, "qweight")
@@ -93,19 +96,32 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     _check_int32(qzeros, "qzeros", (n_groups, (n + PACK - 1) // PACK))
     if not isinstance(zero_offset, int) or isinstance(zero_offset, bool):
         raise ValueError(f"zero_offset: expected an int, got {zero_offset!r}")
-    if g_idx is not None:
-        trivial = torch.arange(k, dtype=torch.int64) // g
-        if (not isinstance(g_idx, torch.Tensor) or g_idx.dim() != 1 or g_idx.numel() != k
-                or not torch.equal(g_idx.detach().to("cpu", torch.int64), trivial)):
-            raise ValueError("g_idx: only the trivial g_idx = arange(K) // group_size is supported "
-                             "(act-order / desc_act permutations are not)")
-
+    perm = None if g_idx is None else _act_order(g_idx, k, g)
     codes = _unpack_rows(qweight.detach().to("cpu")).T.contiguous()               # [N, K]
     z = _unpack_rows(qzeros.detach().to("cpu").T.contiguous()).T[:, :n]           # [K/g, N]
     z = z.to(torch.float32) + float(zero_offset)
     d = scales.detach().to("cpu", torch.float32)
     m = -(d * z)
-    return {"codes": codes, "scales": d.T.contiguous(), "mins": m.T.contiguous()}
+    out = {"codes": codes, "scales": d.T.contiguous(), "mins": m.T.contiguous()}
+    if perm is not None:
+        out["codes"], out["perm"] = codes[:, perm].contiguous(), perm
+    return out
+
+
+def _act_order(g_idx, k: int, g: int):
+    """None for the trivial g_idx (arange(K) // g); for an act-order one, the order (int64 [K]) that
+    makes each group's inputs contiguous, groups ascending; else ValueError."""
+    if (not isinstance(g_idx, torch.Tensor) or g_idx.dim() != 1 or g_idx.numel() != k
+            or g_idx.dtype.is_floating_point or g_idx.dtype == torch.bool):
+        raise ValueError(f"g_idx: expected an integer tensor of K = {k} group indices")
+    gi = g_idx.detach().to("cpu", torch.int64)
+    groups = k // g
+    if torch.equal(gi, torch.arange(k, dtype=torch.int64) // g):
+        return None
+    if bool(((gi < 0) | (gi >= groups)).any()) or not bool((torch.bincount(gi, minlength=groups) == g).all()):
+        raise ValueError(f"g_idx: each of the {groups} groups must hold exactly {g} inputs (GPTQ's act order "
+                         "permutes inputs among groups of equal size)")
+    return torch.sort(gi, stable=True).indices
 
 
 def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int = 4,

@@ -348,8 +348,12 @@ class Int4Linear(_QuantizedLinear):
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, scheme: str = "w4a16",
                   zero_offset: int = 0) -> "Int4Linear":
-        """From GPTQ tensors (lowbit.formats.gptq.from_gptq; act-order g_idx is rejected)."""
+        """From GPTQ tensors (lowbit.formats.gptq.from_gptq); an act-order g_idx needs
+        Int4ActOrderLinear.from_gptq (a ValueError says so)."""
         c = gptq_fmt.from_gptq(qweight, qzeros, scales, g_idx, zero_offset=zero_offset)
+        if "perm" in c:
+            raise ValueError("Int4Linear.from_gptq: g_idx is an act-order (desc_act) permutation; use "
+                             "lowbit.nn.Int4ActOrderLinear.from_gptq, which permutes x's features to match")
         return cls.from_int4(c["codes"], c["scales"], c["mins"], bias, scheme)
 
     @classmethod
@@ -512,3 +516,65 @@ class Int8BlockLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme!r}"
+
+
+class Int4ActOrderLinear(torch.nn.Module):
+    """A GPTQ act-order (desc_act) layer: its g_idx puts input k in group g_idx[k], so a group's
+    inputs are scattered over K. ``inner`` is an Int4Linear over the inputs reordered by ``perm``
+    (int64 [K] buffer; each group's inputs contiguous), and forward gathers x's features into that
+    order first: y = inner(x[..., perm]), the same product (Marlin's way with act order: one gather
+    of x per call, the kernels unchanged)."""
+
+    def __init__(self, inner: Int4Linear, perm: torch.Tensor):
+        super().__init__()
+        k = inner.in_features
+        if (not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (k,)
+                or not torch.equal(torch.sort(perm.detach().cpu()).values, torch.arange(k))):
+            raise ValueError(f"Int4ActOrderLinear: perm must be an int64 permutation of range({k})")
+        self.inner = inner
+        self.register_buffer("perm", perm.detach().to(inner.scales.device))
+        self.in_features, self.out_features, self.scheme = k, inner.out_features, inner.scheme
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx, bias=None, scheme: str = "w4a16",
+                  zero_offset: int = 0) -> "Int4ActOrderLinear":
+        """From GPTQ tensors with any valid g_idx (lowbit.formats.gptq.from_gptq)."""
+        c = gptq_fmt.from_gptq(qweight, qzeros, scales, g_idx, zero_offset=zero_offset)
+        perm = c.get("perm", torch.arange(c["codes"].shape[1]))
+        return cls(Int4Linear.from_int4(c["codes"], c["scales"], c["mins"], bias, scheme), perm)
+
+    @property
+    def bias(self):
+        return self.inner.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 [N, K] in the original input order."""
+        w = self.inner.dequantized_weight()
+        out = torch.empty_like(w)
+        out[:, self.perm.to(w.device)] = w
+        return out
+
+    def _gather(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Int4ActOrderLinear: x must be [..., K={self.in_features}], got {shape}")
+        return x.index_select(-1, self.perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self._gather(x))
+
+    def bind(self, x: torch.Tensor, y: torch.Tensor):
+        """As Int4Linear.bind: a callable computing y = self(x) into y."""
+        self._gather(x)  # (the checks)
+        xp = x.new_empty(x.shape)
+        run_inner = self.inner.bind(xp, y)
+
+        def run():
+            torch.index_select(x, -1, self.perm, out=xp)
+            run_inner()
+
+        return run
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme!r}, act_order"
+
