@@ -2,9 +2,9 @@
 
 Both keep their weights in buffers in the layout of their device (the CPU kernels' packed
 layouts), while state_dict always holds the canonical form, so a checkpoint loads on any
-device; ``.to()`` / ``.cuda()`` / ``.cpu()`` convert the layout. The eager CPU forward calls
-the native kernel directly (measurably cheaper per decode step); torch.compile and other
-devices go through torch.ops.lowbit. Both run the same validation.
+device; ``.to()`` / ``.cuda()`` / ``.cpu()`` convert the layout. The eager CPU / CUDA forward
+checks x only and runs the kernel directly (measurably cheaper per decode step); torch.compile,
+x's gradient and other devices go through torch.ops.lowbit. Both run the same validation.
 """
 from __future__ import annotations
 
@@ -71,13 +71,15 @@ class _QuantizedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = chk.autocast(x)  # (inside torch.autocast, as nn.Linear)
-        # (x's gradient: through the op, which has a backward)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and not (x.requires_grad and
+        # Eager calls skip the dispatcher and the op's per-call weight checks: the weights are
+        # validated once after each change (see __setattr__), x every call. Compiled graphs and
+        # x's gradient go through the op (it has the fake impl and the backward).
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and not torch.compiler.is_compiling() and not (x.requires_grad and
                                                                                torch.is_grad_enabled()):
-            # The weights are validated once after each change (see __setattr__); x every call.
             if not self._weights_checked:
                 self._check_weights()
-            return self._run_cpu(x)
+            return self._run_cpu(x) if dev == "cpu" else self._run_cuda(x)
         return self._run_op(x)
 
     def _run_cpu(self, x):
@@ -245,6 +247,12 @@ class Int8Linear(_QuantizedLinear):
 
     def _run_op(self, x):
         return _OPS[self.scheme][1](x, self.qweight, self.scale, self.bias)
+
+    def _run_cuda(self, x):
+        name = _OPS[self.scheme][0]
+        int8_ops.validate_x(x, self.in_features, self._weight_device(), name)
+        return int8_ops.run_linear_cuda(name, x, self.qweight, self.scale, self.bias, self.out_features,
+                                        self.in_features)
 
     def _check_weights(self) -> None:
         int8_ops.validate_weights(self.qweight, self.scale, self.bias, self.in_features, "Int8Linear")
@@ -426,6 +434,14 @@ class Int4Linear(_QuantizedLinear):
     def _run_op(self, x):
         return _OPS[self.scheme][1](x, self.qweight, self.scales, self.mins, self.out_features, self.bias)
 
+    def _run_cuda(self, x):
+        if self.scheme != "w4a16":
+            return self._run_op(x)  # (which says W4A8 runs on the CPU only)
+        name = _OPS[self.scheme][0]
+        int8_ops.validate_x(x, self.in_features, self._weight_device(), name)
+        int4_ops.check_cuda_x(x, name)
+        return int4_ops.run_w4a16_cuda(x, self.qweight, self.scales, self.out_features, self.bias, self.in_features)
+
     def _check_weights(self) -> None:
         cpu = self.qweight.device.type == "cpu"
         if cpu and (self.mins is None) != self.symmetric:
@@ -435,6 +451,8 @@ class Int4Linear(_QuantizedLinear):
                                           self.in_features, "Int4Linear")
             if g != self.group_size:
                 raise ValueError(f"Int4Linear: scales imply group size {g}, expected {self.group_size}")
+            if not cpu:
+                int4_ops.check_cuda_alignment(self.qweight, self.scales, "Int4Linear")
         self._checked()
 
     def extra_repr(self) -> str:

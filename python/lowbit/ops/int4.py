@@ -159,16 +159,30 @@ def _cpu_impl(op):
 def linear_w4a16_cuda(x, qweight, scales, mins, n, bias=None):
     op = "int4_linear_w4a16"
     k, _ = validate_linear(x, qweight, scales, mins, n, bias, op)
+    check_cuda_x(x, op)
+    check_cuda_alignment(qweight, scales, op)
+    return run_w4a16_cuda(x, qweight, scales, n, bias, k)
+
+
+def check_cuda_x(x, op: str) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"lowbit.{op}: on CUDA x must be float16 or bfloat16 (the tensor-core kernel), got {x.dtype}; "
-                        "cast it (x.half() / x.bfloat16())")
-    # the kernels copy qweight 16 bytes and scales one (d, m) pair at a time: views that start
-    # mid-way (a slice of a bigger buffer) must be copied first
+                        "cast it (x.half() / x.bfloat16(), or run under torch.autocast)")
+
+
+def check_cuda_alignment(qweight, scales, op: str) -> None:
+    """The kernels copy qweight 16 bytes and scales one (d, m) pair at a time: views that start
+    mid-way (a slice of a bigger buffer) must be copied first."""
     pair = 2 * scales.element_size()
     if qweight.data_ptr() % 16 or scales.data_ptr() % pair:
         raise ValueError(f"lowbit.{op}: on CUDA qweight must be 16-byte aligned and scales {pair}-byte aligned (got "
                          f"addresses ending {qweight.data_ptr() % 16:#x} and {scales.data_ptr() % pair:#x}); pass "
                          ".clone()s of the views")
+
+
+def run_w4a16_cuda(x, qweight, scales, n: int, bias, k: int):
+    """Runs a validated CUDA W4A16 linear (the op's path, and the module's eager one)."""
+    op = "int4_linear_w4a16"
     mod = _native.cuda_module()
     x2 = chk.rows(x)
     m = x2.shape[0]

@@ -246,6 +246,11 @@ def dense_linear(x, n: int, k: int, bias, dequantize, op: str) -> torch.Tensor:
 
 def _linear_cuda(op, x, qweight, scale, bias):
     n, k = validate_linear(x, qweight, scale, bias, op)
+    return run_linear_cuda(op, x, qweight, scale, bias, n, k)
+
+
+def run_linear_cuda(op, x, qweight, scale, bias, n: int, k: int):
+    """Runs a validated CUDA INT8 linear (the op's path, and the modules' eager one)."""
     mod = _native.cuda_module()
     x2 = chk.rows(x)
     m = x2.shape[0]
