@@ -478,6 +478,21 @@ def test_module_autocast_small(low, gen):
 
 
 @gpu
+def test_module_eager_path_matches_the_op_small(gen):
+    """The module's eager CUDA path (x checked, then the op's launch code) gives the op's bits, on a
+    split K, the decode kernel and the dense path, and refuses bad x as the op does."""
+    for n, k, m in ((64, 1024, 1), (48, 128, 5), (40, 256, 60)):
+        mod = Int4Linear.from_float(torch.nn.Linear(k, n), group_size=64).cuda()
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+            assert torch.equal(mod(x), w4a16(x, mod.qweight, mod.scales, None, n, mod.bias))
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        mod(torch.randn(2, k, device="cuda"))
+    with pytest.raises(ValueError, match="K="):
+        mod(torch.randn(2, k + 1, device="cuda").half())
+
+
+@gpu
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_module_gradient_small(symmetric, gen):
     """x's gradient through a CUDA Int4Linear: grad_y . W with the weight it multiplies by (the

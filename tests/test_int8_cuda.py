@@ -861,6 +861,23 @@ def test_module_autocast_small(scheme, cgen):
 
 @gpu
 @pytest.mark.parametrize("scheme", list(OPS))
+def test_module_eager_path_matches_the_op_small(scheme, cgen):
+    """The module's eager CUDA path (x checked, then the op's launch code) gives the op's bits, also
+    on a split K (N = 64 < one wave) and a large M (W8A16's dense path), and refuses bad x as the op does."""
+    for n, k, m in ((64, 1024, 3), (37, 64, 60)):
+        mod = Int8Linear.from_float(torch.nn.Linear(k, n), scheme).cuda()
+        for dtype in DTYPES:
+            x = randn((m, k), cgen, dtype)
+            want = OPS[scheme](x, mod.qweight, mod.scale, mod.bias)
+            assert torch.equal(mod(x), want)
+    with pytest.raises(ValueError, match="K="):
+        mod(randn((2, k + 1), cgen))
+    with pytest.raises(ValueError):
+        mod(randn((2, k), cgen).cpu())
+
+
+@gpu
+@pytest.mark.parametrize("scheme", list(OPS))
 def test_module_gradient_small(scheme, cgen):
     """x's gradient through a CUDA Int8Linear: grad_y . W with its dequantized weight (W8A8
     straight through its activation rounding)."""
