@@ -904,20 +904,21 @@ def _gptq_pack(q_kn, z_gn, zero_offset):
     return torch.from_numpy(qweight.view(np.int32)), torch.from_numpy(qzeros.view(np.int32))
 
 
-@pytest.mark.parametrize("nkg", [(24, 256, 128), (16, 64, 32)], ids=lambda c: f"N{c[0]}K{c[1]}g{c[2]}")
-@int4_schemes
-def test_int4_from_awq(gen, scheme, nkg):
-    """An AutoAWQ "gemm" layer (packed loop by loop, independent of lowbit): the module computes with
-    w = scale * (q - z) exactly."""
-    n, k, g = nkg
+def _random_qzs(gen, n, k, g, zero_offset=0):
+    """(numpy rng, codes [K, N], zero points [K/g, N] in [zero_offset, 15 + zero_offset], fp16 scales
+    [K/g, N] of both signs): a GPTQ / AWQ layer's contents, in their [K, N] orientation."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     q = rng.integers(0, 16, (k, n)).astype(np.uint8)
-    z = rng.integers(0, 16, (k // g, n))
+    z = rng.integers(zero_offset, 16 + zero_offset, (k // g, n))
     s = (rng.uniform(1e-3, 5e-2, (k // g, n)) * rng.choice([-1, 1], (k // g, n))).astype(np.float16)
+    return rng, q, z, s
 
-    bias = randn((n,), gen, scale=0.1)
-    mod = Int4Linear.from_awq(awq_pack_reference(q), awq_pack_reference(z), torch.from_numpy(s), bias=bias,
-                              scheme=scheme)
+
+def _assert_computes_with_scale_q_minus_z(mod, gen, q, z, s, g, bias, scheme):
+    """mod (an Int4Linear of K = q.shape[0] inputs, groups of g) holds w[n, k] = s[k // g, n] *
+    (q[k, n] - z[k // g, n]) exactly (in float64 and fp32 alike: an fp16 scale times an integer in
+    [-16, 15]) and computes with it; returns (x, y, w_ref)."""
+    k, n = q.shape
     assert mod.group_size == g and not mod.symmetric and (mod.in_features, mod.out_features) == (k, n)
     w_ref = torch.from_numpy((s.astype(np.float64).repeat(g, axis=0) * (q.astype(np.float64) - z.repeat(g, axis=0))).T)
     assert torch.equal(mod.dequantized_weight().double(), w_ref), "dequantized weight != scales * (q - z)"
@@ -926,6 +927,20 @@ def test_int4_from_awq(gen, scheme, nkg):
         y = mod(x)
     codes, sc, mins = mod.canonical()
     assert_close_scaled(y, INT4_REFS[scheme](x.double(), codes, sc, mins, bias), x, w_ref, bias, FP32_TOL, scheme)
+    return x, y, w_ref
+
+
+@pytest.mark.parametrize("nkg", [(24, 256, 128), (16, 64, 32)], ids=lambda c: f"N{c[0]}K{c[1]}g{c[2]}")
+@int4_schemes
+def test_int4_from_awq(gen, scheme, nkg):
+    """An AutoAWQ "gemm" layer (packed loop by loop, independent of lowbit): the module computes with
+    w = scale * (q - z) exactly."""
+    n, k, g = nkg
+    _, q, z, s = _random_qzs(gen, n, k, g)
+    bias = randn((n,), gen, scale=0.1)
+    mod = Int4Linear.from_awq(awq_pack_reference(q), awq_pack_reference(z), torch.from_numpy(s), bias=bias,
+                              scheme=scheme)
+    _assert_computes_with_scale_q_minus_z(mod, gen, q, z, s, g, bias, scheme)
 
 
 @pytest.mark.parametrize("zero_offset", [0, 1])
@@ -933,23 +948,12 @@ def test_int4_from_awq(gen, scheme, nkg):
 @int4_schemes
 def test_int4_from_gptq(gen, scheme, nkg, zero_offset):
     n, k, g = nkg
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    q = rng.integers(0, 16, (k, n)).astype(np.uint8)
-    z = rng.integers(zero_offset, 16 + zero_offset, (k // g, n))
-    s = (rng.uniform(1e-3, 5e-2, (k // g, n)) * rng.choice([-1, 1], (k // g, n))).astype(np.float16)
+    _, q, z, s = _random_qzs(gen, n, k, g, zero_offset)
     qweight, qzeros = _gptq_pack(q, z, zero_offset)
     scales = torch.from_numpy(s)
     bias = randn((n,), gen, scale=0.1)
     mod = Int4Linear.from_gptq(qweight, qzeros, scales, bias=bias, scheme=scheme, zero_offset=zero_offset)
-    assert mod.group_size == g and not mod.symmetric and (mod.in_features, mod.out_features) == (k, n)
-    # w = scale * (q - z), in float64: exact in fp32 too (an fp16 scale times an integer in [-16, 15])
-    w_ref = torch.from_numpy((s.astype(np.float64).repeat(g, axis=0) * (q.astype(np.float64) - z.repeat(g, axis=0))).T)
-    assert torch.equal(mod.dequantized_weight().double(), w_ref), "dequantized weight != scales * (q - z)"
-    x = randn((5, k), gen)
-    with torch.no_grad():
-        y = mod(x)
-    codes, sc, mins = mod.canonical()
-    assert_close_scaled(y, INT4_REFS[scheme](x.double(), codes, sc, mins, bias), x, w_ref, bias, FP32_TOL, scheme)
+    x, y, w_ref = _assert_computes_with_scale_q_minus_z(mod, gen, q, z, s, g, bias, scheme)
     if scheme == "w4a16":
         assert_close_scaled(y, x.double() @ w_ref.T + bias.double(), x, w_ref, bias, FP32_TOL, "vs scales * (q - z)")
     # the trivial g_idx is fine, an act-order permutation is rejected
@@ -970,10 +974,7 @@ def test_int4_act_order_from_gptq(gen, scheme, nkg):
     exactly, eagerly, bound and after a state_dict round trip; Int4Linear.from_gptq points to it,
     and a g_idx with groups of unequal size is refused."""
     n, k, g = nkg
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    q = rng.integers(0, 16, (k, n)).astype(np.uint8)
-    z = rng.integers(0, 16, (k // g, n))
-    s = (rng.uniform(1e-3, 5e-2, (k // g, n)) * rng.choice([-1, 1], (k // g, n))).astype(np.float16)
+    rng, q, z, s = _random_qzs(gen, n, k, g)
     order = rng.permutation(k)                      # the act order: the j-th input quantized is order[j]
     g_idx = np.empty(k, dtype=np.int64)
     g_idx[order] = np.arange(k) // g
