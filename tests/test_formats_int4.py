@@ -294,6 +294,27 @@ def test_gptq_from_reference_packing(n, k, g, zero_offset, gen):
     assert torch.equal(back["scales"], scales) and torch.equal(back["g_idx"], trivial)
 
 
+@pytest.mark.parametrize("zero_offset", [0, 1])
+def test_gptq_act_order_roundtrip(zero_offset, gen):
+    """to_gptq with from_gptq's perm writes the act-order checkpoint back bit for bit (g_idx included)."""
+    n, k, g = 24, 256, 64
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    q = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    z = rng.integers(zero_offset, 16 + zero_offset, (k // g, n))
+    s = (rng.uniform(1e-3, 5e-2, (k // g, n))).astype(np.float16)
+    qweight, qzeros, scales = _ref_gptq_pack(q, z, s, zero_offset)
+    g_idx = torch.arange(k, dtype=torch.int32)[torch.randperm(k, generator=gen)] // g
+    out = lgptq.from_gptq(qweight, qzeros, scales, g_idx=g_idx, zero_offset=zero_offset)
+    back = lgptq.to_gptq(out["codes"], out["scales"], out["mins"], zero_offset=zero_offset, perm=out["perm"])
+    for name, want in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx)):
+        assert torch.equal(back[name], want), name
+    with pytest.raises(ValueError, match="perm"):
+        lgptq.to_gptq(out["codes"], out["scales"], out["mins"], zero_offset=zero_offset, perm=out["perm"][1:])
+    with pytest.raises(ValueError, match="perm"):
+        lgptq.to_gptq(out["codes"], out["scales"], out["mins"], zero_offset=zero_offset,
+                      perm=torch.zeros(k, dtype=torch.int64))
+
+
 def test_gptq_roundtrip_from_canonical(gen):
     n, k, g = 16, 256, 64
     codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)

@@ -496,6 +496,7 @@ import io  # noqa: E402
 import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from lowbit.formats import gptq as gptq_fmt  # noqa: E402
 from lowbit.formats import int4 as fmt4  # noqa: E402
 from lowbit.nn import Int4ActOrderLinear, Int4Linear  # noqa: E402
 from lowbit.ref import int4 as ref4  # noqa: E402
@@ -1007,6 +1008,9 @@ def test_int4_act_order_from_gptq(gen, scheme, nkg):
         Int4ActOrderLinear.from_gptq(qweight, qzeros, scales, uneven, scheme=scheme)
     trivial = Int4ActOrderLinear.from_gptq(qweight, qzeros, scales, torch.arange(k) // g, bias=bias, scheme=scheme)
     assert torch.equal(trivial.perm, torch.arange(k))
+    back = gptq_fmt.to_gptq(*mod.inner.canonical(), perm=mod.perm)  # the export, act order kept
+    for name, want in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", gi)):
+        assert torch.equal(back[name], want), name
 
 
 # ---------------------------------------------------------------- dtype conversions and replaced buffers

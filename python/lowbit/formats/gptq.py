@@ -6,7 +6,8 @@ GPTQ's published packing, for a Linear with in_features K and out_features N and
     qweight  int32 [K/8, N]    code of (k, n) in bits 4i..4i+3 of qweight[k // 8, n], i = k % 8
     qzeros   int32 [K/g, N/8]  stored zero of (group, n) in bits 4i..4i+3 of qzeros[group, n // 8], i = n % 8
     scales   fp16  [K/g, N]
-    g_idx    int32 [K]         group of each k; only the trivial k // g is supported here
+    g_idx    int32 [K]         group of each k: k // g, or with act order (desc_act) any map
+                               that gives every group g inputs
 
     w[n, k] = scales[k // g, n] * (q - z),   z = stored zero + zero_offset
 
@@ -125,7 +126,7 @@ def _act_order(g_idx, k: int, g: int):
 
 
 def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int = 4,
-            zero_offset: int = 0, scale_dtype: torch.dtype = torch.float16) -> dict:
+            zero_offset: int = 0, scale_dtype: torch.dtype = torch.float16, perm=None) -> dict:
     """Canonical asymmetric INT4 -> dict(qweight int32 [K/8, N], qzeros int32 [K/g, ceil(N/8)],
     scales scale_dtype [K/g, N], g_idx int32 [K]) (the inverse of from_gptq).
 
@@ -133,6 +134,8 @@ def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits:
     integer z with z - zero_offset in [0, 15], else ValueError naming mins (a group with
     scale 0 must have mins 0 and gets stored zero 0). Scales are rounded to scale_dtype;
     K must be a multiple of 8. Columns of qzeros past N (when N % 8 != 0) are zero.
+    perm: an act-order layer's input order (int64 [K], as from_gptq returns it: code column j
+    is input perm[j]); qweight then holds the codes in input order and g_idx[perm[j]] = j // g.
     """
     _check_bits(bits)
     if mins is None:
@@ -145,12 +148,28 @@ def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits:
     npad = (n + PACK - 1) // PACK * PACK
     zs = torch.zeros(npad, k // g, dtype=torch.uint8)
     zs[:n] = _stored_zeros(d, mins, zero_offset, "GPTQ")
+    codes = codes.detach().to("cpu")
+    g_idx = torch.arange(k, dtype=torch.int32) // g
+    if perm is not None:  # back to input order: input perm[j] is code column j, of group j // g
+        perm = check_perm(perm, k, "perm")
+        in_order = torch.empty_like(codes)
+        in_order[:, perm] = codes
+        codes, g_idx = in_order, torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
     return {
-        "qweight": _pack_rows(codes.detach().to("cpu").T.contiguous()),
+        "qweight": _pack_rows(codes.T.contiguous()),
         "qzeros": _pack_rows(zs).T.contiguous(),
         "scales": d.T.to(scale_dtype).contiguous(),
-        "g_idx": (torch.arange(k, dtype=torch.int32) // g),
+        "g_idx": g_idx,
     }
+
+
+def check_perm(perm, k: int, what: str) -> torch.Tensor:
+    """An act-order input order (from_gptq's perm) as an int64 CPU permutation of range(K), or a
+    ValueError naming `what`."""
+    if (not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (k,)
+            or not torch.equal(torch.sort(perm.detach().cpu()).values, torch.arange(k))):
+        raise ValueError(f"{what} must be an int64 permutation of range({k})")
+    return perm.detach().cpu()
 
 
 def _stored_zeros(d: torch.Tensor, mins: torch.Tensor, zero_offset: int, fmt: str) -> torch.Tensor:

@@ -546,9 +546,7 @@ class Int4ActOrderLinear(torch.nn.Module):
     def __init__(self, inner: Int4Linear, perm: torch.Tensor):
         super().__init__()
         k = inner.in_features
-        if (not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (k,)
-                or not torch.equal(torch.sort(perm.detach().cpu()).values, torch.arange(k))):
-            raise ValueError(f"Int4ActOrderLinear: perm must be an int64 permutation of range({k})")
+        gptq_fmt.check_perm(perm, k, "Int4ActOrderLinear: perm")
         self.inner = inner
         self.register_buffer("perm", perm.detach().to(inner.scales.device))
         self.in_features, self.out_features, self.scheme = k, inner.out_features, inner.scheme
