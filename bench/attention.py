@@ -3,7 +3,8 @@ torch.nn.functional.scaled_dot_product_attention on the same inputs.
 
   prefill    B=1, H=32, L=S=2048, D=128, causal (Llama-7B-like), fp32 and bf16; SmolLM2-like
              H=9 query / 3 KV heads, L=512, D=64, causal. Baseline: SDPA at the same dtype (GQA
-             through enable_gqa), which on CPU runs torch's own flash-attention kernel.
+             through enable_gqa; K / V heads repeated on torch 2.4), which on CPU runs torch's own
+             flash-attention kernel.
   decode     1 query per sequence, 32 heads, D=128, against 2048 and 8192 cached tokens: lowbit's
              paged cache (block size 16, shuffled block table) in fp32 and INT8, against SDPA on
              contiguous fp32 K/V [1, 32, S, 128]. Caches rotate through > 3x LLC like GEMV weights.
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from lowbit.ref.attention import torch_sdpa
 
 from .harness import Config, Group, Impl, Target
 
@@ -51,13 +53,13 @@ def prefill_group(hq: int, hkv: int, L: int, D: int, dtype: torch.dtype, cfg: Co
         return lambda: lowbit.attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def sdpa():
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return lambda: torch_sdpa(q, k, v, is_causal=True, enable_gqa=gqa)  # (K / V repeated on torch 2.4)
 
     base = SDPA_FP32 if dtype == torch.float32 else SDPA_BF16
     return Group(row, [Impl("lowbit attention", mine, nbytes, 0, ops, peak, row=row),
                        Impl(base, sdpa, nbytes, 0, ops, peak, note="torch SDPA (CPU flash kernel), same dtype")],
-                 rotate=False, reference=lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                                                 is_causal=True, enable_gqa=gqa),
+                 rotate=False, reference=lambda: torch_sdpa(q.float(), k.float(), v.float(), is_causal=True,
+                                                            enable_gqa=gqa),
                  meta={"kind": "prefill", "H": hq, "Hkv": hkv, "L": L, "D": D, "dtype": str(dtype)})
 
 

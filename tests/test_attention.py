@@ -32,7 +32,7 @@ def qkv(gen, b, hq, hkv, L, S, d, dv=None, dtype=torch.float32, scale=1.0):
 def torch_sdpa(q, k, v, mask, causal_align, window, is_causal, scale):
     """torch SDPA (math at q's dtype) given the same semantics, for the error baseline."""
     m = ref.sdpa_mask(q.shape[-2], k.shape[-2], is_causal, causal_align, window, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
+    return ref.torch_sdpa(q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
 
 
 def check(y, q, k, v, mask=None, is_causal=False, scale=None, causal_align="top_left", window=None, what=""):

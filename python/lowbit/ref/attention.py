@@ -18,6 +18,21 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+# torch's SDPA takes enable_gqa from 2.5 on; lowbit supports torch >= 2.4.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def torch_sdpa(query, key, value, enable_gqa: bool = False, **kw) -> torch.Tensor:
+    """torch.nn.functional.scaled_dot_product_attention with grouped-query heads on any torch
+    lowbit supports: enable_gqa where torch has it (without copying K / V), else key and value
+    heads repeated so that query head h reads head h // (Hq / Hkv), the same product."""
+    if enable_gqa and not _SDPA_GQA:
+        group = query.shape[-3] // key.shape[-3]
+        key, value = (t.repeat_interleave(group, dim=-3) for t in (key, value))
+        enable_gqa = False
+    return F.scaled_dot_product_attention(query, key, value, **kw, **({"enable_gqa": True} if enable_gqa else {}))
 
 
 def allowed_mask(L: int, S: int, causal: bool, alignment: str, window) -> torch.Tensor:

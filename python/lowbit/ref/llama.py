@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.config import LlamaConfig
-
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
+from .attention import torch_sdpa
 
 def read_fields(reader) -> dict:
     """{key: python value} of a gguf.GGUFReader's metadata (arrays of strings/numbers as lists)."""
@@ -179,12 +177,7 @@ class ReferenceLlama(torch.nn.Module):
                 mask = torch.arange(start_pos + S, device=self.device)[None, :] <= pos[:, None]
             if S == 1:
                 mask = None  # one query at the end: it sees every key
-            if _SDPA_GQA:  # grouped-query attention without copying K/V (torch >= 2.5)
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(hd),
-                                                   enable_gqa=True)
-            else:  # query head h reads KV head h // (nh / nkv)
-                k, v = (t.repeat_interleave(nh // nkv, dim=1) for t in (k, v))
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(hd))
+            a = torch_sdpa(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(hd), enable_gqa=nh != nkv)
             x = x + self._linear(a.transpose(1, 2).reshape(B, S, nh * hd), p + "attn_output")
             h = rms_norm(x, self.w[p + "ffn_norm.weight"], c.norm_eps)
             gate, up = self._linear(h, p + "ffn_gate"), self._linear(h, p + "ffn_up")
