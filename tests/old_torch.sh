@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LOWBIT_OLD_TORCH_VENV:-build/torch24}
 TORCH=2.4.1
+mkdir -p "$VENV" && VENV=$(cd "$VENV" && pwd)  # (the checks below run from /tmp)
 
 PKG=$(cd /tmp && python3 -c "import lowbit, os; print(os.path.dirname(lowbit.__file__))")
 python3 -m venv "$VENV"
