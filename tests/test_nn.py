@@ -818,6 +818,46 @@ def test_int4_load_state_dict_symmetry_mismatch(gen):
         Int4Linear(k, n, symmetric=False).load_state_dict(sd_sym)
 
 
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter.*no-op")  # (torch's, for the bias of `stays`)
+@pytest.mark.parametrize("config", ["w8a16", "w8a8", "w4a16", "w4a16-sym", "w4a8", "w4a8-sym"])
+def test_meta_model_then_load_with_assign(gen, config):
+    """The big-model loading pattern (accelerate's init_empty_weights, torch's meta device): a
+    model built under `with torch.device("meta")` gets meta buffers (as nn.Linear does; before,
+    the default device was ignored), its state_dict has the real keys, shapes and dtypes without
+    values, and load_state_dict(assign=True) makes it the saved model (the weights take the
+    state_dict's device); without assign the meta module stays meta (torch's no-op)."""
+    scheme, symmetric = config.split("-")[0], config.endswith("-sym")
+    int4 = scheme.startswith("w4")
+
+    def build(device=None):
+        kw = {"group_size": 32, "symmetric": symmetric} if int4 else {}
+        cls = Int4Linear if int4 else Int8Linear
+        return nn.Sequential(cls(64, 96, scheme=scheme, device=device, **kw), nn.ReLU(),
+                             cls(96, 33, bias=False, scheme=scheme, device=device, **kw))
+
+    src = build()
+    src.load_state_dict(lowbit.quantize(nn.Sequential(make_linear(64, 96, True, gen), nn.ReLU(),
+                                                      make_linear(96, 33, False, gen)), scheme,
+                                        **({"group_size": 32, "symmetric": symmetric} if int4 else {})).state_dict())
+    x = randn((5, 64), gen)
+    with torch.no_grad():
+        want = src(x)
+    sd = src.state_dict()
+    with torch.device("meta"):
+        empty = build()
+    assert all(t.device.type == "meta" for t in empty.buffers()), "built under torch.device('meta')"
+    meta_sd = empty.state_dict()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in meta_sd.items()} == \
+        {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}, "a meta module's state_dict: the real entries"
+    stays = build("meta")
+    stays.load_state_dict(dict(sd))  # (a copy: torch's assign=True writes into a state_dict's _metadata)
+    assert all(t.device.type == "meta" for t in stays.buffers()), "copying into meta buffers is a no-op"
+    empty.load_state_dict(sd, assign=True)
+    assert all(t.device.type == "cpu" for t in empty.buffers())
+    with torch.no_grad():
+        assert_bitwise_equal(empty(x), want, "meta model after load_state_dict(assign=True)")
+
+
 @symmetries
 @int4_schemes
 def test_int4_fp32_scales_survive_round_trip(gen, scheme, symmetric):

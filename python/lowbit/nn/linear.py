@@ -49,7 +49,9 @@ class _QuantizedLinear(torch.nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        # device None: torch's default device, as nn.Linear (torch.set_default_device, or a
+        # `with torch.device("meta"):` block around the model's construction)
+        device = torch.device(device) if device is not None else torch.empty(0).device
         chk.allocation(in_features * out_features, f"a {out_features} x {in_features} weight", name, device)
         return device
 
@@ -142,8 +144,11 @@ class _QuantizedLinear(torch.nn.Module):
                 error_msgs.append(f"{prefix}{err}")
                 return
             # Registered here rather than copied in by the default loader: the layout's
-            # dtype (float16 / float32 scales) may differ from what the module held.
-            device = self._weight_device()
+            # dtype (float16 / float32 scales) may differ from what the module held. With
+            # load_state_dict(assign=True) the weights take the state_dict's device, as
+            # nn.Module's assign does (a model built on the meta device, then loaded).
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            device = next(iter(canonical.values())).device if assign else self._weight_device()
             self._set_canonical({k: v.to(device) for k, v in canonical.items()})
             state_dict = dict(state_dict)
             for name in self._WEIGHTS:
