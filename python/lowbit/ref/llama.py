@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..models.config import LlamaConfig
 from .attention import torch_sdpa
 
+
 def read_fields(reader) -> dict:
     """{key: python value} of a gguf.GGUFReader's metadata (arrays of strings/numbers as lists)."""
     out = {}
