@@ -123,7 +123,8 @@ def reference(q, stored, qsl, window=None, scale=None):
         exact[a:b] = ref.attention(qs.double(), K.double(), V.double(), is_causal=True, scale=scale,
                                    causal_alignment="bottom_right", window=window).transpose(0, 1)
         mask = ref.allowed_mask(b - a, S, True, "bottom_right", window)
-        t = ref.torch_sdpa(qs, K.to(q.dtype), V.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=hq != K.shape[0])
+        t = ref.torch_sdpa(qs, K.to(q.dtype), V.to(q.dtype), attn_mask=mask, scale=scale,
+                           enable_gqa=hq != K.shape[0])
         theirs[a:b] = t.double().transpose(0, 1)
     return exact, theirs
 

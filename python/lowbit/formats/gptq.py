@@ -152,9 +152,9 @@ def to_gptq(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits:
     g_idx = torch.arange(k, dtype=torch.int32) // g
     if perm is not None:  # back to input order: input perm[j] is code column j, of group j // g
         perm = check_perm(perm, k, "perm")
-        in_order = torch.empty_like(codes)
-        in_order[:, perm] = codes
-        codes, g_idx = in_order, torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
+        in_order, groups = torch.empty_like(codes), torch.empty_like(g_idx)
+        in_order[:, perm], groups[perm] = codes, g_idx
+        codes, g_idx = in_order, groups
     return {
         "qweight": _pack_rows(codes.T.contiguous()),
         "qzeros": _pack_rows(zs).T.contiguous(),

@@ -28,11 +28,12 @@ def torch_sdpa(query, key, value, enable_gqa: bool = False, **kw) -> torch.Tenso
     """torch.nn.functional.scaled_dot_product_attention with grouped-query heads on any torch
     lowbit supports: enable_gqa where torch has it (without copying K / V), else key and value
     heads repeated so that query head h reads head h // (Hq / Hkv), the same product."""
-    if enable_gqa and not _SDPA_GQA:
+    if enable_gqa and _SDPA_GQA:
+        kw["enable_gqa"] = True
+    elif enable_gqa:
         group = query.shape[-3] // key.shape[-3]
         key, value = (t.repeat_interleave(group, dim=-3) for t in (key, value))
-        enable_gqa = False
-    return F.scaled_dot_product_attention(query, key, value, **kw, **({"enable_gqa": True} if enable_gqa else {}))
+    return F.scaled_dot_product_attention(query, key, value, **kw)
 
 
 def allowed_mask(L: int, S: int, causal: bool, alignment: str, window) -> torch.Tensor:
